@@ -1,0 +1,10 @@
+"""CELLULAR: contrastive cell embeddings, annotation and novel cell-type detection for scverse."""
+
+from importlib.metadata import version
+
+from . import data, nn, pl, pp, tl
+from .model import CELLULAR, NotTrainedError
+
+__version__ = version("cellular-sc")
+
+__all__ = ["CELLULAR", "NotTrainedError", "__version__", "data", "nn", "pl", "pp", "tl"]

@@ -1,0 +1,17 @@
+from ._datasets import data_dir, pbmc68k_reduced_lognorm, read_shared_dataset
+from ._expression import GeneAlignment, NormalizedExpression, align_genes, check_expression_values, read_expression
+from ._sampling import epoch_minibatches, sequential_minibatches, stratified_split
+
+__all__ = [
+    "GeneAlignment",
+    "NormalizedExpression",
+    "align_genes",
+    "check_expression_values",
+    "data_dir",
+    "epoch_minibatches",
+    "pbmc68k_reduced_lognorm",
+    "read_expression",
+    "read_shared_dataset",
+    "sequential_minibatches",
+    "stratified_split",
+]

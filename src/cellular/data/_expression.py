@@ -1,0 +1,247 @@
+"""Reading expression out of an AnnData: checks, gene alignment and on-the-fly log-normalisation.
+
+The matrix stays sparse; only the rows of one minibatch are ever made dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+COUNTS_FIX = (
+    "Pass raw counts (e.g. layer='counts'), or, if the values are already log1p-normalised, set "
+    "log_normalized=True when setting up the data."
+)
+
+
+def get_matrix(adata: AnnData, layer: str | None) -> np.ndarray | sp.spmatrix:
+    """Return ``adata.X`` or ``adata.layers[layer]``, with a clear error for a missing layer."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; store the expression in adata.X or name the layer that holds it.")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
+    return adata.layers[layer]
+
+
+def _stored_values(matrix) -> np.ndarray:
+    if sp.issparse(matrix):
+        return np.asarray(matrix.data)
+    return np.asarray(matrix)
+
+
+def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> None:
+    """Raise a ``ValueError`` naming the problem if the values cannot be used.
+
+    Parameters
+    ----------
+    matrix
+        Dense or sparse expression matrix.
+    counts
+        Whether raw counts are expected (non-negative integers) or log1p-normalised values (non-negative).
+    where
+        Name of the matrix used in messages.
+    """
+    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise ValueError(f"{where} is empty (shape {matrix.shape}); CELLULAR needs at least one cell and one gene.")
+    values = _stored_values(matrix)
+    if values.size == 0:
+        return
+    finite = np.isfinite(values)
+    if not finite.all():
+        n_bad = int((~finite).sum())
+        raise ValueError(
+            f"{where} contains {n_bad} NaN or infinite values. Remove or repair those cells/genes "
+            "(e.g. adata = adata[np.isfinite(...)] or recompute the matrix) before using CELLULAR."
+        )
+    if values.min() < 0:
+        kind = "raw counts" if counts else "log1p-normalised values"
+        raise ValueError(
+            f"{where} contains negative values (minimum {values.min():.3g}), but CELLULAR expects {kind}. "
+            "Scaled or centred data (e.g. after sc.pp.scale) cannot be used: pass the unscaled matrix, for example "
+            "adata.raw.to_adata() or a layer holding counts."
+        )
+    if counts and not np.array_equal(values, np.round(values)):
+        raise ValueError(f"{where} holds non-integer values, but raw counts were expected. {COUNTS_FIX}")
+
+
+def library_sizes(matrix) -> np.ndarray:
+    """Total counts per cell as float64."""
+    return np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
+
+
+@dataclass
+class GeneAlignment:
+    """Where the model's genes are found in an AnnData.
+
+    Attributes
+    ----------
+    source_index
+        For each model gene, its column in the AnnData, or ``-1`` when missing.
+    n_matched
+        Number of model genes found.
+    missing
+        Names of the model genes not found, in model order.
+    """
+
+    source_index: np.ndarray
+    n_matched: int
+    missing: list[str]
+
+    @property
+    def n_genes(self) -> int:
+        """Number of model genes."""
+        return self.source_index.shape[0]
+
+
+def align_genes(
+    adata: AnnData,
+    genes: Sequence[str],
+    *,
+    gene_id_key: str | None = None,
+    min_gene_overlap: float = 1.0,
+) -> GeneAlignment:
+    """Locate ``genes`` in ``adata`` by ``var_names`` (or by ``adata.var[gene_id_key]``).
+
+    Parameters
+    ----------
+    adata
+        Data to read.
+    genes
+        The model's genes, in model order.
+    gene_id_key
+        Column of ``adata.var`` to match on instead of ``var_names`` (e.g. Ensembl ids).
+    min_gene_overlap
+        Smallest fraction of ``genes`` that must be present.
+
+    Returns
+    -------
+    The alignment; a warning is logged when some genes are missing.
+    """
+    if gene_id_key is None:
+        names = pd.Index(adata.var_names)
+        source = "var_names"
+    else:
+        if gene_id_key not in adata.var:
+            raise KeyError(f"gene_id_key {gene_id_key!r} not found in adata.var (columns: {list(adata.var.columns)}).")
+        names = pd.Index(adata.var[gene_id_key].astype(str))
+        source = f"var[{gene_id_key!r}]"
+    if names.has_duplicates:
+        duplicated = names[names.duplicated()].unique()[:5].tolist()
+        raise ValueError(
+            f"adata.{source} has duplicated gene names (e.g. {duplicated}); make them unique first, "
+            "e.g. adata.var_names_make_unique()."
+        )
+    source_index = names.get_indexer(pd.Index(genes))
+    matched = source_index >= 0
+    n_matched = int(matched.sum())
+    missing = [genes[i] for i in np.flatnonzero(~matched)]
+    fraction = n_matched / len(genes)
+    if fraction < min_gene_overlap:
+        raise ValueError(
+            f"Only {n_matched} of the model's {len(genes)} genes ({fraction:.1%}) are present in adata.{source}; "
+            f"at least {min_gene_overlap:.0%} are required. First missing genes: {missing[:10]}. "
+            "Check that the gene names use the same convention as the training data (symbols vs Ensembl ids: "
+            "see gene_id_key), or lower min_gene_overlap if embedding with fewer genes is intended."
+        )
+    if missing:
+        logger.warning(
+            "%d of %d model genes are missing from the data and are set to zero after normalisation "
+            "(first missing: %s).",
+            len(missing),
+            len(genes),
+            missing[:5],
+        )
+    return GeneAlignment(source_index=source_index, n_matched=n_matched, missing=missing)
+
+
+def select_columns(matrix, alignment: GeneAlignment) -> sp.csr_matrix:
+    """Cells x model genes CSR matrix: reordered columns, zeros for missing genes."""
+    n_source = matrix.shape[1]
+    matched = np.flatnonzero(alignment.source_index >= 0)
+    selector = sp.csr_matrix(
+        (np.ones(matched.size, dtype=np.float32), (alignment.source_index[matched], matched)),
+        shape=(n_source, alignment.n_genes),
+    )
+    if not sp.issparse(matrix):
+        matrix = sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+    return sp.csr_matrix(matrix.tocsr() @ selector, dtype=np.float32)
+
+
+class NormalizedExpression:
+    """Cells x model genes expression, normalised minibatch by minibatch.
+
+    Parameters
+    ----------
+    matrix
+        CSR matrix of raw counts or log1p-normalised values (cells x model genes).
+    size_factors
+        ``target_sum / library_size`` per cell when ``matrix`` holds counts; ``None`` when it is already
+        log-normalised.
+    """
+
+    def __init__(self, matrix: sp.csr_matrix, size_factors: np.ndarray | None):
+        self.matrix = matrix
+        self.size_factors = size_factors
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return self.matrix.shape[0]
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Dense float32 log-normalised expression of the cells ``index``."""
+        dense = self.matrix[index].toarray()
+        if self.size_factors is not None:
+            dense *= self.size_factors[index, None].astype(np.float32)
+            np.log1p(dense, out=dense)
+        return dense
+
+    def normalized_sparse(self) -> sp.csr_matrix:
+        """The whole log-normalised matrix, still sparse (``log1p(0) = 0``)."""
+        if self.size_factors is None:
+            return self.matrix.copy()
+        out = sp.csr_matrix(sp.diags(self.size_factors.astype(np.float32)) @ self.matrix, dtype=np.float32)
+        np.log1p(out.data, out=out.data)
+        return out
+
+
+def read_expression(
+    adata: AnnData,
+    genes: Sequence[str],
+    *,
+    layer: str | None,
+    log_normalized: bool,
+    target_sum: float | None,
+    gene_id_key: str | None = None,
+    min_gene_overlap: float = 1.0,
+) -> tuple[NormalizedExpression, GeneAlignment]:
+    """Check, align and prepare an AnnData's expression for the model's genes.
+
+    Library sizes are taken over all genes of ``adata`` before the model's genes are selected, so embedding
+    the same cells with extra or fewer unrelated genes gives the same normalisation only when the library is
+    the same; missing model genes are zero after normalisation.
+    """
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    matrix = get_matrix(adata, layer)
+    check_expression_values(matrix, counts=not log_normalized, where=where)
+    alignment = align_genes(adata, genes, gene_id_key=gene_id_key, min_gene_overlap=min_gene_overlap)
+    selected = select_columns(matrix, alignment)
+    if log_normalized:
+        return NormalizedExpression(selected, None), alignment
+    sizes = library_sizes(matrix)
+    if (sizes <= 0).any():
+        raise ValueError(
+            f"{int((sizes <= 0).sum())} cells have no counts in {where}; remove them first, e.g. "
+            "sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    return NormalizedExpression(selected, target_sum / sizes), alignment

@@ -1,0 +1,82 @@
+"""Train/validation splits and minibatch schedules (index arithmetic only; no data is touched)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def stratified_split(labels: np.ndarray, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split cell indices into train and validation sets, stratified by label.
+
+    Each label keeps ``round(train_size * n)`` of its cells for training, and at least two where it has two,
+    so every type with two or more cells can still form positive pairs during training.
+
+    Parameters
+    ----------
+    labels
+        Integer code per cell (unlabelled cells may share one code).
+    train_size
+        Fraction of cells used for training, in ``(0, 1]``.
+    rng
+        Random generator.
+
+    Returns
+    -------
+    Sorted train indices and sorted validation indices.
+    """
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size must lie in (0, 1], got {train_size}.")
+    order = rng.permutation(labels.shape[0])
+    shuffled = labels[order]
+    # Rank of each cell within its label in the shuffled order, computed with a stable sort.
+    by_label = np.argsort(shuffled, kind="stable")
+    sorted_labels = shuffled[by_label]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.empty_like(by_label)
+    rank[by_label] = np.arange(by_label.size) - starts
+    _, inverse, counts = np.unique(shuffled, return_inverse=True, return_counts=True)
+    n_train = np.maximum(np.round(train_size * counts).astype(int), np.minimum(counts, 2))
+    is_train = rank < n_train[inverse]
+    return np.sort(order[is_train]), np.sort(order[~is_train])
+
+
+def epoch_minibatches(
+    indices: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    balance_by: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Minibatches for one epoch over ``indices``.
+
+    Parameters
+    ----------
+    indices
+        Cells to draw from.
+    batch_size
+        Cells per minibatch. A last minibatch smaller than half of ``batch_size`` is dropped (it would give noisy
+        contrastive terms), except when it is the only one.
+    rng
+        Random generator.
+    balance_by
+        Label code per cell of ``indices``; when given, cells are drawn with replacement with probability
+        inversely proportional to their label's frequency, so rare types appear in every minibatch.
+
+    Returns
+    -------
+    List of index arrays.
+    """
+    if balance_by is None:
+        drawn = rng.permutation(indices)
+    else:
+        _, inverse, counts = np.unique(balance_by, return_inverse=True, return_counts=True)
+        probabilities = 1.0 / counts[inverse]
+        drawn = rng.choice(indices, size=indices.size, replace=True, p=probabilities / probabilities.sum())
+    batches = [drawn[start : start + batch_size] for start in range(0, drawn.size, batch_size)]
+    if len(batches) > 1 and batches[-1].size < batch_size / 2:
+        batches.pop()
+    return batches
+
+
+def sequential_minibatches(n_cells: int, batch_size: int) -> list[np.ndarray]:
+    """Consecutive minibatches covering ``range(n_cells)`` in order (for inference)."""
+    return [np.arange(start, min(start + batch_size, n_cells)) for start in range(0, n_cells, batch_size)]

@@ -1,0 +1,3 @@
+from ._model import CELLULAR, NotTrainedError
+
+__all__ = ["CELLULAR", "NotTrainedError"]

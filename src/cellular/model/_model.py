@@ -1,0 +1,685 @@
+"""The user-facing CELLULAR model."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
+from scvi.model.base import BaseModelClass
+from tqdm.auto import tqdm
+
+from cellular.data import (
+    epoch_minibatches,
+    read_expression,
+    sequential_minibatches,
+    stratified_split,
+)
+from cellular.data._expression import check_expression_values, get_matrix, library_sizes
+from cellular.module import CellularModule
+from cellular.nn import centroid_target_distances, inverse_frequency_weights
+from cellular.pp import highly_variable_genes
+
+from . import _serialization
+from ._device import resolve_device
+from ._targets import pca_centroids
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "cellular-sc-model"
+_FORMAT_VERSION = 1
+_METADATA_FILE = "model.json"
+_WEIGHTS_FILE = "model.pt"
+_SAME_AS_TRAINING = "same-as-training"
+
+
+class NotTrainedError(ValueError):
+    """Raised when an untrained model is asked for results."""
+
+
+class CELLULAR(BaseModelClass):
+    """CELLULAR: contrastive learning of a batch-corrected cell embedding from labelled scRNA-seq.
+
+    An MLP encoder on log-normalised highly variable genes, trained with a class-weighted soft-nearest-neighbour
+    loss on cell-type labels (learnable temperature), a batch term pulling cells of one type from different
+    batches together, and a centroid term keeping the cell-type geometry of PCA space (Andrekson & Mercado 2024).
+
+    The model owns its preprocessing: it records the genes it reads (``genes``) and the normalisation (library-size
+    scaling to ``target_sum`` then ``log1p``, or none for log-normalised input), so any AnnData with the same gene
+    names, in any order, is embedded identically.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_latent
+        Embedding dimension.
+    n_top_genes
+        Number of highly variable genes chosen on ``adata`` (all expressed genes when fewer).
+    genes
+        Use exactly these genes instead of choosing highly variable ones.
+    dropout_rate
+        Encoder dropout.
+    target_sum
+        Library size every cell is scaled to before ``log1p`` (counts input only); the median library size of
+        ``adata`` when ``None``.
+    snn_weight, batch_weight, centroid_weight
+        Weights of the supervised, batch and centroid loss terms.
+    temperature_init, temperature_min, temperature_max
+        Initial value and clamp range of the learnable temperature.
+    batch_temperature
+        Temperature of the batch term.
+    use_class_weights
+        Weight the supervised term by inverse type frequency and the batch term by inverse batch frequency.
+    seed
+        Seed of the weight initialisation (and default seed of :meth:`train`).
+
+    Examples
+    --------
+    >>> cellular.CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+    >>> model = cellular.CELLULAR(adata)
+    >>> model.train()
+    >>> adata.obsm["X_cellular"] = model.get_latent_representation()
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        n_latent: int = 100,
+        n_top_genes: int = 2000,
+        genes: list[str] | None = None,
+        dropout_rate: float = 0.2,
+        target_sum: float | None = None,
+        snn_weight: float = 0.9,
+        batch_weight: float = 0.1,
+        centroid_weight: float = 1.0,
+        temperature_init: float = 0.25,
+        temperature_min: float = 0.1,
+        temperature_max: float = 2.0,
+        batch_temperature: float = 0.5,
+        use_class_weights: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__(adata)
+        self.init_params_ = self._get_init_params(locals())
+        if n_latent < 1 or n_top_genes < 1:
+            raise ValueError(f"n_latent and n_top_genes must be positive, got {n_latent} and {n_top_genes}.")
+        layer = self.adata_manager.registry["setup_args"]["layer"]
+        log_normalized = self.adata_manager.registry["setup_args"]["log_normalized"]
+        labels = self._registered_labels()
+        batches = self._registered_batches()
+        cell_types = self.cell_types
+        _check_label_counts(labels, cell_types, self.adata_manager.registry["setup_args"]["labels_key"])
+
+        matrix = get_matrix(adata, layer)
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        check_expression_values(matrix, counts=not log_normalized, where=where)
+        if log_normalized:
+            target_sum = None
+        elif target_sum is None:
+            target_sum = float(np.median(library_sizes(matrix)))
+
+        all_genes = [str(g) for g in adata.var_names]
+        if genes is None:
+            everything, _ = read_expression(
+                adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=target_sum
+            )
+            genes = highly_variable_genes(everything.normalized_sparse(), all_genes, n_top_genes)
+            del everything
+        else:
+            genes = [str(g) for g in genes]
+        if len(genes) < 2:
+            raise ValueError(f"Only {len(genes)} expressed genes in the data; CELLULAR needs at least two.")
+        self.genes: list[str] = genes
+        self.target_sum: float | None = target_sum
+
+        expression, _ = read_expression(
+            adata, genes, layer=layer, log_normalized=log_normalized, target_sum=target_sum
+        )
+        centroids, present = pca_centroids(
+            expression.normalized_sparse(), labels, batches, len(cell_types), self.n_batches, n_latent, seed
+        )
+        centroid_targets = centroid_target_distances(torch.from_numpy(centroids), torch.from_numpy(present))
+
+        class_weights = batch_weights = None
+        if use_class_weights:
+            class_weights = inverse_frequency_weights(torch.from_numpy(labels), len(cell_types))
+            batch_weights = inverse_frequency_weights(torch.from_numpy(batches), self.n_batches)
+
+        self._module_kwargs = {
+            "n_input": len(genes),
+            "n_labels": len(cell_types),
+            "n_batch": self.n_batches,
+            "n_latent": n_latent,
+            "dropout_rate": dropout_rate,
+            "snn_weight": snn_weight,
+            "batch_weight": batch_weight,
+            "centroid_weight": centroid_weight,
+            "temperature_init": temperature_init,
+            "temperature_min": temperature_min,
+            "temperature_max": temperature_max,
+            "batch_temperature": batch_temperature,
+        }
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = CellularModule(
+                **self._module_kwargs,
+                class_weights=class_weights,
+                batch_weights=batch_weights,
+                centroid_targets=centroid_targets,
+            )
+        self.seed = seed
+        self._model_summary_string = self._summary()
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        unlabeled_category: str = "Unknown",
+        log_normalized: bool = False,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData for training.
+
+        Parameters
+        ----------
+        adata
+            Annotated data; ``X`` (or ``layer``) holds raw counts, or log1p-normalised values when
+            ``log_normalized=True``. Cells are rows, genes columns.
+        labels_key
+            Column of ``adata.obs`` with cell-type labels.
+        batch_key
+            Column of ``adata.obs`` with batches (technology, donor, ...); one batch when ``None``.
+        layer
+            Layer holding the expression; ``adata.X`` when ``None``.
+        unlabeled_category
+            Label value marking unlabelled cells; the supervised terms ignore them.
+        log_normalized
+            Whether the matrix already holds ``log1p`` of library-size normalised values; the model then applies
+            no normalisation of its own.
+        **kwargs
+            Passed on to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Notes
+        -----
+        As every scvi-tools model, this adds the columns ``_scvi_labels`` and ``_scvi_batch`` to ``adata.obs`` and
+        the keys ``_scvi_uuid`` and ``_scvi_manager_uuid`` to ``adata.uns``.
+        """
+        _check_obs_column(adata, labels_key, "labels_key")
+        if batch_key is not None:
+            _check_obs_column(adata, batch_key, "batch_key")
+        get_matrix(adata, layer)
+        setup_method_args = cls._get_setup_method_args(**locals())
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------- properties
+    @property
+    def cell_types(self) -> list[str]:
+        """Known cell types, in code order (the unlabelled category excluded)."""
+        state = self.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
+        return [str(c) for c in state["categorical_mapping"][:-1]]
+
+    @property
+    def batches(self) -> list[str]:
+        """Batch categories, in code order."""
+        state = self.registry_["field_registries"][REGISTRY_KEYS.BATCH_KEY]["state_registry"]
+        return [str(c) for c in state["categorical_mapping"]]
+
+    @property
+    def n_batches(self) -> int:
+        """Number of batches."""
+        return len(self.batches)
+
+    @property
+    def n_latent(self) -> int:
+        """Embedding dimension."""
+        return self.module.n_latent
+
+    @property
+    def setup_args(self) -> dict:
+        """Arguments given to :meth:`setup_anndata`."""
+        return dict(self.registry_["setup_args"])
+
+    def _registered_labels(self) -> np.ndarray:
+        """Label codes of the registered cells, ``-1`` for unlabelled."""
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY)).reshape(-1).astype(np.int64)
+        return np.where(codes < len(self.cell_types), codes, -1)
+
+    def _registered_batches(self) -> np.ndarray:
+        return np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY)).reshape(-1).astype(np.int64)
+
+    def _summary(self) -> str:
+        mode = "log-normalised input" if self.setup_args["log_normalized"] else f"counts -> log1p(x / lib * {self.target_sum:.4g})"
+        state = "trained" if self.is_trained_ else "untrained"
+        return (
+            f"CELLULAR model ({state}): {len(self.genes)} genes, {self.module.n_latent} latent dims, "
+            f"{len(self.cell_types)} cell types, {self.n_batches} batches; {mode}."
+        )
+
+    # --------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-5,
+        train_size: float = 0.9,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 20,
+        early_stopping_min_delta: float = 0.0,
+        warmup_epochs: int = 4,
+        balanced_sampling: bool = False,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+        seed: int | None = None,
+        progress_bar: bool = True,
+    ) -> None:
+        """Train the encoder with the CELLULAR loss.
+
+        Adam with a linear warm-up and cosine decay of the learning rate, a stratified validation split, early
+        stopping on the validation loss (the weights of the best epoch are kept), and a progress bar.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes over the training cells; by default enough for about 2,000 optimiser steps, between
+            30 and 400 epochs.
+        batch_size
+            Cells per minibatch.
+        lr
+            Peak learning rate.
+        weight_decay
+            Adam weight decay.
+        train_size
+            Fraction of cells used for training; the rest (stratified by label) gives the validation loss.
+        early_stopping
+            Stop when the validation loss has not improved for ``early_stopping_patience`` epochs.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+        early_stopping_min_delta
+            Smallest decrease of the validation loss that counts as an improvement.
+        warmup_epochs
+            Epochs of linear learning-rate warm-up.
+        balanced_sampling
+            Draw minibatch cells with probability inversely proportional to their type's frequency, so rare types
+            appear in every minibatch.
+        accelerator, devices
+            Where to train (scvi-tools convention): ``accelerator="auto"`` uses a GPU when one is available.
+        seed
+            Seed of the split, minibatch order and dropout; the model's ``seed`` when ``None``.
+        progress_bar
+            Show a progress bar over epochs.
+        """
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 for contrastive training, got {batch_size}.")
+        if self.adata is None:
+            raise ValueError("This model has no training data attached; load it with CELLULAR.load(path, adata=...).")
+        seed = self.seed if seed is None else seed
+        device = resolve_device(accelerator, devices)
+        rng = np.random.default_rng(seed)
+
+        setup = self.setup_args
+        expression, _ = read_expression(
+            self.adata, self.genes, layer=setup["layer"], log_normalized=setup["log_normalized"],
+            target_sum=self.target_sum,
+        )
+        labels = self._registered_labels()
+        batches = self._registered_batches()
+        train_idx, val_idx = stratified_split(labels, train_size, rng)
+        if val_idx.size < 2 and early_stopping:
+            logger.warning("No validation cells (train_size=%s): early stopping is off.", train_size)
+            early_stopping = False
+
+        steps_per_epoch = max(1, math.ceil(train_idx.size / batch_size))
+        if max_epochs is None:
+            max_epochs = int(np.clip(math.ceil(2000 / steps_per_epoch), 30, 400))
+        total_steps = max_epochs * steps_per_epoch
+        warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps // 2)
+
+        module = self.module.to(device)
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup_steps, total_steps))
+        labels_t = torch.from_numpy(labels)
+        batches_t = torch.from_numpy(batches)
+
+        def tensors_for(index: np.ndarray) -> dict[str, torch.Tensor]:
+            return {
+                REGISTRY_KEYS.X_KEY: torch.from_numpy(expression.rows(index)).to(device, non_blocking=True),
+                REGISTRY_KEYS.LABELS_KEY: labels_t[index].to(device),
+                REGISTRY_KEYS.BATCH_KEY: batches_t[index].to(device),
+            }
+
+        validation_batches = sequential_minibatches(val_idx.size, batch_size)
+        if len(validation_batches) > 1 and validation_batches[-1].size < 2:
+            validation_batches.pop()
+        validation_batches = [val_idx[b] for b in validation_batches]
+
+        records: list[dict[str, float]] = []
+        best_loss, best_state, best_epoch, epochs_without_improvement = math.inf, None, -1, 0
+        balance = labels[train_idx] if balanced_sampling else None
+        progress = tqdm(range(max_epochs), desc="Training CELLULAR", disable=not progress_bar, unit="epoch")
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for epoch in progress:
+                module.train()
+                sums: dict[str, float] = {}
+                n_seen = 0
+                for index in epoch_minibatches(train_idx, batch_size, rng, balance):
+                    _, _, output = module(tensors_for(index))
+                    optimizer.zero_grad(set_to_none=True)
+                    output.loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    module.clamp_temperature_()
+                    _accumulate(sums, output, index.size)
+                    n_seen += index.size
+                record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                record.update({f"train_{k}": v / n_seen for k, v in sums.items()})
+                record["temperature"] = float(module.temperature.detach())
+                if validation_batches:
+                    record.update(self._validation_losses(module, validation_batches, tensors_for))
+                records.append(record)
+                progress.set_postfix(
+                    loss=f"{record['train_loss']:.3f}",
+                    val=f"{record.get('validation_loss', float('nan')):.3f}",
+                    T=f"{record['temperature']:.3f}",
+                )
+                if validation_batches:
+                    if record["validation_loss"] < best_loss - early_stopping_min_delta:
+                        best_loss, best_epoch, epochs_without_improvement = record["validation_loss"], epoch, 0
+                        best_state = copy.deepcopy(module.state_dict())
+                    else:
+                        epochs_without_improvement += 1
+                    if early_stopping and epochs_without_improvement >= early_stopping_patience:
+                        logger.info("Early stopping after epoch %d; best validation loss at epoch %d.", epoch, best_epoch)
+                        break
+        progress.close()
+        if early_stopping and best_state is not None:
+            module.load_state_dict(best_state)
+        module.eval()
+
+        self.history_ = _history_frames(records)
+        self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, np.array([], int)
+        self.training_summary_ = {
+            "epochs_run": len(records),
+            "max_epochs": max_epochs,
+            "best_epoch": int(best_epoch) if best_epoch >= 0 else len(records) - 1,
+            "best_validation_loss": None if math.isinf(best_loss) else float(best_loss),
+            "batch_size": batch_size,
+            "device": str(device),
+            "seed": seed,
+        }
+        self.is_trained_ = True
+        self._model_summary_string = self._summary()
+
+    @staticmethod
+    @torch.no_grad()
+    def _validation_losses(module, validation_batches, tensors_for) -> dict[str, float]:
+        module.eval()
+        sums: dict[str, float] = {}
+        n_seen = 0
+        for index in validation_batches:
+            _, _, output = module(tensors_for(index))
+            _accumulate(sums, output, index.size)
+            n_seen += index.size
+        return {f"validation_{k}": v / n_seen for k, v in sums.items()}
+
+    # -------------------------------------------------------------- inference
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        *,
+        batch_size: int = 4096,
+        layer: str | None = _SAME_AS_TRAINING,
+        log_normalized: bool | None = None,
+        gene_id_key: str | None = None,
+        min_gene_overlap: float = 0.5,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+    ) -> np.ndarray:
+        """Embed cells with the trained encoder.
+
+        ``adata`` needs no labels or batches and is not modified. Genes are matched by name in any order; extra
+        genes are ignored and missing model genes are set to zero after normalisation (with a warning).
+
+        Parameters
+        ----------
+        adata
+            Cells to embed; the training data when ``None``.
+        batch_size
+            Cells per inference minibatch.
+        layer
+            Layer holding the expression; by default the layer used in training (``None`` reads ``adata.X``).
+        log_normalized
+            Whether the matrix holds log1p-normalised values; as in training when ``None``. Log-normalised data
+            must have been scaled to the model's ``target_sum`` (see :func:`cellular.pp.normalize_log1p`).
+        gene_id_key
+            Match genes on this column of ``adata.var`` instead of ``var_names``.
+        min_gene_overlap
+            Smallest fraction of the model's genes that must be present.
+        accelerator, devices
+            Where to run the encoder.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` float32 array.
+        """
+        expression, _ = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
+        return self._encode(expression, batch_size, resolve_device(accelerator, devices))
+
+    def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap):
+        if not self.is_trained_:
+            raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
+        setup = self.setup_args
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("The model has no attached AnnData; pass the cells to embed as `adata`.")
+            adata = self.adata
+        if layer == _SAME_AS_TRAINING:
+            layer = setup["layer"]
+        if log_normalized is None:
+            log_normalized = setup["log_normalized"]
+        if not log_normalized and self.target_sum is None:
+            raise ValueError(
+                "The model was trained on log-normalised values, so raw counts cannot be normalised the same way. "
+                "Normalise the counts as the training data was and pass log_normalized=True."
+            )
+        return read_expression(
+            adata, self.genes, layer=layer, log_normalized=log_normalized, target_sum=self.target_sum,
+            gene_id_key=gene_id_key, min_gene_overlap=min_gene_overlap,
+        )
+
+    def _encode(self, expression, batch_size: int, device: torch.device) -> np.ndarray:
+        module = self.module.to(device)
+        module.eval()
+        out = np.empty((expression.n_cells, module.n_latent), dtype=np.float32)
+        for index in sequential_minibatches(expression.n_cells, batch_size):
+            x = torch.from_numpy(expression.rows(index)).to(device)
+            out[index] = module.inference(x)["z"].cpu().numpy()
+        return out
+
+    # -------------------------------------------------------------- save/load
+    def save(self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False) -> None:
+        """Save the model to a folder: ``model.json`` (metadata) and ``model.pt`` (tensors only).
+
+        Loading never unpickles Python objects: the metadata is JSON and the weights are read with
+        ``torch.load(weights_only=True)``.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write; created if missing.
+        overwrite
+            Replace an existing saved model in ``dir_path``.
+        save_anndata
+            Also write the training AnnData as ``adata.h5ad``.
+        """
+        dir_path = Path(dir_path)
+        if (dir_path / _METADATA_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{dir_path} already holds a saved model; pass overwrite=True to replace it.")
+        dir_path.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "package_version": version("cellular-sc"),
+            "model_class": type(self).__name__,
+            "init_params": self.init_params_["non_kwargs"],
+            "module_kwargs": self._module_kwargs,
+            "genes": self.genes,
+            "target_sum": self.target_sum,
+            "seed": self.seed,
+            "is_trained": self.is_trained_,
+            "training_summary": getattr(self, "training_summary_", None),
+            "history": None if self.history_ is None else {k: v.iloc[:, 0].tolist() for k, v in self.history_.items()},
+            "registry": self.registry_,
+        }
+        tensors = {f"module.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()}
+        for name in ("train_indices_", "validation_indices_"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[f"indices.{name}"] = torch.as_tensor(np.asarray(value, dtype=np.int64))
+        (dir_path / _METADATA_FILE).write_text(_serialization.dumps(metadata))
+        torch.save(tensors, dir_path / _WEIGHTS_FILE)
+        if save_anndata:
+            if self.adata is None:
+                raise ValueError("save_anndata=True but the model has no attached AnnData.")
+            self.adata.write_h5ad(dir_path / "adata.h5ad")
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+    ) -> CELLULAR:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            Training data to attach (registered with the saved setup); ``adata.h5ad`` from the folder when present,
+            else none: the model can still embed any AnnData passed to :meth:`get_latent_representation`.
+        accelerator, devices
+            Where to put the weights.
+        """
+        dir_path = Path(dir_path)
+        metadata_path = dir_path / _METADATA_FILE
+        if not metadata_path.exists():
+            raise FileNotFoundError(f"No saved CELLULAR model in {dir_path} ({_METADATA_FILE} is missing).")
+        metadata = _serialization.loads(metadata_path.read_text())
+        if metadata.get("format") != _FORMAT or metadata.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{dir_path} holds a model file of format {metadata.get('format')!r} version "
+                f"{metadata.get('format_version')!r}, which this cellular-sc ({version('cellular-sc')}) cannot read "
+                f"(it reads {_FORMAT!r} version {_FORMAT_VERSION}). Install the cellular-sc version that wrote it "
+                f"({metadata.get('package_version')!r}) or retrain the model."
+            )
+        tensors = torch.load(dir_path / _WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        registry = metadata["registry"]
+
+        if adata is None and (dir_path / "adata.h5ad").exists():
+            import anndata
+
+            adata = anndata.read_h5ad(dir_path / "adata.h5ad")
+        model = cls.__new__(cls)
+        if adata is not None:
+            cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+            BaseModelClass.__init__(model, adata)
+        else:
+            BaseModelClass.__init__(model, registry=registry)
+        model.genes = list(metadata["genes"])
+        model.target_sum = metadata["target_sum"]
+        model.seed = metadata["seed"]
+        model._module_kwargs = dict(metadata["module_kwargs"])
+        model.init_params_ = {"kwargs": {}, "non_kwargs": metadata["init_params"]}
+        model.module = CellularModule(**model._module_kwargs)
+        model.module.load_state_dict({k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")})
+        model.module.to(resolve_device(accelerator, devices)).eval()
+        model.is_trained_ = bool(metadata["is_trained"])
+        model.training_summary_ = metadata["training_summary"]
+        history = metadata["history"]
+        model.history_ = None if history is None else {k: pd.DataFrame({k: v}) for k, v in history.items()}
+        model.train_indices_ = _numpy_or_none(tensors.get("indices.train_indices_"))
+        model.validation_indices_ = _numpy_or_none(tensors.get("indices.validation_indices_"))
+        model._model_summary_string = model._summary()
+        return model
+
+
+def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else tensor.numpy()
+
+
+def _check_obs_column(adata: AnnData, key: str, argument: str) -> None:
+    if key not in adata.obs:
+        raise KeyError(
+            f"{argument}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}). "
+            f"Pass the name of the column holding the {argument.removesuffix('_key')}s."
+        )
+    column = adata.obs[key]
+    if column.isna().any():
+        raise ValueError(
+            f"adata.obs[{key!r}] has {int(column.isna().sum())} missing values. Fill them, e.g. with the "
+            "unlabeled_category ('Unknown') for labels, before setting up the data."
+        )
+
+
+def _check_label_counts(labels: np.ndarray, cell_types: list[str], labels_key: str) -> None:
+    counts = np.bincount(labels[labels >= 0], minlength=len(cell_types))
+    if int((counts > 0).sum()) < 2:
+        raise ValueError(
+            f"adata.obs[{labels_key!r}] has {int((counts > 0).sum())} labelled cell type(s); CELLULAR's contrastive "
+            "loss needs at least two cell types with labelled cells."
+        )
+    single = [cell_types[i] for i in np.flatnonzero(counts == 1)]
+    if single:
+        raise ValueError(
+            f"Cell type(s) {single} in adata.obs[{labels_key!r}] have a single labelled cell; a type needs at least "
+            "two cells to form positive pairs. Remove those cells, merge the type into a broader one, or set their "
+            "label to the unlabeled_category."
+        )
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _accumulate(sums: dict[str, float], output, n_cells: int) -> None:
+    values = {"loss": output.loss, **output.extra_metrics}
+    values.pop("temperature")
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + float(value.detach()) * n_cells
+
+
+def _history_frames(records: list[dict[str, float]]) -> dict[str, pd.DataFrame]:
+    table = pd.DataFrame.from_records(records).set_index("epoch")
+    return {column: table[[column]] for column in table.columns}

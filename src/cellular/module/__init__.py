@@ -1,0 +1,3 @@
+from ._module import CellularModule
+
+__all__ = ["CellularModule"]

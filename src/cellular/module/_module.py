@@ -1,0 +1,142 @@
+"""Torch module holding the CELLULAR encoder, its learnable temperature and the combined loss."""
+
+from __future__ import annotations
+
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import Tensor, nn
+
+from cellular.nn import (
+    CellularEncoder,
+    batch_mixing_loss,
+    centroid_distance_loss,
+    soft_nearest_neighbour_loss,
+)
+
+
+class CellularModule(BaseModuleClass):
+    """Encoder plus CELLULAR loss.
+
+    Parameters
+    ----------
+    n_input
+        Number of input genes.
+    n_labels
+        Number of known cell types (codes ``0 .. n_labels - 1``; any other code is treated as unlabelled).
+    n_batch
+        Number of batches.
+    n_latent
+        Embedding dimension.
+    dropout_rate
+        Encoder dropout.
+    class_weights, batch_weights
+        Per-type and per-batch weights of the supervised and batch terms; uniform when ``None``.
+    centroid_targets
+        ``(n_labels, n_labels)`` target distances between type centroids; the centroid term is off when ``None``.
+    snn_weight, batch_weight, centroid_weight
+        Weights of the three loss terms (0.9 / 0.1 / 1.0 in the paper).
+    temperature_init, temperature_min, temperature_max
+        Initial value and clamp range of the learnable temperature of the supervised term.
+    batch_temperature
+        Fixed temperature of the batch term.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_batch: int,
+        n_latent: int = 100,
+        dropout_rate: float = 0.2,
+        class_weights: Tensor | None = None,
+        batch_weights: Tensor | None = None,
+        centroid_targets: Tensor | None = None,
+        snn_weight: float = 0.9,
+        batch_weight: float = 0.1,
+        centroid_weight: float = 1.0,
+        temperature_init: float = 0.25,
+        temperature_min: float = 0.1,
+        temperature_max: float = 2.0,
+        batch_temperature: float = 0.5,
+    ):
+        super().__init__()
+        if not temperature_min <= temperature_init <= temperature_max:
+            raise ValueError(
+                f"temperature_init={temperature_init} lies outside [temperature_min, temperature_max] = "
+                f"[{temperature_min}, {temperature_max}]; choose an initial temperature inside the clamp range."
+            )
+        self.n_input = n_input
+        self.n_labels = n_labels
+        self.n_batch = n_batch
+        self.n_latent = n_latent
+        self.snn_weight = snn_weight
+        self.batch_weight = batch_weight
+        self.centroid_weight = centroid_weight
+        self.temperature_min = temperature_min
+        self.temperature_max = temperature_max
+        self.batch_temperature = batch_temperature
+
+        self.encoder = CellularEncoder(n_input, n_latent=n_latent, dropout_rate=dropout_rate)
+        self.temperature = nn.Parameter(torch.tensor(float(temperature_init)))
+        self.register_buffer("class_weights", _or_ones(class_weights, n_labels))
+        self.register_buffer("batch_weights", _or_ones(batch_weights, n_batch))
+        self.register_buffer(
+            "centroid_targets",
+            centroid_targets.to(torch.float32) if centroid_targets is not None else torch.zeros(n_labels, n_labels),
+        )
+
+    def clamp_temperature_(self) -> None:
+        """Project the learnable temperature back into its allowed range (called after each optimiser step)."""
+        with torch.no_grad():
+            self.temperature.clamp_(self.temperature_min, self.temperature_max)
+
+    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+
+    @auto_move_data
+    def inference(self, x: Tensor) -> dict[str, Tensor]:
+        """Embed normalised expression ``x``."""
+        return {"z": self.encoder(x)}
+
+    def _get_generative_input(self, tensors: dict[str, Tensor], inference_outputs: dict[str, Tensor]) -> dict:
+        return {}
+
+    def generative(self) -> dict:
+        """CELLULAR has no generative part."""
+        return {}
+
+    def loss(
+        self,
+        tensors: dict[str, Tensor],
+        inference_outputs: dict[str, Tensor],
+        generative_outputs: dict | None = None,
+    ) -> LossOutput:
+        """Weighted sum of the supervised, batch and centroid terms on one minibatch."""
+        z = inference_outputs["z"]
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].reshape(-1).long()
+        labels = torch.where((labels >= 0) & (labels < self.n_labels), labels, -1)
+        batches = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
+
+        snn = soft_nearest_neighbour_loss(z, labels, self.temperature, self.class_weights)
+        mixing = batch_mixing_loss(z, labels, batches, self.batch_temperature, self.batch_weights)
+        centroid = centroid_distance_loss(z, labels, self.centroid_targets)
+        total = self.snn_weight * snn + self.batch_weight * mixing + self.centroid_weight * centroid
+        return LossOutput(
+            loss=total,
+            n_obs_minibatch=z.shape[0],
+            extra_metrics={
+                "snn_loss": snn.detach(),
+                "batch_loss": mixing.detach(),
+                "centroid_loss": centroid.detach(),
+                "temperature": self.temperature.detach().clone(),
+            },
+        )
+
+    def sample(self, *args, **kwargs):
+        """CELLULAR is not generative; there is nothing to sample."""
+        raise NotImplementedError("CELLULAR learns an embedding only and cannot sample expression.")
+
+
+def _or_ones(weights: Tensor | None, n: int) -> Tensor:
+    return torch.ones(n) if weights is None else weights.to(torch.float32)

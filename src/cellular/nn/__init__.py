@@ -1,0 +1,17 @@
+from ._encoder import CellularEncoder
+from ._losses import (
+    batch_mixing_loss,
+    centroid_distance_loss,
+    centroid_target_distances,
+    inverse_frequency_weights,
+    soft_nearest_neighbour_loss,
+)
+
+__all__ = [
+    "CellularEncoder",
+    "batch_mixing_loss",
+    "centroid_distance_loss",
+    "centroid_target_distances",
+    "inverse_frequency_weights",
+    "soft_nearest_neighbour_loss",
+]

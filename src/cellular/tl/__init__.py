@@ -1,0 +1,3 @@
+from ._embed import cellular_embed
+
+__all__ = ["cellular_embed"]

@@ -1,0 +1,29 @@
+import os
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+warnings.filterwarnings("ignore", message=".*_make_column_categorical.*")
+
+REQUIRE_DATA_VARIABLE = "CELLULAR_REQUIRE_DATA"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("CELLULAR_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def read_dataset(name: str) -> ad.AnnData:
+    path = data_dir() / f"{name}.h5ad"
+    if not path.exists():
+        reason = f"real dataset {path} not found; set CELLULAR_DATA_DIR to the shared data folder"
+        if os.environ.get(REQUIRE_DATA_VARIABLE) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_DATA_VARIABLE}=1 forbids skipping real-data tests)")
+        pytest.skip(reason)
+    return ad.read_h5ad(path)
+
+
+@pytest.fixture(scope="session")
+def symphony():
+    return read_dataset("pbmc_symphony_3tech")

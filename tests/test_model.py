@@ -1,0 +1,309 @@
+"""CELLULAR model on real data: quality against PCA, reproducibility, save/load, gene handling, bad input."""
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+import cellular
+from cellular import CELLULAR, NotTrainedError
+
+HELD_OUT = "3pv1"
+
+
+def mark_singletons_unlabelled(adata, key="cell_type"):
+    counts = adata.obs[key].value_counts()
+    rare = counts[counts < 2].index
+    adata.obs[key] = adata.obs[key].astype(str).where(~adata.obs[key].isin(rare), "Unknown").astype("category")
+
+
+@pytest.fixture(scope="module")
+def split(symphony):
+    train = symphony[symphony.obs["batch"] != HELD_OUT].copy()
+    test = symphony[symphony.obs["batch"] == HELD_OUT].copy()
+    mark_singletons_unlabelled(train)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def trained(split):
+    train, _ = split
+    CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(train)
+    model.train(progress_bar=False)
+    return model
+
+
+def pca_baseline(model, train, test):
+    joint = ad.concat([train, test])
+    cellular.pp.normalize_log1p(joint, target_sum=model.target_sum)
+    x = joint[:, model.genes].X.toarray()
+    pca = PCA(n_components=50, random_state=0).fit(x[: train.n_obs])
+    return pca.transform(x[: train.n_obs]), pca.transform(x[train.n_obs :])
+
+
+def knn_accuracy(reference, reference_labels, query, query_labels, metric):
+    known = np.isin(query_labels, reference_labels)
+    knn = KNeighborsClassifier(n_neighbors=15, metric=metric).fit(reference, reference_labels)
+    return float((knn.predict(query[known]) == query_labels[known]).mean())
+
+
+def cross_batch_fraction(embedding, labels, batches, metric, k=15):
+    """Mean fraction of a cell's same-type kNN neighbours that come from another batch."""
+    neighbours = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(embedding).kneighbors(embedding)[1][:, 1:]
+    same_type = labels[neighbours] == labels[:, None]
+    other_batch = batches[neighbours] != batches[:, None]
+    counts = same_type.sum(1)
+    keep = counts > 0
+    return float(((same_type & other_batch).sum(1)[keep] / counts[keep]).mean())
+
+
+def test_held_out_technology_beats_pca(trained, split):
+    train, test = split
+    z_train = trained.get_latent_representation()
+    z_test = trained.get_latent_representation(test)
+    p_train, p_test = pca_baseline(trained, train, test)
+    labelled = train.obs["cell_type"].values != "Unknown"
+    y_train = train.obs["cell_type"].values.astype(str)[labelled]
+    y_test = test.obs["cell_type"].values.astype(str)
+
+    acc_cellular = knn_accuracy(z_train[labelled], y_train, z_test, y_test, "cosine")
+    acc_pca = knn_accuracy(p_train[labelled], y_train, p_test, y_test, "euclidean")
+    sil_cellular = silhouette_score(z_test, y_test, metric="cosine")
+    sil_pca = silhouette_score(p_test, y_test, metric="euclidean")
+    print(f"kNN accuracy {acc_cellular:.3f} vs PCA {acc_pca:.3f}; silhouette {sil_cellular:.3f} vs {sil_pca:.3f}")
+    assert acc_cellular >= acc_pca
+    assert sil_cellular > sil_pca
+
+    labels = np.concatenate([train.obs["cell_type"].values.astype(str), y_test])
+    batches = np.concatenate([train.obs["batch"].values.astype(str), test.obs["batch"].values.astype(str)])
+    mixing_cellular = cross_batch_fraction(np.vstack([z_train, z_test]), labels, batches, "cosine")
+    mixing_pca = cross_batch_fraction(np.vstack([p_train, p_test]), labels, batches, "euclidean")
+    print(f"cross-batch neighbours {mixing_cellular:.3f} vs PCA {mixing_pca:.3f}")
+    assert mixing_cellular > mixing_pca
+
+
+def test_training_history_and_temperature(trained):
+    history = trained.history
+    for key in ("train_loss", "train_snn_loss", "train_batch_loss", "train_centroid_loss", "validation_loss", "temperature"):
+        assert key in history and len(history[key]) == trained.training_summary_["epochs_run"]
+    temperatures = history["temperature"]["temperature"]
+    assert temperatures.between(0.1, 2.0).all()
+    assert history["train_loss"]["train_loss"].iloc[-1] < history["train_loss"]["train_loss"].iloc[0]
+    assert trained.is_trained and "trained" in repr(trained)
+    assert len(trained.validation_indices) > 0
+    assert not set(trained.validation_indices) & set(trained.train_indices)
+
+
+def test_save_load_round_trip(trained, split, tmp_path):
+    _, test = split
+    expected = trained.get_latent_representation(test)
+    trained.save(tmp_path / "model")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trained.save(tmp_path / "model")
+
+    loaded = CELLULAR.load(tmp_path / "model")
+    assert loaded.adata is None and loaded.genes == trained.genes and loaded.cell_types == trained.cell_types
+    np.testing.assert_array_equal(loaded.get_latent_representation(test), expected)
+    pd.testing.assert_frame_equal(loaded.history["train_loss"], trained.history["train_loss"])
+
+    with_data = CELLULAR.load(tmp_path / "model", adata=trained.adata.copy())
+    np.testing.assert_array_equal(with_data.get_latent_representation(), trained.get_latent_representation())
+
+
+def test_model_file_holds_no_pickled_objects(trained, tmp_path):
+    import pickletools
+    import zipfile
+
+    trained.save(tmp_path / "m")
+    with zipfile.ZipFile(tmp_path / "m" / "model.pt") as archive:
+        pickle_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        ops = list(pickletools.genops(archive.read(pickle_name)))
+    globals_used = {str(arg) for op, arg, _ in ops if op.name in ("GLOBAL", "STACK_GLOBAL") and arg}
+    assert all(name.startswith(("torch", "collections OrderedDict")) for name in globals_used), globals_used
+
+
+def test_incompatible_model_file_is_rejected(trained, tmp_path):
+    import json
+
+    trained.save(tmp_path / "m")
+    metadata = json.loads((tmp_path / "m" / "model.json").read_text())
+    metadata["format_version"] = 999
+    (tmp_path / "m" / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="cannot read"):
+        CELLULAR.load(tmp_path / "m")
+
+
+def test_gene_order_and_extra_genes_do_not_change_embedding(trained, split):
+    _, test = split
+    expected = trained.get_latent_representation(test)
+    order = np.random.default_rng(0).permutation(test.n_vars)
+    shuffled = test[:, order].copy()
+    np.testing.assert_array_equal(trained.get_latent_representation(shuffled), expected)
+
+
+def test_counts_and_package_normalisation_give_same_embedding(trained, split):
+    _, test = split
+    from_counts = trained.get_latent_representation(test)
+    normalised = cellular.pp.normalize_log1p(test, target_sum=trained.target_sum, copy=True)
+    from_log = trained.get_latent_representation(normalised, log_normalized=True)
+    np.testing.assert_allclose(from_log, from_counts, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_genes_are_zero_filled_with_warning(trained, split, caplog):
+    _, test = split
+    keep = np.random.default_rng(1).permutation(test.n_vars)[: int(0.7 * test.n_vars)]
+    partial = test[:, np.sort(keep)].copy()
+    with caplog.at_level(logging.WARNING):
+        z = trained.get_latent_representation(partial)
+    assert "missing from the data" in caplog.text
+    assert z.shape == (test.n_obs, trained.n_latent) and np.isfinite(z).all()
+
+
+def test_query_is_not_modified(trained, split):
+    _, test = split
+    before = test.copy()
+    trained.get_latent_representation(test)
+    assert list(test.obs.columns) == list(before.obs.columns) and set(test.uns) == set(before.uns)
+    assert (test.X != before.X).nnz == 0
+
+
+def test_same_seed_gives_identical_training(symphony):
+    small = symphony[symphony.obs["batch"] == "5p"].copy()
+    mark_singletons_unlabelled(small)
+
+    def fit(seed):
+        CELLULAR.setup_anndata(small, labels_key="cell_type")
+        model = CELLULAR(small, n_latent=16, n_top_genes=300, seed=seed)
+        model.train(max_epochs=3, progress_bar=False)
+        return model.get_latent_representation()
+
+    first, second, other = fit(0), fit(0), fit(1)
+    np.testing.assert_array_equal(first, second)
+    assert not np.allclose(first, other)
+
+
+def test_hvg_selection_and_target_sum(symphony):
+    data = symphony[:300].copy()
+    mark_singletons_unlabelled(data)
+    CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(data, n_top_genes=200)
+    assert len(model.genes) == 200 and set(model.genes) <= set(data.var_names)
+    assert model.target_sum == pytest.approx(np.median(np.asarray(data.X.sum(1)).ravel()))
+    everything = CELLULAR(data, n_top_genes=50_000)
+    expressed = np.asarray((data.X > 0).sum(0)).ravel() > 0
+    assert len(everything.genes) == int(expressed.sum())
+
+
+def test_log_normalised_input_and_dense_matrix(symphony):
+    data = symphony[:400].copy()
+    mark_singletons_unlabelled(data)
+    cellular.pp.normalize_log1p(data, target_sum=1e4, key_added="log")
+    data.X = data.layers["log"].toarray()
+    CELLULAR.setup_anndata(data, labels_key="cell_type", log_normalized=True)
+    model = CELLULAR(data, n_latent=10, n_top_genes=300)
+    assert model.target_sum is None
+    model.train(max_epochs=2, progress_bar=False)
+    sparse_copy = data.copy()
+    sparse_copy.X = sp.csr_matrix(data.X)
+    np.testing.assert_allclose(
+        model.get_latent_representation(sparse_copy), model.get_latent_representation(), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="trained on log-normalised"):
+        model.get_latent_representation(symphony[:10], log_normalized=False)
+
+
+def test_unlabelled_cells_and_balanced_sampling(symphony):
+    data = symphony[symphony.obs["batch"] != HELD_OUT].copy()
+    mark_singletons_unlabelled(data)
+    labels = data.obs["cell_type"].astype(str).to_numpy()
+    labels[np.random.default_rng(0).random(data.n_obs) < 0.3] = "Unknown"
+    data.obs["partial"] = pd.Categorical(labels)
+    CELLULAR.setup_anndata(data, labels_key="partial", batch_key="batch")
+    model = CELLULAR(data, n_latent=16)
+    assert "Unknown" not in model.cell_types
+    model.train(max_epochs=3, balanced_sampling=True, progress_bar=False)
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+# ----------------------------------------------------------------- bad input
+def test_missing_labels_key(symphony):
+    with pytest.raises(KeyError, match="labels_key='celltype' is not a column of adata.obs"):
+        CELLULAR.setup_anndata(symphony.copy(), labels_key="celltype")
+    with pytest.raises(KeyError, match="batch_key='donor'"):
+        CELLULAR.setup_anndata(symphony.copy(), labels_key="cell_type", batch_key="donor")
+
+
+def test_missing_layer(symphony):
+    with pytest.raises(KeyError, match="layer 'counts' not found"):
+        CELLULAR.setup_anndata(symphony.copy(), labels_key="cell_type", layer="counts")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda x: x.data.__setitem__(0, np.nan), "NaN or infinite"),
+        (lambda x: x.data.__setitem__(0, np.inf), "NaN or infinite"),
+        (lambda x: x.data.__setitem__(0, -3.0), "negative values"),
+        (lambda x: x.data.__setitem__(0, 0.5), "non-integer values"),
+    ],
+)
+def test_bad_values_rejected(symphony, corrupt, message):
+    data = symphony[:200].copy()
+    mark_singletons_unlabelled(data)
+    corrupt(data.X)
+    CELLULAR.setup_anndata(data, labels_key="cell_type")
+    with pytest.raises(ValueError, match=message):
+        CELLULAR(data)
+
+
+def test_bad_query_values_rejected(trained, split):
+    _, test = split
+    query = test.copy()
+    query.X.data[0] = -1.0
+    with pytest.raises(ValueError, match="negative values"):
+        trained.get_latent_representation(query)
+
+
+def test_single_cell_type_rejected(symphony):
+    data = symphony[:300].copy()
+    with pytest.raises(ValueError, match="single labelled cell"):
+        data.obs["cell_type"] = data.obs["cell_type"].astype(str)
+        data.obs.iloc[0, data.obs.columns.get_loc("cell_type")] = "Lonely"
+        mark = data.obs["cell_type"].value_counts()
+        data = data[data.obs["cell_type"].isin(mark[mark >= 2].index) | (data.obs["cell_type"] == "Lonely")].copy()
+        CELLULAR.setup_anndata(data, labels_key="cell_type")
+        CELLULAR(data)
+
+
+def test_missing_label_values_rejected(symphony):
+    data = symphony[:100].copy()
+    data.obs["cell_type"] = data.obs["cell_type"].astype(object)
+    data.obs.iloc[:3, data.obs.columns.get_loc("cell_type")] = np.nan
+    with pytest.raises(ValueError, match="missing values"):
+        CELLULAR.setup_anndata(data, labels_key="cell_type")
+
+
+def test_no_shared_genes(trained, split):
+    _, test = split
+    renamed = test.copy()
+    renamed.var_names = [f"gene_{i}" for i in range(renamed.n_vars)]
+    with pytest.raises(ValueError, match=r"Only 0 of the model's .* genes"):
+        trained.get_latent_representation(renamed)
+
+
+def test_untrained_model(symphony):
+    data = symphony[:200].copy()
+    mark_singletons_unlabelled(data)
+    CELLULAR.setup_anndata(data, labels_key="cell_type")
+    model = CELLULAR(data, n_latent=8, n_top_genes=100)
+    with pytest.raises(NotTrainedError, match=r"call model.train\(\) first"):
+        model.get_latent_representation()
+    with pytest.raises(ValueError):
+        cellular.tl.cellular_embed(data, model)
