@@ -1,6 +1,7 @@
 from ._datasets import data_dir, pbmc68k_reduced_lognorm, read_shared_dataset
 from ._expression import GeneAlignment, NormalizedExpression, align_genes, check_expression_values, read_expression
 from ._sampling import epoch_minibatches, sequential_minibatches, stratified_split
+from ._synthetic import synthetic_counts
 
 __all__ = [
     "GeneAlignment",
@@ -14,4 +15,5 @@ __all__ = [
     "read_shared_dataset",
     "sequential_minibatches",
     "stratified_split",
+    "synthetic_counts",
 ]

@@ -200,11 +200,12 @@ class NormalizedExpression:
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Dense float32 log-normalised expression of the cells ``index``."""
-        dense = self.matrix[index].toarray()
+        block = self.matrix[index]
         if self.size_factors is not None:
-            dense *= self.size_factors[index, None].astype(np.float32)
-            np.log1p(dense, out=dense)
-        return dense
+            # Normalise the stored entries only (log1p(0) = 0), before densifying.
+            factors = np.repeat(self.size_factors[index].astype(np.float32), np.diff(block.indptr))
+            block.data = np.log1p(block.data * factors)
+        return block.toarray()
 
     def normalized_sparse(self) -> sp.csr_matrix:
         """The whole log-normalised matrix, still sparse (``log1p(0) = 0``)."""

@@ -357,7 +357,9 @@ class CELLULAR(BaseModelClass):
         warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps // 2)
 
         module = self.module.to(device)
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.Adam(
+            module.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda")
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup_steps, total_steps))
         labels_t = torch.from_numpy(labels)
         batches_t = torch.from_numpy(batches)

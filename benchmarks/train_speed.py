@@ -1,0 +1,95 @@
+"""Training throughput and peak memory of CELLULAR on synthetic data.
+
+Each size runs in its own process so that peak RSS belongs to that size alone. Prints one line per run and a
+markdown table at the end.
+
+    python benchmarks/train_speed.py                    # 10k and 100k cells x 2000 genes, CPU
+    python benchmarks/train_speed.py --cells 10000 --epochs 3 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_one(n_cells: int, n_genes: int, epochs: int, batch_size: int, device: str) -> dict:
+    import numpy as np
+    import torch
+
+    import cellular
+
+    t0 = time.perf_counter()
+    adata = cellular.data.synthetic_counts(n_cells, n_genes, n_types=12, n_batches=4, seed=0)
+    t_data = time.perf_counter() - t0
+    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    cellular.CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+    t0 = time.perf_counter()
+    model = cellular.CELLULAR(adata, n_top_genes=n_genes)
+    t_init = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model.train(max_epochs=epochs, batch_size=batch_size, early_stopping=False, accelerator=device, progress_bar=False)
+    t_train = time.perf_counter() - t0
+    n_train = len(model.train_indices)
+    # Per-epoch figures include the validation pass, as a user experiences them.
+    cells_per_s = n_train * epochs / t_train
+
+    t0 = time.perf_counter()
+    z = model.get_latent_representation(accelerator=device)
+    t_embed = time.perf_counter() - t0
+    assert np.isfinite(z).all()
+    return {
+        "cells": n_cells,
+        "genes": n_genes,
+        "device": device if device != "cuda" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "data_s": round(t_data, 1),
+        "setup_s (HVG+PCA targets)": round(t_init, 1),
+        "train_s": round(t_train, 1),
+        "train_cells_per_s": round(cells_per_s),
+        "embed_cells_per_s": round(n_cells / t_embed),
+        "peak_rss_data_only_mb": round(rss_data),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--genes", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.single:
+        print(json.dumps(run_one(args.cells[0], args.genes, args.epochs, args.batch_size, args.device)))
+        return
+    rows = []
+    for n_cells in args.cells:
+        command = [sys.executable, __file__, "--single", "--cells", str(n_cells), "--genes", str(args.genes),
+                   "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        print(row, flush=True)
+        rows.append(row)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
