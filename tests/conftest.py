@@ -10,7 +10,7 @@ warnings.filterwarnings("ignore", message=".*_make_column_categorical.*")
 REQUIRE_DATA_VARIABLE = "CELLULAR_REQUIRE_DATA"
 
 
-def data_dir() -> Path:
+def data_dir() -> Path:  # the project convention: $CELLULAR_DATA_DIR, else ../shared/data beside the repo
     return Path(os.environ.get("CELLULAR_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 

@@ -14,7 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 import cellular
 from cellular import CELLULAR, NotTrainedError
 
-HELD_OUT = "3pv1"
+HELD_OUT = "3pv2"
 
 
 def mark_singletons_unlabelled(adata, key="cell_type"):
@@ -225,6 +225,7 @@ def test_unlabelled_cells_and_balanced_sampling(symphony):
     labels = data.obs["cell_type"].astype(str).to_numpy()
     labels[np.random.default_rng(0).random(data.n_obs) < 0.3] = "Unknown"
     data.obs["partial"] = pd.Categorical(labels)
+    mark_singletons_unlabelled(data, "partial")
     CELLULAR.setup_anndata(data, labels_key="partial", batch_key="batch")
     model = CELLULAR(data, n_latent=16)
     assert "Unknown" not in model.cell_types

@@ -1,0 +1,91 @@
+"""Splits, minibatch schedules, gene alignment and synthetic data."""
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+from cellular.data import align_genes, epoch_minibatches, read_expression, stratified_split, synthetic_counts
+
+
+def test_stratified_split_keeps_label_proportions_and_two_training_cells():
+    labels = np.repeat(np.arange(4), [100, 30, 3, 2])
+    train, val = stratified_split(labels, 0.8, np.random.default_rng(0))
+    assert np.intersect1d(train, val).size == 0 and train.size + val.size == labels.size
+    train_counts = np.bincount(labels[train], minlength=4)
+    np.testing.assert_array_equal(train_counts, [80, 24, 2, 2])
+    again, _ = stratified_split(labels, 0.8, np.random.default_rng(0))
+    np.testing.assert_array_equal(train, again)
+    with pytest.raises(ValueError, match="train_size"):
+        stratified_split(labels, 0.0, np.random.default_rng(0))
+
+
+def test_minibatches_cover_cells_and_drop_small_tail():
+    indices = np.arange(1000, 1530)
+    batches = epoch_minibatches(indices, 256, np.random.default_rng(0))
+    assert [b.size for b in batches] == [256, 256]  # the 18-cell tail is dropped
+    assert np.unique(np.concatenate(batches)).size == 512
+    single = epoch_minibatches(np.arange(10), 256, np.random.default_rng(0))
+    assert len(single) == 1 and single[0].size == 10
+
+
+def test_balanced_minibatches_show_rare_types_in_every_batch():
+    labels = np.concatenate([np.zeros(5000, int), np.ones(5, int)])
+    indices = np.arange(labels.size)
+    rng = np.random.default_rng(0)
+    plain = epoch_minibatches(indices, 256, rng)
+    balanced = epoch_minibatches(indices, 256, rng, balance_by=labels)
+    rare_plain = np.array([(labels[b] == 1).sum() for b in plain])
+    rare_balanced = np.array([(labels[b] == 1).sum() for b in balanced])
+    assert (rare_plain == 0).sum() > len(plain) / 2
+    assert (rare_balanced > 0).all() and abs(rare_balanced.mean() - 128) < 20
+
+
+def make_adata(values, genes):
+    return AnnData(X=sp.csr_matrix(np.asarray(values, dtype=np.float32)), var=pd.DataFrame(index=genes))
+
+
+def test_alignment_reorders_zero_fills_and_normalises_with_full_library():
+    adata = make_adata([[1, 2, 3, 4], [0, 5, 0, 5]], ["a", "b", "c", "d"])
+    expression, alignment = read_expression(
+        adata, ["d", "x", "b"], layer=None, log_normalized=False, target_sum=10.0, min_gene_overlap=0.5
+    )
+    assert alignment.n_matched == 2 and alignment.missing == ["x"]
+    expected = np.log1p(np.array([[4, 0, 2], [5, 0, 5]]) * (10.0 / np.array([[10.0], [10.0]])))
+    np.testing.assert_allclose(expression.rows(np.arange(2)), expected, rtol=1e-6)
+
+
+def test_alignment_by_gene_id_column_and_errors(caplog):
+    adata = make_adata([[1, 2, 3]], ["A", "B", "C"])
+    adata.var["ids"] = ["ENSG1", "ENSG2", "ENSG3"]
+    assert align_genes(adata, ["ENSG3", "ENSG1"], gene_id_key="ids").source_index.tolist() == [2, 0]
+    with pytest.raises(KeyError, match="gene_id_key 'ensembl'"):
+        align_genes(adata, ["ENSG1"], gene_id_key="ensembl")
+    with pytest.raises(ValueError, match=r"Only 1 of the model's 4 genes .* First missing genes: \['X', 'Y', 'Z'\]"):
+        align_genes(adata, ["A", "X", "Y", "Z"], min_gene_overlap=0.5)
+    with caplog.at_level(logging.WARNING):
+        align_genes(adata, ["A", "B", "X"], min_gene_overlap=0.5)
+    assert "1 of 3 model genes are missing" in caplog.text
+    duplicated = make_adata([[1, 2]], ["A", "A"])
+    with pytest.raises(ValueError, match="duplicated gene names"):
+        align_genes(duplicated, ["A"])
+
+
+def test_cells_without_counts_are_rejected():
+    adata = make_adata([[1, 2], [0, 0]], ["a", "b"])
+    with pytest.raises(ValueError, match="1 cells have no counts"):
+        read_expression(adata, ["a", "b"], layer=None, log_normalized=False, target_sum=10.0)
+
+
+def test_synthetic_counts_shape_types_and_sparsity():
+    adata = synthetic_counts(3000, 500, n_types=5, n_batches=3, seed=1, chunk_size=700)
+    assert adata.shape == (3000, 500) and sp.issparse(adata.X)
+    assert set(adata.obs["cell_type"].cat.categories) == {f"type_{i}" for i in range(5)}
+    assert adata.obs["batch"].nunique() == 3
+    values = adata.X.data
+    assert np.array_equal(values, np.round(values)) and values.min() > 0
+    same = synthetic_counts(3000, 500, n_types=5, n_batches=3, seed=1)
+    assert (same.X != adata.X).nnz == 0

@@ -1,0 +1,91 @@
+"""scanpy-style functions: tl.cellular_embed, pp.normalize_log1p, pl.training_history."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+import cellular
+from cellular import CELLULAR
+
+
+@pytest.fixture(scope="module")
+def small(symphony):
+    data = symphony[symphony.obs["batch"] == "3pv2"].copy()
+    counts = data.obs["cell_type"].value_counts()
+    return data[data.obs["cell_type"].isin(counts[counts >= 2].index)].copy()
+
+
+@pytest.fixture(scope="module")
+def small_model(small):
+    reference = small.copy()
+    CELLULAR.setup_anndata(reference, labels_key="cell_type")
+    model = CELLULAR(reference, n_latent=16, n_top_genes=500)
+    model.train(max_epochs=5, progress_bar=False)
+    return model
+
+
+def test_cellular_embed_writes_documented_slots_only(small, small_model):
+    query = small.copy()
+    obs_before, var_before = query.obs.copy(), query.var.copy()
+    assert cellular.tl.cellular_embed(query, small_model, key_added="X_emb") is None
+    np.testing.assert_array_equal(query.obsm["X_emb"], small_model.get_latent_representation(small))
+    params = query.uns["cellular"]["params"]
+    assert params["key_added"] == "X_emb" and params["n_genes_matched"] == len(small_model.genes)
+    assert params["genes"] == small_model.genes and params["model"]["n_latent"] == 16
+    assert query.obs.equals(obs_before) and query.var.equals(var_before)
+    assert set(query.obsm) == {"X_emb"} and set(query.uns) == {"cellular", "provenance"}
+
+
+def test_cellular_embed_copy(small, small_model):
+    query = small.copy()
+    result = cellular.tl.cellular_embed(query, small_model, copy=True)
+    assert "X_cellular" in result.obsm and "X_cellular" not in query.obsm
+
+
+def test_cellular_embed_trains_when_no_model_given(small):
+    data = small.copy()
+    columns_before = list(data.obs.columns)
+    model = cellular.tl.cellular_embed(
+        data, labels_key="cell_type", max_epochs=2, model_kwargs={"n_latent": 8, "n_top_genes": 200},
+        train_kwargs={"progress_bar": False},
+    )
+    assert isinstance(model, CELLULAR) and model.is_trained
+    assert data.obsm["X_cellular"].shape == (data.n_obs, 8)
+    assert list(data.obs.columns) == columns_before  # no _scvi_* columns added to the user's data
+    assert data.uns["cellular"]["params"]["trained_here"] is True
+
+
+def test_cellular_embed_bad_arguments(small, small_model):
+    with pytest.raises(ValueError, match="labels_key"):
+        cellular.tl.cellular_embed(small.copy())
+    with pytest.raises(KeyError, match="celltype"):
+        cellular.tl.cellular_embed(small.copy(), labels_key="celltype")
+    with pytest.raises(ValueError, match="only apply when training"):
+        cellular.tl.cellular_embed(small.copy(), small_model, labels_key="cell_type")
+
+
+def test_normalize_log1p_matches_formula(small):
+    data = small.copy()
+    totals = np.asarray(data.X.sum(1)).ravel()
+    cellular.pp.normalize_log1p(data, key_added="log")
+    target = float(np.median(totals))
+    expected = np.log1p(small.X.toarray() / totals[:, None] * target)
+    np.testing.assert_allclose(data.layers["log"].toarray(), expected, rtol=1e-5, atol=1e-6)
+    assert data.uns["cellular_normalization"]["target_sum"] == pytest.approx(target)
+    assert (data.X != small.X).nnz == 0  # X untouched when key_added is given
+    log = cellular.pp.normalize_log1p(small, target_sum=1e4, copy=True)
+    np.testing.assert_allclose(log.X.toarray(), np.log1p(small.X.toarray() / totals[:, None] * 1e4), rtol=1e-5)
+    with pytest.raises(ValueError, match="non-integer"):
+        cellular.pp.normalize_log1p(log)
+
+
+def test_training_history_plot(small_model, tmp_path):
+    axes = cellular.pl.training_history(small_model, show=False)
+    assert len(axes) == 5
+    assert [ax.get_title() for ax in axes] == ["loss", "snn loss", "batch loss", "centroid loss", "temperature"]
+    assert len(axes[0].get_lines()) == 2 and len(axes[0].get_lines()[0].get_xdata()) == 5
+    cellular.pl.training_history(small_model, save=tmp_path / "history.png")
+    assert (tmp_path / "history.png").stat().st_size > 0
