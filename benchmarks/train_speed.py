@@ -77,8 +77,21 @@ def main() -> None:
         return
     rows = []
     for n_cells in args.cells:
-        command = [sys.executable, __file__, "--single", "--cells", str(n_cells), "--genes", str(args.genes),
-                   "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device]
+        command = [
+            sys.executable,
+            __file__,
+            "--single",
+            "--cells",
+            str(n_cells),
+            "--genes",
+            str(args.genes),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            args.device,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         row = json.loads(result.stdout.strip().splitlines()[-1])
         print(row, flush=True)

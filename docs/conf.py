@@ -1,11 +1,12 @@
 """Sphinx configuration of cellular-sc."""
 
-from importlib.metadata import version
+from importlib.metadata import version as package_version
 
 project = "cellular-sc"
 author = "cellular-sc developers"
 copyright = "2026, cellular-sc developers"
-release = version("cellular-sc")
+release = package_version("cellular-sc")
+version = release
 
 extensions = [
     "myst_parser",

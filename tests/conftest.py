@@ -11,7 +11,7 @@ REQUIRE_DATA_VARIABLE = "CELLULAR_REQUIRE_DATA"
 
 
 def data_dir() -> Path:  # the project convention: $CELLULAR_DATA_DIR, else ../shared/data beside the repo
-    return Path(os.environ.get("CELLULAR_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    return Path(os.environ.get("CELLULAR_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def read_dataset(name: str) -> ad.AnnData:
@@ -27,3 +27,8 @@ def read_dataset(name: str) -> ad.AnnData:
 @pytest.fixture(scope="session")
 def symphony():
     return read_dataset("pbmc_symphony_3tech")
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(symphony) -> Path:
+    return data_dir().resolve()

@@ -89,7 +89,11 @@ def naive_target(centroids, present):
         for b in range(n_types):
             if a == b:
                 continue
-            d = [np.linalg.norm(centroids[k, a] - centroids[k, b]) for k in range(n_batches) if present[k, a] and present[k, b]]
+            d = [
+                np.linalg.norm(centroids[k, a] - centroids[k, b])
+                for k in range(n_batches)
+                if present[k, a] and present[k, b]
+            ]
             out[a, b] = np.mean(d) if d else 0.0
     return out / out.max() if out.max() > 0 else out
 

@@ -91,7 +91,14 @@ def test_held_out_technology_beats_pca(trained, split):
 
 def test_training_history_and_temperature(trained):
     history = trained.history
-    for key in ("train_loss", "train_snn_loss", "train_batch_loss", "train_centroid_loss", "validation_loss", "temperature"):
+    for key in (
+        "train_loss",
+        "train_snn_loss",
+        "train_batch_loss",
+        "train_centroid_loss",
+        "validation_loss",
+        "temperature",
+    ):
         assert key in history and len(history[key]) == trained.training_summary_["epochs_run"]
     temperatures = history["temperature"]["temperature"]
     assert temperatures.between(0.1, 2.0).all()

@@ -49,7 +49,10 @@ def test_cellular_embed_trains_when_no_model_given(small):
     data = small.copy()
     columns_before = list(data.obs.columns)
     model = cellular.tl.cellular_embed(
-        data, labels_key="cell_type", max_epochs=2, model_kwargs={"n_latent": 8, "n_top_genes": 200},
+        data,
+        labels_key="cell_type",
+        max_epochs=2,
+        model_kwargs={"n_latent": 8, "n_top_genes": 200},
         train_kwargs={"progress_bar": False},
     )
     assert isinstance(model, CELLULAR) and model.is_trained

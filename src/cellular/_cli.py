@@ -18,8 +18,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     print(f"cellular-sc {cellular.__version__}: demo on scanpy's bundled pbmc68k_reduced (no download).")
     adata = cellular.data.pbmc68k_reduced_lognorm()
-    print(f"  data: {adata.n_obs} cells x {adata.n_vars} genes, log-normalised; labels obs['bulk_labels'] "
-          f"({adata.obs['bulk_labels'].nunique()} types)")
+    print(
+        f"  data: {adata.n_obs} cells x {adata.n_vars} genes, log-normalised; labels obs['bulk_labels'] "
+        f"({adata.obs['bulk_labels'].nunique()} types)"
+    )
     start = time.perf_counter()
     model = cellular.tl.cellular_embed(
         adata,
@@ -31,18 +33,24 @@ def _demo(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     summary = model.training_summary_
-    print(f"  trained: {summary['epochs_run']} epochs (best {summary['best_epoch']}) in {seconds:.1f} s on "
-          f"{summary['device']}; final temperature {model.history['temperature'].iloc[-1, 0]:.3f}")
+    print(
+        f"  trained: {summary['epochs_run']} epochs (best {summary['best_epoch']}) in {seconds:.1f} s on "
+        f"{summary['device']}; final temperature {model.history['temperature'].iloc[-1, 0]:.3f}"
+    )
     embedding = adata.obsm["X_cellular"]
     labels = adata.obs["bulk_labels"].astype(str).to_numpy()
-    pca = PCA(n_components=min(50, len(model.genes) - 1), random_state=0).fit_transform(adata[:, model.genes].X.toarray())
+    pca = PCA(n_components=min(50, len(model.genes) - 1), random_state=0).fit_transform(
+        adata[:, model.genes].X.toarray()
+    )
     knn = KNeighborsClassifier(n_neighbors=15)
     for name, space, metric in (("CELLULAR", embedding, "cosine"), ("PCA", pca, "euclidean")):
         knn.set_params(metric=metric)
         accuracy = cross_val_score(knn, space, labels, cv=5).mean()
         silhouette = silhouette_score(space, labels, metric=metric)
-        print(f"  {name:8s} embedding {space.shape[1]:3d} dims: 5-fold kNN label accuracy {accuracy:.3f}, "
-              f"label silhouette {silhouette:.3f}")
+        print(
+            f"  {name:8s} embedding {space.shape[1]:3d} dims: 5-fold kNN label accuracy {accuracy:.3f}, "
+            f"label silhouette {silhouette:.3f}"
+        )
     print("  note: the demo scores cells the model was trained on; see the docs for held-out evaluations.")
     print("  wrote adata.obsm['X_cellular'] and adata.uns['cellular']['params']")
     if args.output is not None:

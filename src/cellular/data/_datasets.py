@@ -21,12 +21,14 @@ def read_shared_dataset(name: str) -> AnnData:
     """Read ``<data_dir()>/<name>.h5ad`` with a clear error when it is absent."""
     path = data_dir() / f"{name}.h5ad"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; set {DATA_DIR_VARIABLE} to the folder holding the shared h5ad files.")
+        raise FileNotFoundError(
+            f"{path} not found; set {DATA_DIR_VARIABLE} to the folder holding the shared h5ad files."
+        )
     return ad.read_h5ad(path)
 
 
 def pbmc68k_reduced_lognorm() -> AnnData:
-    """scanpy's bundled 700 PBMCs as log-normalised expression (``.raw``) with ``obs['bulk_labels']``.
+    """Scanpy's bundled 700 PBMCs as log-normalised expression (``.raw``) with ``obs['bulk_labels']``.
 
     The file ships inside the scanpy wheel, so nothing is downloaded.
     """

@@ -16,6 +16,8 @@ from anndata import AnnData
 
 logger = logging.getLogger(__name__)
 
+_CHECK_CHUNK = 1 << 23
+
 COUNTS_FIX = (
     "Pass raw counts (e.g. layer='counts'), or, if the values are already log1p-normalised, set "
     "log_normalized=True when setting up the data."
@@ -53,24 +55,26 @@ def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> 
     """
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(f"{where} is empty (shape {matrix.shape}); CELLULAR needs at least one cell and one gene.")
-    values = _stored_values(matrix)
+    values = _stored_values(matrix).reshape(-1)
     if values.size == 0:
         return
-    finite = np.isfinite(values)
-    if not finite.all():
-        n_bad = int((~finite).sum())
+    # Checked in chunks so that no full-size temporary copies are made.
+    chunks = [values[start : start + _CHECK_CHUNK] for start in range(0, values.size, _CHECK_CHUNK)]
+    n_bad = sum(int((~np.isfinite(chunk)).sum()) for chunk in chunks)
+    if n_bad:
         raise ValueError(
             f"{where} contains {n_bad} NaN or infinite values. Remove or repair those cells/genes "
             "(e.g. adata = adata[np.isfinite(...)] or recompute the matrix) before using CELLULAR."
         )
-    if values.min() < 0:
+    minimum = min(float(chunk.min()) for chunk in chunks)
+    if minimum < 0:
         kind = "raw counts" if counts else "log1p-normalised values"
         raise ValueError(
-            f"{where} contains negative values (minimum {values.min():.3g}), but CELLULAR expects {kind}. "
+            f"{where} contains negative values (minimum {minimum:.3g}), but CELLULAR expects {kind}. "
             "Scaled or centred data (e.g. after sc.pp.scale) cannot be used: pass the unscaled matrix, for example "
             "adata.raw.to_adata() or a layer holding counts."
         )
-    if counts and not np.array_equal(values, np.round(values)):
+    if counts and not all(np.array_equal(chunk, np.round(chunk)) for chunk in chunks):
         raise ValueError(f"{where} holds non-integer values, but raw counts were expected. {COUNTS_FIX}")
 
 
@@ -167,6 +171,10 @@ def align_genes(
 def select_columns(matrix, alignment: GeneAlignment) -> sp.csr_matrix:
     """Cells x model genes CSR matrix: reordered columns, zeros for missing genes."""
     n_source = matrix.shape[1]
+    if n_source == alignment.n_genes and np.array_equal(alignment.source_index, np.arange(n_source)):
+        if sp.isspmatrix_csr(matrix) and matrix.dtype == np.float32:
+            return matrix
+        return sp.csr_matrix(matrix, dtype=np.float32)
     matched = np.flatnonzero(alignment.source_index >= 0)
     selector = sp.csr_matrix(
         (np.ones(matched.size, dtype=np.float32), (alignment.source_index[matched], matched)),

@@ -24,7 +24,7 @@ from cellular.data import (
     sequential_minibatches,
     stratified_split,
 )
-from cellular.data._expression import check_expression_values, get_matrix, library_sizes
+from cellular.data._expression import get_matrix, library_sizes
 from cellular.module import CellularModule
 from cellular.nn import centroid_target_distances, inverse_frequency_weights
 from cellular.pp import highly_variable_genes
@@ -121,33 +121,35 @@ class CELLULAR(BaseModelClass):
         _check_label_counts(labels, cell_types, self.adata_manager.registry["setup_args"]["labels_key"])
 
         matrix = get_matrix(adata, layer)
-        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        check_expression_values(matrix, counts=not log_normalized, where=where)
         if log_normalized:
             target_sum = None
         elif target_sum is None:
             target_sum = float(np.median(library_sizes(matrix)))
 
         all_genes = [str(g) for g in adata.var_names]
+        everything, _ = read_expression(
+            adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=target_sum
+        )
+        log_expression = everything.normalized_sparse()
+        del everything
         if genes is None:
-            everything, _ = read_expression(
-                adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=target_sum
-            )
-            genes = highly_variable_genes(everything.normalized_sparse(), all_genes, n_top_genes)
-            del everything
-        else:
-            genes = [str(g) for g in genes]
+            genes = highly_variable_genes(log_expression, all_genes, n_top_genes)
+        genes = [str(g) for g in genes]
         if len(genes) < 2:
             raise ValueError(f"Only {len(genes)} expressed genes in the data; CELLULAR needs at least two.")
+        gene_index = pd.Index(all_genes).get_indexer(genes)
+        if (gene_index < 0).any():
+            unknown = [gene for gene, i in zip(genes, gene_index, strict=True) if i < 0]
+            raise ValueError(f"genes not found in adata.var_names: {unknown[:10]}; pass genes present in the data.")
+        if not np.array_equal(gene_index, np.arange(len(all_genes))):
+            log_expression = log_expression[:, gene_index]
         self.genes: list[str] = genes
         self.target_sum: float | None = target_sum
 
-        expression, _ = read_expression(
-            adata, genes, layer=layer, log_normalized=log_normalized, target_sum=target_sum
-        )
         centroids, present = pca_centroids(
-            expression.normalized_sparse(), labels, batches, len(cell_types), self.n_batches, n_latent, seed
+            log_expression, labels, batches, len(cell_types), self.n_batches, n_latent, seed
         )
+        del log_expression
         centroid_targets = centroid_target_distances(torch.from_numpy(centroids), torch.from_numpy(present))
 
         class_weights = batch_weights = None
@@ -269,7 +271,11 @@ class CELLULAR(BaseModelClass):
         return np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY)).reshape(-1).astype(np.int64)
 
     def _summary(self) -> str:
-        mode = "log-normalised input" if self.setup_args["log_normalized"] else f"counts -> log1p(x / lib * {self.target_sum:.4g})"
+        mode = (
+            "log-normalised input"
+            if self.setup_args["log_normalized"]
+            else f"counts -> log1p(x / lib * {self.target_sum:.4g})"
+        )
         state = "trained" if self.is_trained_ else "untrained"
         return (
             f"CELLULAR model ({state}): {len(self.genes)} genes, {self.module.n_latent} latent dims, "
@@ -345,7 +351,10 @@ class CELLULAR(BaseModelClass):
 
         setup = self.setup_args
         expression, _ = read_expression(
-            self.adata, self.genes, layer=setup["layer"], log_normalized=setup["log_normalized"],
+            self.adata,
+            self.genes,
+            layer=setup["layer"],
+            log_normalized=setup["log_normalized"],
             target_sum=self.target_sum,
         )
         labels = self._registered_labels()
@@ -418,7 +427,9 @@ class CELLULAR(BaseModelClass):
                     else:
                         epochs_without_improvement += 1
                     if early_stopping and epochs_without_improvement >= early_stopping_patience:
-                        logger.info("Early stopping after epoch %d; best validation loss at epoch %d.", epoch, best_epoch)
+                        logger.info(
+                            "Early stopping after epoch %d; best validation loss at epoch %d.", epoch, best_epoch
+                        )
                         break
         progress.close()
         if early_stopping and best_state is not None:
@@ -512,8 +523,13 @@ class CELLULAR(BaseModelClass):
                 "Normalise the counts as the training data was and pass log_normalized=True."
             )
         return read_expression(
-            adata, self.genes, layer=layer, log_normalized=log_normalized, target_sum=self.target_sum,
-            gene_id_key=gene_id_key, min_gene_overlap=min_gene_overlap,
+            adata,
+            self.genes,
+            layer=layer,
+            log_normalized=log_normalized,
+            target_sum=self.target_sum,
+            gene_id_key=gene_id_key,
+            min_gene_overlap=min_gene_overlap,
         )
 
     @torch.no_grad()
@@ -629,9 +645,11 @@ class CELLULAR(BaseModelClass):
         model.is_trained_ = bool(metadata["is_trained"])
         model.training_summary_ = metadata["training_summary"]
         history = metadata["history"]
-        model.history_ = None if history is None else {
-            k: pd.DataFrame({k: v}, index=pd.RangeIndex(len(v), name="epoch")) for k, v in history.items()
-        }
+        model.history_ = (
+            None
+            if history is None
+            else {k: pd.DataFrame({k: v}, index=pd.RangeIndex(len(v), name="epoch")) for k, v in history.items()}
+        )
         model.train_indices_ = _numpy_or_none(tensors.get("indices.train_indices_"))
         model.validation_indices_ = _numpy_or_none(tensors.get("indices.validation_indices_"))
         model._model_summary_string = model._summary()

@@ -45,7 +45,9 @@ def pca_centroids(
     """
     labelled = np.flatnonzero(labels >= 0)
     rng = np.random.default_rng(seed)
-    fit_cells = labelled if labelled.size <= MAX_PCA_CELLS else np.sort(rng.choice(labelled, MAX_PCA_CELLS, replace=False))
+    fit_cells = (
+        labelled if labelled.size <= MAX_PCA_CELLS else np.sort(rng.choice(labelled, MAX_PCA_CELLS, replace=False))
+    )
     n_components = int(min(n_components, fit_cells.size - 1, log_expression.shape[1]))
     pca = PCA(n_components=max(n_components, 1), random_state=seed)
     pca.fit(log_expression[fit_cells].toarray())

@@ -41,7 +41,9 @@ def _zero_like_graph(z: Tensor) -> Tensor:
     return z.sum() * 0.0
 
 
-def _grouped_weighted_mean(values: Tensor, groups: Tensor, valid: Tensor, weights: Tensor | None, n_groups: int) -> Tensor:
+def _grouped_weighted_mean(
+    values: Tensor, groups: Tensor, valid: Tensor, weights: Tensor | None, n_groups: int
+) -> Tensor:
     """Sum over groups of ``weight[g] * mean(values[valid & groups == g])``, skipping empty groups."""
     if not bool(valid.any()):
         return _zero_like_graph(values)
@@ -148,7 +150,9 @@ def batch_mixing_loss(
     positive = (similarity * positive_mask).sum(1)
     negative = (similarity * negative_mask).sum(1)
     valid = positive_mask.any(1) & negative_mask.any(1)
-    neg_log_share = torch.log(torch.where(valid, positive + negative, 2.0)) - torch.log(torch.where(valid, positive, 1.0))
+    neg_log_share = torch.log(torch.where(valid, positive + negative, 2.0)) - torch.log(
+        torch.where(valid, positive, 1.0)
+    )
     per_cell = 1.0 / neg_log_share
 
     n_batches = batch_weights.shape[0] if batch_weights is not None else int(batches.max()) + 1
