@@ -74,6 +74,11 @@ def test_alignment_by_gene_id_column_and_errors(caplog):
         align_genes(duplicated, ["A"])
 
 
+def test_empty_data_is_rejected():
+    with pytest.raises(ValueError, match=r"adata.X is empty \(shape \(0, 2\)\)"):
+        read_expression(make_adata(np.zeros((0, 2)), ["a", "b"]), ["a"], layer=None, log_normalized=False, target_sum=1)
+
+
 def test_cells_without_counts_are_rejected():
     adata = make_adata([[1, 2], [0, 0]], ["a", "b"])
     with pytest.raises(ValueError, match="1 cells have no counts"):

@@ -66,6 +66,8 @@ def test_cellular_embed_bad_arguments(small, small_model):
         cellular.tl.cellular_embed(small.copy())
     with pytest.raises(KeyError, match="celltype"):
         cellular.tl.cellular_embed(small.copy(), labels_key="celltype")
+    with pytest.raises(KeyError, match="layer 'counts' not found"):
+        cellular.tl.cellular_embed(small.copy(), labels_key="cell_type", layer="counts")
     with pytest.raises(ValueError, match="only apply when training"):
         cellular.tl.cellular_embed(small.copy(), small_model, labels_key="cell_type")
 

@@ -236,9 +236,8 @@ def read_expression(
 ) -> tuple[NormalizedExpression, GeneAlignment]:
     """Check, align and prepare an AnnData's expression for the model's genes.
 
-    Library sizes are taken over all genes of ``adata`` before the model's genes are selected, so embedding
-    the same cells with extra or fewer unrelated genes gives the same normalisation only when the library is
-    the same; missing model genes are zero after normalisation.
+    Library sizes are totals over all genes of ``adata`` (as in training), taken before the model's genes are
+    selected; model genes missing from ``adata`` are zero after normalisation.
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     matrix = get_matrix(adata, layer)

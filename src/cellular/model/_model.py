@@ -423,7 +423,8 @@ class CELLULAR(BaseModelClass):
                 if validation_batches:
                     if record["validation_loss"] < best_loss - early_stopping_min_delta:
                         best_loss, best_epoch, epochs_without_improvement = record["validation_loss"], epoch, 0
-                        best_state = copy.deepcopy(module.state_dict())
+                        if early_stopping:
+                            best_state = copy.deepcopy(module.state_dict())
                     else:
                         epochs_without_improvement += 1
                     if early_stopping and epochs_without_improvement >= early_stopping_patience:
@@ -432,7 +433,7 @@ class CELLULAR(BaseModelClass):
                         )
                         break
         progress.close()
-        if early_stopping and best_state is not None:
+        if best_state is not None:
             module.load_state_dict(best_state)
         module.eval()
 

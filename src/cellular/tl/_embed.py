@@ -8,6 +8,7 @@ import anndata as ad
 import torch
 from anndata import AnnData
 
+from cellular.data._expression import get_matrix
 from cellular.model import CELLULAR
 
 
@@ -120,7 +121,7 @@ def _train_model(adata, labels_key, batch_key, layer, log_normalized, max_epochs
     missing = [key for key in columns if key not in adata.obs]
     if missing:
         raise KeyError(f"{missing} not found in adata.obs (columns: {list(adata.obs.columns)}).")
-    matrix = adata.X if layer is None else adata.layers[layer]
+    matrix = get_matrix(adata, layer)
     view = ad.AnnData(X=matrix, obs=adata.obs[columns].copy(), var=adata.var[[]].copy())
     CELLULAR.setup_anndata(view, labels_key=labels_key, batch_key=batch_key, log_normalized=log_normalized)
     model = CELLULAR(view, **(model_kwargs or {}))
