@@ -2,9 +2,9 @@
 
 from importlib.metadata import version
 
-from . import data, nn, pl, pp, tl
+from . import data, metrics, nn, pl, pp, tl
 from .model import CELLULAR, NotTrainedError
 
 __version__ = version("cellular-sc")
 
-__all__ = ["CELLULAR", "NotTrainedError", "__version__", "data", "nn", "pl", "pp", "tl"]
+__all__ = ["CELLULAR", "NotTrainedError", "__version__", "data", "metrics", "nn", "pl", "pp", "tl"]

@@ -30,6 +30,8 @@ from cellular.nn import centroid_target_distances, inverse_frequency_weights
 from cellular.pp import highly_variable_genes
 
 from . import _serialization
+from ._annotation import AnnotationMixin
+from ._common import SAME_AS_TRAINING, NotTrainedError
 from ._device import resolve_device
 from ._targets import pca_centroids
 
@@ -39,14 +41,9 @@ _FORMAT = "cellular-sc-model"
 _FORMAT_VERSION = 1
 _METADATA_FILE = "model.json"
 _WEIGHTS_FILE = "model.pt"
-_SAME_AS_TRAINING = "same-as-training"
 
 
-class NotTrainedError(ValueError):
-    """Raised when an untrained model is asked for results."""
-
-
-class CELLULAR(BaseModelClass):
+class CELLULAR(AnnotationMixin, BaseModelClass):
     """CELLULAR: contrastive learning of a batch-corrected cell embedding from labelled scRNA-seq.
 
     An MLP encoder on log-normalised highly variable genes, trained with a class-weighted soft-nearest-neighbour
@@ -277,6 +274,8 @@ class CELLULAR(BaseModelClass):
             else f"counts -> log1p(x / lib * {self.target_sum:.4g})"
         )
         state = "trained" if self.is_trained_ else "untrained"
+        if self.has_classifier:
+            state += ", with calibrated classifier"
         return (
             f"CELLULAR model ({state}): {len(self.genes)} genes, {self.module.n_latent} latent dims, "
             f"{len(self.cell_types)} cell types, {self.n_batches} batches; {mode}."
@@ -302,8 +301,10 @@ class CELLULAR(BaseModelClass):
         devices: int | str | list[int] = "auto",
         seed: int | None = None,
         progress_bar: bool = True,
+        classifier: bool = True,
+        classifier_kwargs: dict | None = None,
     ) -> None:
-        """Train the encoder with the CELLULAR loss.
+        """Train the encoder with the CELLULAR loss, then the classifier head.
 
         Adam with a linear warm-up and cosine decay of the learning rate, a stratified validation split, early
         stopping on the validation loss (the weights of the best epoch are kept), and a progress bar.
@@ -340,6 +341,11 @@ class CELLULAR(BaseModelClass):
             Seed of the split, minibatch order and dropout; the model's ``seed`` when ``None``.
         progress_bar
             Show a progress bar over epochs.
+        classifier
+            Also train and calibrate the cell-type classifier head (:meth:`train_classifier`), needed by
+            :meth:`predict`, :func:`cellular.tl.cellular_annotate` and :func:`cellular.tl.novel_types`.
+        classifier_kwargs
+            Arguments of :meth:`train_classifier`.
         """
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 for contrastive training, got {batch_size}.")
@@ -449,6 +455,11 @@ class CELLULAR(BaseModelClass):
             "seed": seed,
         }
         self.is_trained_ = True
+        self.classifier_ = None
+        if classifier:
+            self.train_classifier(
+                **{"accelerator": accelerator, "devices": devices, "seed": seed, **(classifier_kwargs or {})}
+            )
         self._model_summary_string = self._summary()
 
     @staticmethod
@@ -469,7 +480,7 @@ class CELLULAR(BaseModelClass):
         adata: AnnData | None = None,
         *,
         batch_size: int = 4096,
-        layer: str | None = _SAME_AS_TRAINING,
+        layer: str | None = SAME_AS_TRAINING,
         log_normalized: bool | None = None,
         gene_id_key: str | None = None,
         min_gene_overlap: float = 0.5,
@@ -514,7 +525,7 @@ class CELLULAR(BaseModelClass):
             if self.adata is None:
                 raise ValueError("The model has no attached AnnData; pass the cells to embed as `adata`.")
             adata = self.adata
-        if layer == _SAME_AS_TRAINING:
+        if layer == SAME_AS_TRAINING:
             layer = setup["layer"]
         if log_normalized is None:
             log_normalized = setup["log_normalized"]
@@ -578,7 +589,10 @@ class CELLULAR(BaseModelClass):
             "history": None if self.history_ is None else {k: v.iloc[:, 0].tolist() for k, v in self.history_.items()},
             "registry": self.registry_,
         }
+        classifier_metadata, classifier_tensors = self._classifier_payload()
+        metadata["classifier"] = classifier_metadata
         tensors = {f"module.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()}
+        tensors.update(classifier_tensors)
         for name in ("train_indices_", "validation_indices_"):
             value = getattr(self, name)
             if value is not None:
@@ -642,7 +656,9 @@ class CELLULAR(BaseModelClass):
         model.init_params_ = {"kwargs": {}, "non_kwargs": metadata["init_params"]}
         model.module = CellularModule(**model._module_kwargs)
         model.module.load_state_dict({k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")})
-        model.module.to(resolve_device(accelerator, devices)).eval()
+        device = resolve_device(accelerator, devices)
+        model.module.to(device).eval()
+        model._restore_classifier(metadata.get("classifier"), tensors, device)
         model.is_trained_ = bool(metadata["is_trained"])
         model.training_summary_ = metadata["training_summary"]
         history = metadata["history"]

@@ -1,3 +1,4 @@
+from ._classifier import CellTypeClassifier, fit_temperature
 from ._encoder import CellularEncoder
 from ._losses import (
     batch_mixing_loss,
@@ -8,10 +9,12 @@ from ._losses import (
 )
 
 __all__ = [
+    "CellTypeClassifier",
     "CellularEncoder",
     "batch_mixing_loss",
     "centroid_distance_loss",
     "centroid_target_distances",
     "inverse_frequency_weights",
+    "fit_temperature",
     "soft_nearest_neighbour_loss",
 ]

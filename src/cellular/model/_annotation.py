@@ -1,0 +1,583 @@
+"""Annotation, novelty and cell-type representations on top of the trained CELLULAR encoder."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from cellular.data import stratified_split
+from cellular.metrics import expected_calibration_error
+from cellular.nn import CellTypeClassifier, fit_temperature
+
+from ._classifier_training import classifier_logits, fit_classifier
+from ._common import SAME_AS_TRAINING, NotTrainedError
+from ._device import resolve_device
+from ._novelty import NoveltyReference
+
+logger = logging.getLogger(__name__)
+
+MIN_CALIBRATION_CELLS = 20
+REPRESENTATION_METHODS = ("centroid", "median", "medoid")
+
+
+class AnnotationMixin:
+    """Classifier head, calibrated predictions, novelty scores and cell-type representations.
+
+    Mixed into :class:`~cellular.CELLULAR`; relies on its encoder, registry and training split.
+    """
+
+    classifier_: CellTypeClassifier | None = None
+    classifier_params_: dict | None = None
+    classifier_summary_: dict | None = None
+    calibration_temperature_: float | None = None
+    novelty_reference_: NoveltyReference | None = None
+    classifier_history_: pd.DataFrame | None = None
+
+    @property
+    def has_classifier(self) -> bool:
+        """Whether the classifier head is trained (needed by :meth:`predict` and novelty scores)."""
+        return self.classifier_ is not None
+
+    # ------------------------------------------------------------- training
+    def train_classifier(
+        self,
+        *,
+        hidden_sizes: tuple[int, int] = (256, 128),
+        dropout_rate: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int | None = None,
+        batch_size: int = 256,
+        class_weighted: bool = True,
+        early_stopping_patience: int = 10,
+        novelty_uncertainty_weight: float = 0.1,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+        seed: int | None = None,
+        progress_bar: bool = False,
+    ) -> None:
+        """Train the cell-type classifier on the frozen embedding and calibrate it.
+
+        The head (the paper's two-hidden-layer MLP) is fitted with class-weighted cross-entropy on the embedding of
+        the encoder's training cells. The cells held out of encoder training (``train_size < 1`` in :meth:`train`)
+        then calibrate it: a softmax temperature fitted by likelihood, and the novelty scores that turn into
+        conformal p-values (see :meth:`get_novelty_scores`). With fewer than 20 held-out labelled cells a fifth of
+        the training cells is used instead, with a warning: the encoder has seen them, so confidences and p-values
+        come out optimistic.
+
+        Parameters
+        ----------
+        hidden_sizes
+            Widths of the two hidden layers.
+        dropout_rate
+            Dropout after each hidden layer.
+        lr, weight_decay
+            Adam settings.
+        max_epochs
+            Epoch limit (early stopping on a held-back tenth of the training cells usually ends sooner); enough
+            for about 1,500 steps when ``None``.
+        batch_size
+            Cells per minibatch.
+        class_weighted
+            Weight the loss by inverse type frequency so rare types are not ignored.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+        novelty_uncertainty_weight
+            Weight of the classifier uncertainty relative to the prototype distance in the novelty score. Small by
+            default: on held-out cell types the distance separates novel cells far better (see the benchmarks
+            page), while uncertainty mostly marks cells between two known types.
+        accelerator, devices
+            Where to embed and train.
+        seed
+            Seed of splits, initialisation and minibatches; the model's ``seed`` when ``None``.
+        progress_bar
+            Show a progress bar over epochs.
+        """
+        params = {
+            "hidden_sizes": [int(size) for size in hidden_sizes],
+            "dropout_rate": float(dropout_rate),
+            "lr": float(lr),
+            "weight_decay": float(weight_decay),
+            "max_epochs": max_epochs,
+            "batch_size": int(batch_size),
+            "class_weighted": bool(class_weighted),
+            "early_stopping_patience": int(early_stopping_patience),
+            "novelty_uncertainty_weight": float(novelty_uncertainty_weight),
+        }
+        if novelty_uncertainty_weight < 0:
+            raise ValueError(f"novelty_uncertainty_weight must be non-negative, got {novelty_uncertainty_weight}.")
+        split = self._classifier_data(accelerator, devices, seed)
+        self._fit_and_calibrate(split, params, resolve_device(accelerator, devices), progress_bar)
+
+    def tune_classifier(
+        self,
+        n_trials: int = 20,
+        *,
+        timeout: float | None = None,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+        seed: int | None = None,
+        **fixed,
+    ) -> dict:
+        """Search the classifier's layer sizes, learning rate and dropout with optuna, then train the best.
+
+        Each trial trains a head on the training cells and is scored by its class-weighted loss on a held-back tenth
+        of them; the calibration cells are not looked at. Needs the ``tune`` extra
+        (``pip install "cellular-sc[tune]"``).
+
+        Parameters
+        ----------
+        n_trials
+            Number of settings tried.
+        timeout
+            Stop the search after this many seconds.
+        accelerator, devices
+            Where to embed and train.
+        seed
+            Seed of the sampler and of every trial.
+        **fixed
+            Other :meth:`train_classifier` arguments, held fixed during the search.
+
+        Returns
+        -------
+        The best settings (``hidden_sizes``, ``dropout_rate``, ``lr``), also recorded in
+        ``classifier_summary_["tuning"]``.
+        """
+        try:
+            import optuna
+        except ImportError as error:
+            raise ImportError(
+                'tune_classifier needs optuna; install it with pip install "cellular-sc[tune]".'
+            ) from error
+        if n_trials < 1:
+            raise ValueError(f"n_trials must be at least 1, got {n_trials}.")
+        searched = {"hidden_sizes", "dropout_rate", "lr"} & set(fixed)
+        if searched:
+            raise ValueError(f"{sorted(searched)} are searched by tune_classifier; do not pass them.")
+        split = self._classifier_data(accelerator, devices, seed)
+        z, labels, train_idx, _, _, seed = split
+        device = resolve_device(accelerator, devices)
+        base = {
+            "weight_decay": 1e-4,
+            "max_epochs": None,
+            "batch_size": 256,
+            "class_weighted": True,
+            "early_stopping_patience": 10,
+            "novelty_uncertainty_weight": 0.1,
+        }
+        base.update(fixed)
+        fit_settings = {k: v for k, v in base.items() if k != "novelty_uncertainty_weight"}
+
+        def objective(trial) -> float:
+            params = {
+                "hidden_sizes": (
+                    trial.suggest_categorical("hidden_1", [64, 128, 256, 512]),
+                    trial.suggest_categorical("hidden_2", [32, 64, 128, 256]),
+                ),
+                "dropout_rate": trial.suggest_float("dropout_rate", 0.0, 0.5),
+                "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+            }
+            n_types = len(self.cell_types)
+            fit = fit_classifier(
+                z[train_idx], labels[train_idx], n_types, seed=seed, device=device, **params, **fit_settings
+            )
+            return fit.stopping_loss
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+        study.optimize(objective, n_trials=n_trials, timeout=timeout)
+        best = {
+            "hidden_sizes": [int(study.best_params["hidden_1"]), int(study.best_params["hidden_2"])],
+            "dropout_rate": float(study.best_params["dropout_rate"]),
+            "lr": float(study.best_params["lr"]),
+        }
+        self._fit_and_calibrate(split, {**base, **best}, device, progress_bar=False)
+        self.classifier_summary_["tuning"] = {
+            "n_trials": len(study.trials),
+            "best_stopping_loss": float(study.best_value),
+            "best_params": best,
+        }
+        return best
+
+    def _classifier_data(self, accelerator, devices, seed):
+        if not self.is_trained_:
+            raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
+        if self.adata is None:
+            raise ValueError(
+                "Training the classifier needs the model's training data; load the model with "
+                "CELLULAR.load(path, adata=training_adata)."
+            )
+        seed = self.seed if seed is None else seed
+        z = self.get_latent_representation(accelerator=accelerator, devices=devices)
+        labels = self._registered_labels()
+        labelled = labels >= 0
+        train_idx = np.arange(labels.size) if self.train_indices_ is None else np.asarray(self.train_indices_)
+        held_out = np.zeros(0, int) if self.validation_indices_ is None else np.asarray(self.validation_indices_)
+        train_idx, held_out = train_idx[labelled[train_idx]], held_out[labelled[held_out]]
+        source = "validation"
+        if held_out.size < MIN_CALIBRATION_CELLS:
+            logger.warning(
+                "Only %d labelled cells were held out of encoder training; calibrating on a fifth of the training "
+                "cells instead. The encoder has seen them, so confidences and novelty p-values will be optimistic; "
+                "train the model with train_size < 1 to avoid this.",
+                held_out.size,
+            )
+            fit_part, calibration_part = stratified_split(labels[train_idx], 0.8, np.random.default_rng(seed))
+            train_idx, held_out = train_idx[fit_part], train_idx[calibration_part]
+            source = "training"
+        return z, labels, train_idx, held_out, source, seed
+
+    def _fit_and_calibrate(self, split, params: dict, device: torch.device, progress_bar: bool) -> None:
+        z, labels, train_idx, calibration_idx, source, seed = split
+        n_types = len(self.cell_types)
+        fit = fit_classifier(
+            z[train_idx],
+            labels[train_idx],
+            n_types,
+            hidden_sizes=tuple(params["hidden_sizes"]),
+            dropout_rate=params["dropout_rate"],
+            lr=params["lr"],
+            weight_decay=params["weight_decay"],
+            max_epochs=params["max_epochs"],
+            batch_size=params["batch_size"],
+            class_weighted=params["class_weighted"],
+            early_stopping_patience=params["early_stopping_patience"],
+            seed=seed,
+            device=device,
+            progress_bar=progress_bar,
+        )
+        logits = classifier_logits(fit.classifier, z[calibration_idx])
+        calibration_labels = torch.as_tensor(labels[calibration_idx])
+        temperature = fit_temperature(logits, calibration_labels)
+        raw = torch.softmax(logits, dim=1).numpy()
+        calibrated = torch.softmax(logits / temperature, dim=1).numpy()
+
+        self.classifier_ = fit.classifier
+        self.classifier_params_ = params
+        self.calibration_temperature_ = temperature
+        self.novelty_reference_ = NoveltyReference.fit(
+            z[train_idx],
+            labels[train_idx],
+            n_types,
+            z[calibration_idx],
+            calibrated,
+            source,
+            params.get("novelty_uncertainty_weight", 0.1),
+        )
+        self.classifier_history_ = pd.DataFrame.from_records(fit.history).set_index("epoch")
+        self.classifier_summary_ = {
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            "stopping_loss": fit.stopping_loss,
+            "n_training_cells": int(train_idx.size),
+            "n_calibration_cells": int(calibration_idx.size),
+            "calibration_source": source,
+            "temperature": temperature,
+            "calibration_accuracy": float((calibrated.argmax(1) == labels[calibration_idx]).mean()),
+            "calibration_ece_raw": expected_calibration_error(raw, labels[calibration_idx]),
+            "calibration_ece": expected_calibration_error(calibrated, labels[calibration_idx]),
+            "seed": seed,
+        }
+
+    # ------------------------------------------------------------ inference
+    def _require_classifier(self) -> None:
+        if not self.is_trained_:
+            raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
+        if not self.has_classifier:
+            raise NotTrainedError(
+                "This CELLULAR model has no trained classifier; call model.train_classifier() (or train the model "
+                "with model.train(classifier=True), the default)."
+            )
+
+    def _probabilities(self, z: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        self._require_classifier()
+        logits = classifier_logits(self.classifier_, z)
+        temperature = self.calibration_temperature_ if calibrated else 1.0
+        return torch.softmax(logits / temperature, dim=1).numpy()
+
+    def _novelty_frame(self, z: np.ndarray, probabilities: np.ndarray, index) -> pd.DataFrame:
+        reference = self.novelty_reference_
+        scores = reference.scores(z, probabilities)
+        distance, nearest = reference.nearest_type(z)
+        return pd.DataFrame(
+            {
+                "score": scores,
+                "pvalue": reference.pvalues(scores),
+                "nearest_type": pd.Categorical.from_codes(nearest, categories=self.cell_types),
+                "distance": distance,
+                "uncertainty": 1.0 - probabilities.max(axis=1),
+            },
+            index=index,
+        )
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        soft: bool = False,
+        *,
+        calibrated: bool = True,
+        batch_size: int = 4096,
+        layer: str | None = SAME_AS_TRAINING,
+        log_normalized: bool | None = None,
+        gene_id_key: str | None = None,
+        min_gene_overlap: float = 0.5,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict cell types with the classifier head.
+
+        Parameters
+        ----------
+        adata
+            Cells to annotate (genes matched by name, see :meth:`get_latent_representation`); the training data
+            when ``None``.
+        soft
+            Return the ``cells x types`` probability table instead of labels.
+        calibrated
+            Use the temperature-scaled probabilities (``False`` gives the raw softmax).
+        batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, accelerator, devices
+            As in :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        Array of predicted type names, or a :class:`~pandas.DataFrame` indexed by ``obs_names`` with one column
+        per type in :attr:`cell_types` order.
+        """
+        self._require_classifier()
+        z = self.get_latent_representation(
+            adata,
+            batch_size=batch_size,
+            layer=layer,
+            log_normalized=log_normalized,
+            gene_id_key=gene_id_key,
+            min_gene_overlap=min_gene_overlap,
+            accelerator=accelerator,
+            devices=devices,
+        )
+        probabilities = self._probabilities(z, calibrated)
+        if soft:
+            names = (self.adata if adata is None else adata).obs_names
+            return pd.DataFrame(probabilities, index=names, columns=pd.Index(self.cell_types))
+        return np.asarray(self.cell_types, dtype=object)[probabilities.argmax(axis=1)]
+
+    def get_novelty_scores(
+        self,
+        adata: AnnData | None = None,
+        *,
+        batch_size: int = 4096,
+        layer: str | None = SAME_AS_TRAINING,
+        log_normalized: bool | None = None,
+        gene_id_key: str | None = None,
+        min_gene_overlap: float = 0.5,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+    ) -> pd.DataFrame:
+        """Per-cell novelty scores and their split-conformal p-values.
+
+        The score adds two parts, each divided by its 90 % quantile on the calibration cells: the cosine distance
+        of a cell to the nearest reference type prototype divided by that type's spread (the median distance of
+        the type's training cells to it), and the classifier's uncertainty ``1 - max probability`` weighted by
+        ``novelty_uncertainty_weight`` (0.1 by default, see :meth:`train_classifier`). The p-value of a
+        score is the fraction of calibration cells (held-out reference cells of known types) scoring at least as
+        high, so flagging cells with ``pvalue <= alpha`` flags about ``alpha`` of cells of known types when the query
+        resembles the reference; use :func:`cellular.tl.novel_types` for flags and FDR control.
+
+        Parameters
+        ----------
+        adata, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, accelerator, devices
+            As in :meth:`predict`.
+
+        Returns
+        -------
+        DataFrame indexed by ``obs_names`` with columns ``score``, ``pvalue``, ``nearest_type``, ``distance``
+        (spread-scaled distance to the nearest prototype) and ``uncertainty``.
+        """
+        self._require_classifier()
+        z = self.get_latent_representation(
+            adata,
+            batch_size=batch_size,
+            layer=layer,
+            log_normalized=log_normalized,
+            gene_id_key=gene_id_key,
+            min_gene_overlap=min_gene_overlap,
+            accelerator=accelerator,
+            devices=devices,
+        )
+        names = (self.adata if adata is None else adata).obs_names
+        return self._novelty_frame(z, self._probabilities(z), names)
+
+    def get_cell_type_representations(
+        self,
+        adata: AnnData | None = None,
+        labels_key: str | None = None,
+        method: str = "centroid",
+        *,
+        max_medoid_cells: int = 5000,
+        batch_size: int = 4096,
+        layer: str | None = SAME_AS_TRAINING,
+        log_normalized: bool | None = None,
+        gene_id_key: str | None = None,
+        min_gene_overlap: float = 0.5,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """One vector per cell type in the embedding.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells; the training data when ``None``.
+        labels_key
+            Column of ``adata.obs`` with the types; the model's ``labels_key`` when ``None``. Cells labelled with
+            the model's unlabelled category (or missing) are left out.
+        method
+            ``"centroid"`` (mean of the type's embedded cells), ``"median"`` (coordinate-wise median) or
+            ``"medoid"`` (the type's cell with the smallest summed Euclidean distance to the others; for types
+            with more than ``max_medoid_cells`` cells, searched on a random subset of that size).
+        max_medoid_cells
+            Largest number of cells per type searched for the medoid.
+        batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, accelerator, devices
+            As in :meth:`predict`.
+        seed
+            Seed of the medoid subsets.
+
+        Returns
+        -------
+        DataFrame with one row per type and columns ``latent_0 .. latent_{n_latent - 1}``.
+        """
+        labels = self._representation_labels(adata, labels_key)
+        z = self.get_latent_representation(
+            adata,
+            batch_size=batch_size,
+            layer=layer,
+            log_normalized=log_normalized,
+            gene_id_key=gene_id_key,
+            min_gene_overlap=min_gene_overlap,
+            accelerator=accelerator,
+            devices=devices,
+        )
+        return cell_type_representations(z, labels, method, max_medoid_cells=max_medoid_cells, seed=seed)
+
+    def _representation_labels(self, adata: AnnData | None, labels_key: str | None) -> pd.Categorical:
+        if adata is None and labels_key is None:
+            codes = self._registered_labels()
+            return pd.Categorical.from_codes(codes, categories=self.cell_types)
+        source = self.adata if adata is None else adata
+        if source is None:
+            raise ValueError("The model has no attached AnnData; pass the labelled cells as `adata`.")
+        key = self.setup_args["labels_key"] if labels_key is None else labels_key
+        if key not in source.obs:
+            raise KeyError(
+                f"labels_key={key!r} is not a column of adata.obs (columns: {list(source.obs.columns)}); pass the "
+                "column holding the cell types as labels_key."
+            )
+        values = source.obs[key].astype("category")
+        unlabelled = self.setup_args.get("unlabeled_category", "Unknown")
+        if unlabelled in values.cat.categories:
+            values = values.cat.remove_categories([unlabelled])
+        return pd.Categorical(values)
+
+    # ------------------------------------------------------------ save/load
+    def _classifier_payload(self) -> tuple[dict | None, dict[str, torch.Tensor]]:
+        if not self.has_classifier:
+            return None, {}
+        metadata = {
+            "params": self.classifier_params_,
+            "n_latent": self.n_latent,
+            "temperature": self.calibration_temperature_,
+            "summary": self.classifier_summary_,
+            "history": {k: v.tolist() for k, v in self.classifier_history_.reset_index().items()},
+            "novelty": self.novelty_reference_.to_metadata(),
+        }
+        tensors = {f"classifier.{k}": v.detach().cpu() for k, v in self.classifier_.state_dict().items()}
+        tensors.update(
+            {f"novelty.{k}": torch.as_tensor(np.asarray(v)) for k, v in self.novelty_reference_.to_arrays().items()}
+        )
+        return metadata, tensors
+
+    def _restore_classifier(self, metadata: dict | None, tensors: dict[str, torch.Tensor], device) -> None:
+        if metadata is None:
+            return
+        params = metadata["params"]
+        classifier = CellTypeClassifier(
+            metadata["n_latent"], len(self.cell_types), tuple(params["hidden_sizes"]), params["dropout_rate"]
+        )
+        prefix = "classifier."
+        classifier.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.classifier_ = classifier.to(device).eval()
+        self.classifier_params_ = params
+        self.calibration_temperature_ = float(metadata["temperature"])
+        self.classifier_summary_ = metadata["summary"]
+        self.classifier_history_ = pd.DataFrame(metadata["history"]).set_index("epoch")
+        arrays = {k[len("novelty.") :]: v.numpy() for k, v in tensors.items() if k.startswith("novelty.")}
+        self.novelty_reference_ = NoveltyReference.from_saved(arrays, metadata["novelty"])
+
+
+def cell_type_representations(
+    z: np.ndarray,
+    labels: pd.Categorical,
+    method: str = "centroid",
+    *,
+    max_medoid_cells: int = 5000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Centroid, coordinate-wise median or medoid of every labelled type in an embedding.
+
+    Parameters
+    ----------
+    z
+        ``(n_cells, n_latent)`` embedding.
+    labels
+        Type of each cell; missing values are left out. Types without cells are dropped.
+    method
+        ``"centroid"``, ``"median"`` or ``"medoid"``.
+    max_medoid_cells
+        Largest number of cells per type searched for the medoid (a random subset beyond that).
+    seed
+        Seed of the medoid subsets.
+
+    Returns
+    -------
+    DataFrame, one row per type (in category order), columns ``latent_0 ..``.
+    """
+    if method not in REPRESENTATION_METHODS:
+        raise ValueError(f"method must be one of {REPRESENTATION_METHODS}, got {method!r}.")
+    labels = pd.Categorical(labels)
+    if labels.shape[0] != z.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {z.shape[0]} embedded cells.")
+    codes = np.asarray(labels.codes)
+    counts = np.bincount(codes[codes >= 0], minlength=len(labels.categories))
+    present = np.flatnonzero(counts > 0)
+    if present.size == 0:
+        raise ValueError("No labelled cells: every label is missing or the unlabelled category.")
+    z = np.asarray(z, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], present)
+    rows = []
+    for code, start in zip(present, starts, strict=True):
+        members = z[order[start : start + counts[code]]]
+        if method == "centroid":
+            rows.append(members.mean(axis=0, dtype=np.float64))
+        elif method == "median":
+            rows.append(np.median(members, axis=0))
+        else:
+            rows.append(_medoid(members, max_medoid_cells, rng))
+    columns = [f"latent_{i}" for i in range(z.shape[1])]
+    index = pd.Index([str(labels.categories[code]) for code in present], name="cell_type")
+    return pd.DataFrame(np.vstack(rows).astype(np.float32), index=index, columns=columns)
+
+
+def _medoid(members: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    candidates = members
+    if members.shape[0] > max_cells:
+        candidates = members[rng.choice(members.shape[0], size=max_cells, replace=False)]
+    points = torch.from_numpy(np.ascontiguousarray(candidates))
+    chunk = max(1, 2**24 // max(points.shape[0], 1))
+    totals = torch.cat([torch.cdist(points[i : i + chunk], points).sum(dim=1) for i in range(0, len(points), chunk)])
+    return candidates[int(totals.argmin())]

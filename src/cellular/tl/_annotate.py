@@ -1,0 +1,119 @@
+"""``tl.cellular_annotate``: calibrated cell-type labels from a CELLULAR model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from cellular.model import CELLULAR
+from cellular.model._common import SAME_AS_TRAINING
+
+from ._common import check_alpha, model_record, package_uns, query_embedding
+from ._novel import novelty_flags
+
+
+def cellular_annotate(
+    adata: AnnData,
+    model: CELLULAR,
+    *,
+    key_added: str = "cellular_label",
+    novel_as_unknown: bool = True,
+    alpha: float = 0.05,
+    fdr: bool = False,
+    min_confidence: float = 0.0,
+    unknown_label: str = "Unknown",
+    use_rep: str | None = None,
+    batch_size: int = 4096,
+    layer: str | None = SAME_AS_TRAINING,
+    log_normalized: bool | None = None,
+    gene_id_key: str | None = None,
+    min_gene_overlap: float = 0.5,
+    copy: bool = False,
+) -> AnnData | None:
+    """Annotate cells with the model's calibrated classifier.
+
+    Each cell gets the reference type of highest calibrated probability, that probability as its confidence, and
+    the full probability vector. Cells that :func:`cellular.tl.novel_types` would flag at ``alpha`` (and cells below
+    ``min_confidence``) are labelled ``unknown_label`` instead, so a type absent from the reference is not forced
+    onto its nearest neighbour.
+
+    Parameters
+    ----------
+    adata
+        Cells to annotate (genes matched by name; no labels or batches needed).
+    model
+        A :class:`~cellular.CELLULAR` model with a trained classifier head.
+    key_added
+        Name of the label column; the other slots are derived from it.
+    novel_as_unknown
+        Label cells flagged as novel ``unknown_label``.
+    alpha, fdr
+        Novelty level and whether it controls the false discovery rate, as in :func:`cellular.tl.novel_types`.
+    min_confidence
+        Also label ``unknown_label`` every cell whose confidence is below this value.
+    unknown_label
+        Label of cells left unassigned; must not be one of the model's types.
+    use_rep
+        Key of ``adata.obsm`` holding this model's embedding of ``adata``; the cells are embedded now when
+        ``None``.
+    batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+        How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    copy
+        Work on and return a copy of ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``. Writes:
+
+    ``adata.obs[key_added]``
+        Categorical label over the model's types plus ``unknown_label``.
+    ``adata.obs[key_added + '_confidence']``
+        Calibrated probability of the most probable type (also for cells labelled ``unknown_label``).
+    ``adata.obsm[key_added + '_probabilities']``
+        ``(n_cells, n_types)`` calibrated probabilities; column order in ``uns``.
+    ``adata.uns['cellular'][key_added]``
+        ``params``, ``classes`` (the probability columns) and ``counts`` per label.
+    """
+    if novel_as_unknown:
+        alpha = check_alpha(alpha)
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
+    model._require_classifier()
+    classes = list(model.cell_types)
+    if unknown_label in classes:
+        raise ValueError(
+            f"unknown_label={unknown_label!r} is one of the model's cell types; pass another unknown_label."
+        )
+    if copy:
+        adata = adata.copy()
+    z, read_record = query_embedding(
+        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+    )
+    probabilities = model._probabilities(z)
+    confidence = probabilities.max(axis=1)
+    unknown = confidence < min_confidence
+    if novel_as_unknown:
+        _, flags = novelty_flags(model, z, probabilities, adata.obs_names, alpha, fdr)
+        unknown |= flags
+    codes = np.where(unknown, len(classes), probabilities.argmax(axis=1))
+    labels = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
+
+    adata.obs[key_added] = labels
+    adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
+    adata.obsm[f"{key_added}_probabilities"] = probabilities.astype(np.float32)
+    package_uns(adata)[key_added] = {
+        "params": {
+            "novel_as_unknown": bool(novel_as_unknown),
+            "alpha": float(alpha),
+            "fdr": bool(fdr),
+            "min_confidence": float(min_confidence),
+            "unknown_label": unknown_label,
+            "calibration_temperature": float(model.calibration_temperature_),
+            **read_record,
+            "model": model_record(model),
+        },
+        "classes": classes,
+        "counts": {str(k): int(v) for k, v in pd.Series(labels).value_counts(sort=False).items()},
+    }
+    return adata if copy else None

@@ -1,0 +1,212 @@
+"""``tl.novel_types``: per-cell novel cell-type detection with calibrated p-values."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from cellular.data import read_expression
+from cellular.metrics import benjamini_hochberg
+from cellular.model import CELLULAR
+from cellular.model._common import SAME_AS_TRAINING
+
+from ._common import check_alpha, model_record, package_uns, query_embedding
+
+# The original CELLULAR package called a dataset "likely to hold a novel type" below this value.
+CELLULAR_RULE_THRESHOLD = 0.25
+
+
+def novelty_flags(
+    model: CELLULAR, z: np.ndarray, probabilities: np.ndarray, index: pd.Index, alpha: float, fdr: bool
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Novelty table of :meth:`~cellular.CELLULAR.get_novelty_scores` plus ``qvalue``, and the flags at ``alpha``."""
+    frame = model._novelty_frame(z, probabilities, index)
+    frame["qvalue"] = benjamini_hochberg(frame["pvalue"].to_numpy())
+    flags = (frame["qvalue"] if fdr else frame["pvalue"]).to_numpy() <= alpha
+    return frame, flags
+
+
+def novel_types(
+    adata: AnnData,
+    model: CELLULAR,
+    *,
+    alpha: float = 0.05,
+    fdr: bool = False,
+    key_added: str = "cellular_novel",
+    group: bool = False,
+    resolution: float = 0.5,
+    min_group_size: int = 10,
+    n_markers: int = 10,
+    use_rep: str | None = None,
+    batch_size: int = 4096,
+    layer: str | None = SAME_AS_TRAINING,
+    log_normalized: bool | None = None,
+    gene_id_key: str | None = None,
+    min_gene_overlap: float = 0.5,
+    copy: bool = False,
+) -> AnnData | None:
+    """Flag cells that belong to none of the model's reference cell types.
+
+    Every cell gets a novelty score (distance to the nearest reference type prototype in the embedding, scaled by
+    that type's spread, plus classifier uncertainty; see :meth:`~cellular.CELLULAR.get_novelty_scores`) and a
+    split-conformal p-value computed against reference cells held out of training. Flagging ``pvalue <= alpha``
+    flags about ``alpha`` of the cells of known types when the query is like the reference (a strong batch effect
+    raises that rate); ``fdr=True`` instead flags cells whose Benjamini–Hochberg q-value is at most ``alpha``,
+    bounding the expected fraction of known-type cells among the flagged ones.
+
+    Parameters
+    ----------
+    adata
+        Query cells (genes matched by name; no labels or batches needed).
+    model
+        A :class:`~cellular.CELLULAR` model with a trained classifier head.
+    alpha
+        Level in ``(0, 1)``.
+    fdr
+        Control the false discovery rate across the query instead of the per-cell false-novel rate.
+    key_added
+        Prefix of the ``obs`` columns and key in ``adata.uns['cellular']``.
+    group
+        Cluster the flagged cells (Leiden on their embedding) into candidate new types and rank their marker genes
+        against the unflagged cells (Wilcoxon test on the query's log-normalised expression, all its genes).
+    resolution
+        Leiden resolution for ``group=True``.
+    min_group_size
+        Fewest flagged cells for which ``group=True`` clusters; fewer flagged cells form one group.
+    n_markers
+        Marker genes listed per candidate group.
+    use_rep
+        Key of ``adata.obsm`` holding this model's embedding of ``adata``; the cells are embedded now when
+        ``None``.
+    batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+        How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    copy
+        Work on and return a copy of ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``. Writes:
+
+    ``adata.obs[key_added]``
+        Whether the cell is flagged as novel (bool).
+    ``adata.obs[key_added + '_score']``
+        Novelty score (larger is more novel).
+    ``adata.obs[key_added + '_pvalue']``, ``adata.obs[key_added + '_qvalue']``
+        Conformal p-value and its Benjamini–Hochberg adjustment across ``adata``.
+    ``adata.obs[key_added + '_nearest_type']``
+        Reference type whose prototype is nearest.
+    ``adata.obs[key_added + '_group']``
+        With ``group=True``: candidate new type of each flagged cell (``novel_0``, ...), missing elsewhere.
+    ``adata.uns['cellular'][key_added]``
+        ``params`` and ``summary``: cell counts, the score threshold at ``alpha``, flagged cells per nearest type,
+        the calibration set, and ``cellular_rule``: the original CELLULAR dataset-level verdict (smallest max
+        class probability, rescaled so that a uniform guess is 0 and certainty 1, below 0.25 means "likely a
+        novel type"); with ``group=True`` also ``groups`` (size, most common nearest type, marker genes).
+    """
+    alpha = check_alpha(alpha)
+    model._require_classifier()
+    if copy:
+        adata = adata.copy()
+    z, read_record = query_embedding(
+        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+    )
+    probabilities = model._probabilities(z)
+    frame, flags = novelty_flags(model, z, probabilities, adata.obs_names, alpha, fdr)
+
+    adata.obs[key_added] = flags
+    adata.obs[f"{key_added}_score"] = frame["score"].to_numpy()
+    adata.obs[f"{key_added}_pvalue"] = frame["pvalue"].to_numpy()
+    adata.obs[f"{key_added}_qvalue"] = frame["qvalue"].to_numpy()
+    adata.obs[f"{key_added}_nearest_type"] = frame["nearest_type"].to_numpy()
+
+    reference = model.novelty_reference_
+    n_types = probabilities.shape[1]
+    rescaled = (probabilities.max(axis=1) - 1.0 / n_types) / (1.0 - 1.0 / n_types)
+    smallest = float(rescaled.min()) if rescaled.size else float("nan")
+    threshold = float(frame["score"][flags].min()) if fdr and flags.any() else reference.score_threshold(alpha)
+    nearest_flagged = frame["nearest_type"][flags].value_counts()
+    summary = {
+        "n_cells": int(adata.n_obs),
+        "n_novel": int(flags.sum()),
+        "fraction_novel": float(flags.mean()) if flags.size else 0.0,
+        "alpha": alpha,
+        "fdr": bool(fdr),
+        "score_threshold": threshold,
+        "novel_per_nearest_type": {str(k): int(v) for k, v in nearest_flagged.items() if v > 0},
+        "calibration_source": reference.calibration_source,
+        "n_calibration_cells": int(reference.calibration_scores.size),
+        "cellular_rule": {
+            "min_normalized_max_probability": smallest,
+            "threshold": CELLULAR_RULE_THRESHOLD,
+            "novel_type_suspected": bool(smallest < CELLULAR_RULE_THRESHOLD),
+        },
+    }
+    record = {
+        "params": {
+            "alpha": alpha,
+            "fdr": bool(fdr),
+            "group": bool(group),
+            "resolution": float(resolution),
+            "min_group_size": int(min_group_size),
+            "n_markers": int(n_markers),
+            **read_record,
+            "model": model_record(model),
+        },
+        "summary": summary,
+    }
+    if group:
+        groups, record["groups"] = _candidate_groups(
+            adata, model, z, flags, frame, resolution, min_group_size, n_markers, layer, log_normalized
+        )
+        adata.obs[f"{key_added}_group"] = groups
+    package_uns(adata)[key_added] = record
+    return adata if copy else None
+
+
+def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size, n_markers, layer, log_normalized):
+    import scanpy as sc
+
+    names = np.full(adata.n_obs, None, dtype=object)
+    flagged = np.flatnonzero(flags)
+    if flagged.size == 0:
+        return pd.Categorical(names), {}
+    if flagged.size < max(min_group_size, 3):
+        clusters = np.zeros(flagged.size, dtype=int)
+    else:
+        cells = ad.AnnData(obsm={"X_cellular": z[flagged]}, obs=pd.DataFrame(index=adata.obs_names[flagged]))
+        sc.pp.neighbors(cells, n_neighbors=min(15, flagged.size - 1), use_rep="X_cellular", random_state=0)
+        sc.tl.leiden(cells, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+        clusters = cells.obs["leiden"].astype(int).to_numpy()
+    names[flagged] = [f"novel_{c}" for c in clusters]
+    categories = [f"novel_{c}" for c in np.unique(clusters)]
+    groups = pd.Categorical(names, categories=categories)
+
+    if layer == SAME_AS_TRAINING:
+        layer = model.setup_args["layer"]
+    if log_normalized is None:
+        log_normalized = model.setup_args["log_normalized"]
+    genes = [str(g) for g in adata.var_names]
+    expression, _ = read_expression(
+        adata, genes, layer=layer, log_normalized=log_normalized, target_sum=model.target_sum or 1e4
+    )
+    labels = pd.Categorical(np.where(flags, names, "known"), categories=[*categories, "known"])
+    markers_data = ad.AnnData(
+        X=expression.normalized_sparse(), obs=pd.DataFrame({"group": labels}, index=adata.obs_names)
+    )
+    markers_data.var_names = genes
+    reference = "known" if (~flags).any() else "rest"
+    testable = [c for c in categories if (labels == c).sum() >= 2]
+    summary = {}
+    if testable:
+        sc.tl.rank_genes_groups(markers_data, "group", groups=testable, reference=reference, method="wilcoxon")
+        ranked = markers_data.uns["rank_genes_groups"]["names"]
+    for category in categories:
+        members = labels == category
+        summary[category] = {
+            "n_cells": int(members.sum()),
+            "nearest_type": str(frame["nearest_type"][members].mode().iloc[0]),
+            "markers": [str(g) for g in ranked[category][:n_markers]] if category in testable else [],
+        }
+    return groups, summary
