@@ -4,6 +4,7 @@ from pathlib import Path
 
 import anndata as ad
 import pytest
+from helpers import SYMPHONY_HELD_OUT, mark_singletons_unlabelled
 
 warnings.filterwarnings("ignore", message=".*_make_column_categorical.*")
 
@@ -27,6 +28,27 @@ def read_dataset(name: str) -> ad.AnnData:
 @pytest.fixture(scope="session")
 def symphony():
     return read_dataset("pbmc_symphony_3tech")
+
+
+@pytest.fixture(scope="session")
+def symphony_split(symphony):
+    """Symphony PBMCs: train on 3' v1 + 5', hold out the 3' v2 technology."""
+    train = symphony[symphony.obs["batch"] != SYMPHONY_HELD_OUT].copy()
+    test = symphony[symphony.obs["batch"] == SYMPHONY_HELD_OUT].copy()
+    mark_singletons_unlabelled(train)
+    return train, test
+
+
+@pytest.fixture(scope="session")
+def symphony_model(symphony_split):
+    """A CELLULAR model (with its classifier head) trained with default settings on the symphony split."""
+    from cellular import CELLULAR
+
+    train, _ = symphony_split
+    CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(train)
+    model.train(progress_bar=False)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -2,50 +2,27 @@
 
 import logging
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from sklearn.decomposition import PCA
+from helpers import SYMPHONY_HELD_OUT as HELD_OUT
+from helpers import mark_singletons_unlabelled, pca_baseline
 from sklearn.metrics import silhouette_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 import cellular
 from cellular import CELLULAR, NotTrainedError
 
-HELD_OUT = "3pv2"
 
-
-def mark_singletons_unlabelled(adata, key="cell_type"):
-    counts = adata.obs[key].value_counts()
-    rare = counts[counts < 2].index
-    adata.obs[key] = adata.obs[key].astype(str).where(~adata.obs[key].isin(rare), "Unknown").astype("category")
+@pytest.fixture(scope="module")
+def split(symphony_split):
+    return symphony_split
 
 
 @pytest.fixture(scope="module")
-def split(symphony):
-    train = symphony[symphony.obs["batch"] != HELD_OUT].copy()
-    test = symphony[symphony.obs["batch"] == HELD_OUT].copy()
-    mark_singletons_unlabelled(train)
-    return train, test
-
-
-@pytest.fixture(scope="module")
-def trained(split):
-    train, _ = split
-    CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
-    model = CELLULAR(train)
-    model.train(progress_bar=False)
-    return model
-
-
-def pca_baseline(model, train, test):
-    joint = ad.concat([train, test])
-    cellular.pp.normalize_log1p(joint, target_sum=model.target_sum)
-    x = joint[:, model.genes].X.toarray()
-    pca = PCA(n_components=50, random_state=0).fit(x[: train.n_obs])
-    return pca.transform(x[: train.n_obs]), pca.transform(x[train.n_obs :])
+def trained(symphony_model):
+    return symphony_model
 
 
 def knn_accuracy(reference, reference_labels, query, query_labels, metric):

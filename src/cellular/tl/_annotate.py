@@ -73,7 +73,7 @@ def cellular_annotate(
     ``adata.obsm[key_added + '_probabilities']``
         ``(n_cells, n_types)`` calibrated probabilities; column order in ``uns``.
     ``adata.uns['cellular'][key_added]``
-        ``params``, ``classes`` (the probability columns) and ``counts`` per label.
+        ``params``, ``classes`` (the probability columns) and ``counts`` (DataFrame of cells per label).
     """
     if novel_as_unknown:
         alpha = check_alpha(alpha)
@@ -114,6 +114,8 @@ def cellular_annotate(
             "model": model_record(model),
         },
         "classes": classes,
-        "counts": {str(k): int(v) for k, v in pd.Series(labels).value_counts(sort=False).items()},
+        "counts": pd.DataFrame(
+            {"n_cells": np.bincount(codes, minlength=len(classes) + 1)}, index=pd.Index([*classes, unknown_label])
+        ),
     }
     return adata if copy else None

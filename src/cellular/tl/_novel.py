@@ -100,7 +100,8 @@ def novel_types(
     ``adata.obs[key_added + '_group']``
         With ``group=True``: candidate new type of each flagged cell (``novel_0``, ...), missing elsewhere.
     ``adata.uns['cellular'][key_added]``
-        ``params`` and ``summary``: cell counts, the score threshold at ``alpha``, flagged cells per nearest type,
+        ``params`` and ``summary``: cell counts, the score threshold at ``alpha``, flagged cells per nearest type
+        (DataFrame),
         the calibration set, and ``cellular_rule``: the original CELLULAR dataset-level verdict (smallest max
         class probability, rescaled so that a uniform guess is 0 and certainty 1, below 0.25 means "likely a
         novel type"); with ``group=True`` also ``groups`` (size, most common nearest type, marker genes).
@@ -134,7 +135,9 @@ def novel_types(
         "alpha": alpha,
         "fdr": bool(fdr),
         "score_threshold": threshold,
-        "novel_per_nearest_type": {str(k): int(v) for k, v in nearest_flagged.items() if v > 0},
+        "novel_per_nearest_type": pd.DataFrame(
+            {"n_novel": nearest_flagged.to_numpy(dtype=np.int64)}, index=nearest_flagged.index.astype(str)
+        ),
         "calibration_source": reference.calibration_source,
         "n_calibration_cells": int(reference.calibration_scores.size),
         "cellular_rule": {

@@ -70,7 +70,7 @@ def cell_type_representations(
     ``distances``
         DataFrame, types x types, distances under ``metric``.
     ``n_cells``
-        Cells per type.
+        DataFrame of cells per type.
     ``params``
         ``labels_key``, ``method``, ``metric`` and the model.
     """
@@ -94,7 +94,7 @@ def cell_type_representations(
     package_uns(adata)[key_added] = {
         "representations": table,
         "distances": pd.DataFrame(distances, index=table.index.astype(str), columns=table.index.astype(str)),
-        "n_cells": {name: int(counts[name]) for name in table.index},
+        "n_cells": pd.DataFrame({"n_cells": [int(counts[name]) for name in table.index]}, index=table.index),
         "params": {
             "labels_key": model.setup_args["labels_key"] if labels_key is None else labels_key,
             "method": method,

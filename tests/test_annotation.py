@@ -1,0 +1,247 @@
+"""Annotation, calibration, novelty and cell-type representations on real data."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import read_dataset
+from helpers import pca_knn_macro_f1
+from sklearn.metrics import f1_score, roc_auc_score
+
+import cellular
+from cellular import CELLULAR, NotTrainedError
+from cellular.metrics import expected_calibration_error
+
+CELLBENCH_HELD_OUT_BATCH = "celseq2_5cl_p3"
+CELLBENCH_NOVEL_LINE = "A549"
+
+
+@pytest.fixture(scope="module")
+def cellbench_split():
+    """CellBench lung lines: train without one plate and without the A549 line; the held-out plate contains A549."""
+    data = read_dataset("cellbench_lung_celllines")
+    train = data[(data.obs["batch"] != CELLBENCH_HELD_OUT_BATCH) & (data.obs["cell_type"] != CELLBENCH_NOVEL_LINE)]
+    train = train.copy()
+    train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
+    test = data[data.obs["batch"] == CELLBENCH_HELD_OUT_BATCH].copy()
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def cellbench_model(cellbench_split):
+    train, _ = cellbench_split
+    CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(train)
+    model.train(progress_bar=False)
+    return model
+
+
+def known_type_codes(model, adata):
+    labels = adata.obs["cell_type"].astype(str)
+    known = labels.isin(model.cell_types).to_numpy()
+    return known, pd.Categorical(labels[known], categories=model.cell_types).codes
+
+
+@pytest.mark.parametrize("dataset", ["symphony", "cellbench"])
+def test_annotation_beats_pca_knn_and_calibration_lowers_ece(dataset, request):
+    model = request.getfixturevalue(f"{dataset}_model")
+    train, test = request.getfixturevalue(f"{dataset}_split")
+    query = test.copy()
+    cellular.tl.cellular_annotate(query, model, novel_as_unknown=False)
+    known, codes = known_type_codes(model, query)
+    truth = query.obs["cell_type"].astype(str)[known]
+    ours = f1_score(truth, query.obs["cellular_label"].astype(str)[known], average="macro")
+    baseline = pca_knn_macro_f1(model, train, test)
+    assert ours >= baseline, (ours, baseline)
+
+    calibrated = query.obsm["cellular_label_probabilities"][known]
+    raw = model.predict(test, soft=True, calibrated=False).to_numpy()[known]
+    assert expected_calibration_error(calibrated, codes) < expected_calibration_error(raw, codes)
+    np.testing.assert_array_equal(calibrated.argmax(1), raw.argmax(1))  # calibration never changes the label
+
+
+def test_novel_cell_line_is_detected_and_known_lines_are_rarely_flagged(cellbench_model, cellbench_split):
+    _, test = cellbench_split
+    query = test.copy()
+    cellular.tl.novel_types(query, cellbench_model, alpha=0.05)
+    is_novel = (query.obs["cell_type"] == CELLBENCH_NOVEL_LINE).to_numpy()
+    assert roc_auc_score(is_novel, query.obs["cellular_novel_score"]) >= 0.9
+    flagged = query.obs["cellular_novel"].to_numpy()
+    assert flagged[~is_novel].mean() <= 0.15
+    assert flagged[is_novel].mean() >= 0.5
+    summary = query.uns["cellular"]["cellular_novel"]["summary"]
+    assert summary["n_novel"] == flagged.sum()
+    assert summary["calibration_source"] == "validation"
+    scores = query.obs["cellular_novel_score"].to_numpy()
+    np.testing.assert_array_equal(flagged, scores >= summary["score_threshold"])
+
+    # annotation labels exactly the flagged cells "Unknown"
+    cellular.tl.cellular_annotate(query, cellbench_model, alpha=0.05)
+    np.testing.assert_array_equal(query.obs["cellular_label"].to_numpy() == "Unknown", flagged)
+
+    # FDR control flags a subset and its q-values are BH-adjusted p-values
+    cellular.tl.novel_types(query, cellbench_model, alpha=0.05, fdr=True, key_added="fdr")
+    assert not (query.obs["fdr"] & ~query.obs["cellular_novel"]).any()
+    assert (query.obs["fdr_qvalue"] >= query.obs["fdr_pvalue"]).all()
+
+
+def test_flagged_cells_are_grouped_with_markers(cellbench_model, cellbench_split):
+    _, test = cellbench_split
+    query = test.copy()
+    cellular.tl.novel_types(query, cellbench_model, group=True, n_markers=5)
+    groups = query.obs["cellular_novel_group"]
+    np.testing.assert_array_equal(groups.notna().to_numpy(), query.obs["cellular_novel"].to_numpy())
+    described = query.uns["cellular"]["cellular_novel"]["groups"]
+    assert set(described) == set(groups.dropna().unique())
+    largest = max(described, key=lambda g: described[g]["n_cells"])
+    members = query.obs.loc[groups == largest, "cell_type"]
+    assert (members == CELLBENCH_NOVEL_LINE).mean() > 0.8
+    assert len(described[largest]["markers"]) == 5
+    assert set(described[largest]["markers"]) <= set(query.var_names)
+
+
+def test_annotate_writes_documented_slots_only(symphony_model, symphony_split):
+    _, test = symphony_split
+    before = test.copy()
+    out = cellular.tl.cellular_annotate(test, symphony_model, copy=True)
+    assert test.obs.equals(before.obs) and set(test.uns) == set(before.uns) and set(test.obsm) == set(before.obsm)
+    new_obs = set(out.obs.columns) - set(test.obs.columns)
+    assert new_obs == {"cellular_label", "cellular_label_confidence"}
+    assert set(out.obsm) - set(test.obsm) == {"cellular_label_probabilities"}
+    record = out.uns["cellular"]["cellular_label"]
+    assert record["classes"] == symphony_model.cell_types
+    assert record["counts"]["n_cells"].sum() == test.n_obs
+    assert list(out.obs["cellular_label"].cat.categories) == [*symphony_model.cell_types, "Unknown"]
+    probabilities = out.obsm["cellular_label_probabilities"]
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out.obs["cellular_label_confidence"], probabilities.max(1), rtol=1e-6)
+    soft = symphony_model.predict(test, soft=True)
+    assert list(soft.columns) == symphony_model.cell_types and soft.index.equals(test.obs_names)
+    np.testing.assert_allclose(soft.to_numpy(), probabilities, rtol=1e-5, atol=1e-6)
+    hard = symphony_model.predict(test)
+    assignable = out.obs["cellular_label"] != "Unknown"
+    np.testing.assert_array_equal(hard[assignable.to_numpy()], out.obs["cellular_label"][assignable].astype(str))
+
+
+def test_results_survive_h5ad_round_trip_and_use_rep(symphony_model, symphony_split, tmp_path):
+    _, test = symphony_split
+    query = test.copy()
+    cellular.tl.cellular_embed(query, symphony_model)
+    cellular.tl.cellular_annotate(query, symphony_model, use_rep="X_cellular")
+    cellular.tl.novel_types(query, symphony_model, use_rep="X_cellular")
+    cellular.tl.cell_type_representations(query, symphony_model, labels_key="cellular_label", use_rep="X_cellular")
+    direct = test.copy()
+    cellular.tl.cellular_annotate(direct, symphony_model)
+    np.testing.assert_array_equal(query.obs["cellular_label"], direct.obs["cellular_label"])
+    query.write_h5ad(tmp_path / "q.h5ad")
+    back = ad.read_h5ad(tmp_path / "q.h5ad")
+    for key in ("cellular_label", "cellular_novel", "cellular_novel_pvalue"):
+        np.testing.assert_array_equal(back.obs[key], query.obs[key])
+    summary = back.uns["cellular"]["cellular_novel"]["summary"]
+    pd.testing.assert_frame_equal(
+        summary["novel_per_nearest_type"], query.uns["cellular"]["cellular_novel"]["summary"]["novel_per_nearest_type"]
+    )
+    stored = back.uns["cellular"]["cellular_representations"]
+    np.testing.assert_allclose(stored["representations"].to_numpy(), back_frame(query).to_numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="not made by this model"):
+        query.obsm["X_bad"] = np.zeros((query.n_obs, 3))
+        cellular.tl.cellular_annotate(query, symphony_model, use_rep="X_bad")
+
+
+def back_frame(adata):
+    return adata.uns["cellular"]["cellular_representations"]["representations"]
+
+
+def test_saved_model_keeps_classifier_and_calibration(symphony_model, symphony_split, tmp_path):
+    _, test = symphony_split
+    symphony_model.save(tmp_path / "model")
+    loaded = CELLULAR.load(tmp_path / "model")
+    assert loaded.has_classifier and loaded.calibration_temperature_ == symphony_model.calibration_temperature_
+    pd.testing.assert_frame_equal(loaded.predict(test, soft=True), symphony_model.predict(test, soft=True))
+    pd.testing.assert_frame_equal(loaded.get_novelty_scores(test), symphony_model.get_novelty_scores(test))
+
+
+@pytest.mark.parametrize("method", ["centroid", "median", "medoid"])
+def test_cell_type_representations(symphony_model, method):
+    table = symphony_model.get_cell_type_representations(method=method)
+    z = symphony_model.get_latent_representation()
+    labels = symphony_model.adata.obs["cell_type"].astype(str).to_numpy()
+    assert list(table.index) == [t for t in symphony_model.cell_types if (labels == t).any()]
+    for cell_type, vector in table.iterrows():
+        members = z[labels == cell_type]
+        if method == "centroid":
+            np.testing.assert_allclose(vector.to_numpy(), members.mean(0), rtol=1e-5, atol=1e-6)
+        elif method == "median":
+            np.testing.assert_allclose(vector.to_numpy(), np.median(members, 0), rtol=1e-6)
+        else:
+            assert (np.abs(members - vector.to_numpy()).max(1) == 0).any()
+            totals = np.linalg.norm(members[:, None] - members[None], axis=2).sum(1)
+            assert np.linalg.norm(members - vector.to_numpy(), axis=1).sum() <= totals.min() * (1 + 1e-5)
+
+
+def test_representation_distances_in_uns(symphony_model, symphony_split):
+    train, _ = symphony_split
+    data = train.copy()
+    cellular.tl.cell_type_representations(data, symphony_model, metric="euclidean")
+    record = data.uns["cellular"]["cellular_representations"]
+    vectors = record["representations"].to_numpy()
+    distances = record["distances"]
+    assert np.allclose(distances.to_numpy(), distances.to_numpy().T) and np.allclose(np.diag(distances), 0)
+    np.testing.assert_allclose(distances.iloc[0, 1], np.linalg.norm(vectors[0] - vectors[1]), rtol=1e-5)
+    assert record["n_cells"].loc["B cell", "n_cells"] == int((train.obs["cell_type"] == "B cell").sum())
+    with pytest.raises(KeyError, match="labels_key"):
+        cellular.tl.cell_type_representations(data, symphony_model, labels_key="no_such_column")
+    with pytest.raises(ValueError, match="method"):
+        symphony_model.get_cell_type_representations(method="mode")
+
+
+def test_model_without_classifier_is_refused(symphony):
+    data = symphony[symphony.obs["batch"] == "5p"].copy()
+    data.obs["cell_type"] = data.obs["cell_type"].astype(str).replace({"HSPC": "Unknown"})
+    CELLULAR.setup_anndata(data, labels_key="cell_type")
+    model = CELLULAR(data, n_top_genes=300, n_latent=16)
+    with pytest.raises(NotTrainedError, match="not been trained"):
+        cellular.tl.cellular_annotate(data.copy(), model)
+    model.train(max_epochs=2, progress_bar=False, classifier=False)
+    assert not model.has_classifier
+    for call in (
+        lambda: cellular.tl.cellular_annotate(data.copy(), model),
+        lambda: cellular.tl.novel_types(data.copy(), model),
+        lambda: model.predict(data),
+    ):
+        with pytest.raises(NotTrainedError, match="train_classifier"):
+            call()
+    model.train_classifier(max_epochs=3)
+    assert model.has_classifier and model.predict(data).shape == (data.n_obs,)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5])
+def test_alpha_outside_unit_interval_is_refused(symphony_model, symphony_split, alpha):
+    _, test = symphony_split
+    with pytest.raises(ValueError, match="alpha must lie strictly between 0 and 1"):
+        cellular.tl.novel_types(test.copy(), symphony_model, alpha=alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        cellular.tl.cellular_annotate(test.copy(), symphony_model, alpha=alpha)
+
+
+def test_query_without_model_genes_is_refused(symphony_model, symphony_split):
+    _, test = symphony_split
+    renamed = test.copy()
+    renamed.var_names = [f"other_{g}" for g in renamed.var_names]
+    for call in (cellular.tl.cellular_annotate, cellular.tl.novel_types):
+        with pytest.raises(ValueError, match="genes"):
+            call(renamed, symphony_model)
+
+
+def test_tune_classifier_searches_and_retrains(symphony_model):
+    pytest.importorskip("optuna")
+    before = symphony_model.classifier_params_
+    try:
+        best = symphony_model.tune_classifier(n_trials=2, max_epochs=5)
+        assert set(best) == {"hidden_sizes", "dropout_rate", "lr"}
+        assert symphony_model.classifier_summary_["tuning"]["n_trials"] == 2
+        assert symphony_model.classifier_params_["hidden_sizes"] == best["hidden_sizes"]
+        with pytest.raises(ValueError, match="searched"):
+            symphony_model.tune_classifier(n_trials=1, lr=0.1)
+    finally:
+        symphony_model.train_classifier(**{k: v for k, v in before.items()})

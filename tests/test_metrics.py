@@ -1,0 +1,103 @@
+"""Calibration and conformal helpers against naive reference implementations."""
+
+import numpy as np
+import pytest
+import torch
+
+from cellular.metrics import benjamini_hochberg, conformal_pvalues, expected_calibration_error
+from cellular.model._novelty import NoveltyReference
+from cellular.nn import CellTypeClassifier, fit_temperature
+
+
+def naive_ece(probabilities, labels, n_bins):
+    total = 0.0
+    for b in range(n_bins):
+        low, high = b / n_bins, (b + 1) / n_bins
+        members = [
+            i
+            for i in range(len(labels))
+            if (low < probabilities[i].max() <= high) or (b == 0 and probabilities[i].max() == 0)
+        ]
+        if members:
+            accuracy = np.mean([probabilities[i].argmax() == labels[i] for i in members])
+            confidence = np.mean([probabilities[i].max() for i in members])
+            total += len(members) * abs(accuracy - confidence)
+    return total / len(labels)
+
+
+def naive_bh(pvalues):
+    n = len(pvalues)
+    adjusted = []
+    for p in pvalues:
+        rank_values = [min(1.0, q * n / (sorted(pvalues).index(q) + 1 + sorted(pvalues).count(q) - 1)) for q in pvalues]
+        adjusted.append(min(v for q, v in zip(pvalues, rank_values, strict=True) if q >= p))
+    return np.array(adjusted)
+
+
+def test_ece_matches_naive_loop():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 4)) * 2
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 4, 300)
+    assert expected_calibration_error(probabilities, labels, 10) == pytest.approx(naive_ece(probabilities, labels, 10))
+    one_hot = np.eye(4)[labels]
+    assert expected_calibration_error(one_hot, labels) == 0.0
+    with pytest.raises(ValueError, match="n_cells"):
+        expected_calibration_error(probabilities, labels[:10])
+
+
+def test_conformal_pvalues_match_counting_and_are_valid():
+    rng = np.random.default_rng(1)
+    calibration = rng.normal(size=200)
+    scores = np.concatenate([rng.normal(size=5), calibration[:3]])
+    expected = [(1 + sum(c >= s for c in calibration)) / 201 for s in scores]
+    np.testing.assert_allclose(conformal_pvalues(calibration, scores), expected)
+    # exchangeable scores: averaged over calibration draws, the flagged fraction at alpha is at most alpha
+    for alpha in (0.05, 0.2):
+        rates = [(conformal_pvalues(rng.normal(size=99), rng.normal(size=2000)) <= alpha).mean() for _ in range(200)]
+        assert alpha - 0.01 < np.mean(rates) <= alpha + 0.005
+    with pytest.raises(ValueError, match="calibration"):
+        conformal_pvalues([], scores)
+
+
+def test_benjamini_hochberg_matches_naive():
+    rng = np.random.default_rng(2)
+    pvalues = np.concatenate([rng.uniform(size=40), rng.uniform(0, 0.01, size=10)])
+    np.testing.assert_allclose(benjamini_hochberg(pvalues), naive_bh(list(pvalues)))
+    assert benjamini_hochberg(np.array([])).size == 0
+
+
+def test_score_threshold_agrees_with_pvalues():
+    rng = np.random.default_rng(3)
+    reference = NoveltyReference(
+        prototypes=np.eye(2, dtype=np.float32),
+        spreads=np.ones(2),
+        distance_scale=1.0,
+        uncertainty_scale=1.0,
+        uncertainty_weight=0.1,
+        calibration_scores=np.sort(rng.normal(size=99)),
+        calibration_source="validation",
+    )
+    scores = rng.normal(size=5000) * 1.5
+    for alpha in (0.01, 0.05, 0.3):
+        flagged = reference.pvalues(scores) <= alpha
+        np.testing.assert_array_equal(flagged, scores >= reference.score_threshold(alpha))
+    assert reference.score_threshold(0.005) == float("inf")
+
+
+def test_fit_temperature_recovers_the_generating_temperature():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, 5, generator=generator) * 3
+    labels = torch.multinomial(torch.softmax(logits / 2.0, dim=1), 1, generator=generator).squeeze(1)
+    assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(ValueError, match="held-out"):
+        fit_temperature(logits[:0], labels[:0])
+
+
+def test_classifier_returns_logits_of_the_right_shape():
+    head = CellTypeClassifier(16, 3, (8, 4), 0.1)
+    out = head(torch.randn(5, 16))
+    assert out.shape == (5, 3)
+    assert not torch.allclose(out.sum(1), torch.ones(5))  # logits, not probabilities
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        CellTypeClassifier(16, 3, (8,))
