@@ -2,7 +2,8 @@
 # # Train CELLULAR on a multi-technology reference and embed a held-out technology
 #
 # Data: `pbmc_symphony_3tech.h5ad` from the shared data folder (1,200 PBMCs from three 10x technologies, raw
-# counts, 9 cell types). We train on two technologies, embed all cells, and compare with PCA.
+# counts, 9 cell types). We train on two technologies, embed all cells, annotate the held-out technology, flag
+# novel cells and compute cell-type vectors.
 # Run as a script (`python tutorials/train_embed_symphony.py`) or open it as a notebook with jupytext.
 
 # %%
@@ -48,3 +49,17 @@ sc.pp.neighbors(joint, use_rep="X_cellular", metric="cosine")
 sc.tl.umap(joint)
 sc.pl.umap(joint, color=["cell_type", "batch"], show=False, save="_cellular_symphony.png")
 print(joint)
+
+# %% [markdown]
+# Annotate the query with the calibrated classifier, flag cells of types absent from the reference, and store a
+# vector per predicted type. Three calls, all results in the query AnnData.
+
+# %%
+cellular.tl.cellular_annotate(query, model)
+cellular.tl.novel_types(query, model, alpha=0.05)
+cellular.tl.cell_type_representations(query, model, labels_key="cellular_label")
+known = query.obs["cell_type"].isin(model.cell_types)
+accuracy = (query.obs["cellular_label"].astype(str) == query.obs["cell_type"].astype(str))[known].mean()
+print(f"accuracy on known types {accuracy:.3f}; calibration temperature {model.calibration_temperature_:.2f}")
+print(query.uns["cellular"]["cellular_novel"]["summary"]["n_novel"], "cells flagged as novel at alpha = 0.05")
+print(query.uns["cellular"]["cellular_representations"]["distances"].round(2))
