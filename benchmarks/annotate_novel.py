@@ -110,8 +110,9 @@ def lobo(name: str, data, seed: int, max_epochs: int | None) -> list[dict]:
 
         z_train, z_test = model.get_latent_representation(), model.get_latent_representation(test)
         pca_train, pca_test = pca_spaces(model, train, test)
+        calibrated = model._probabilities(z_test)
         results = {
-            "CELLULAR classifier (calibrated)": model._probabilities(z_test)[known],
+            "CELLULAR classifier (calibrated)": calibrated[known],
             "CELLULAR classifier (raw softmax)": model._probabilities(z_test, calibrated=False)[known],
             "CELLULAR embedding + kNN": knn_vote(
                 z_train[labelled], train_codes[labelled], z_test[known], len(types), "cosine"
@@ -120,20 +121,18 @@ def lobo(name: str, data, seed: int, max_epochs: int | None) -> list[dict]:
                 0
             ],
         }
-        novelty = model._novelty_frame(z_test, model._probabilities(z_test), test.obs_names)
+        novelty = model._novelty_frame(z_test, calibrated, test.obs_names)
         false_novel = float((novelty["pvalue"].to_numpy()[known] <= ALPHA).mean())
+        f1_line = []
         for method, probabilities in results.items():
             metrics = classification_metrics(codes, probabilities)
-            if method.startswith("CELLULAR classifier (calibrated)"):
+            f1_line.append(f"[{method}]={metrics['macro_f1']:.3f}")
+            if method == "CELLULAR classifier (calibrated)":
                 metrics["false_novel_rate"] = false_novel
                 metrics["train_seconds"] = seconds
             for metric, value in metrics.items():
                 rows.append(_row("lobo", name, batch, seed, method, metric, value))
-        print(
-            f"  lobo {name} / {batch}: macro-F1 "
-            + " ".join(f"[{m}]={classification_metrics(codes, p)['macro_f1']:.3f}" for m, p in results.items()),
-            flush=True,
-        )
+        print(f"  lobo {name} / {batch}: macro-F1 " + " ".join(f1_line), flush=True)
     return rows
 
 

@@ -245,3 +245,31 @@ def test_tune_classifier_searches_and_retrains(symphony_model):
             symphony_model.tune_classifier(n_trials=1, lr=0.1)
     finally:
         symphony_model.train_classifier(**{k: v for k, v in before.items()})
+
+
+def test_bad_query_values_and_arguments_are_refused(symphony_model, symphony_split):
+    _, test = symphony_split
+    corrupt = test.copy()
+    corrupt.X = corrupt.X.toarray()
+    corrupt.X[0, 0] = np.nan
+    for call in (cellular.tl.cellular_annotate, cellular.tl.novel_types, cellular.tl.cell_type_representations):
+        kwargs = {"labels_key": "cell_type"} if call is cellular.tl.cell_type_representations else {}
+        with pytest.raises(ValueError, match="NaN"):
+            call(corrupt.copy(), symphony_model, **kwargs)
+        with pytest.raises(TypeError, match="cellular.CELLULAR"):
+            call(test.copy(), "not a model", **kwargs)
+    with pytest.raises(ValueError, match="min_confidence"):
+        cellular.tl.cellular_annotate(test.copy(), symphony_model, min_confidence=1.5)
+    with pytest.raises(ValueError, match="unknown_label"):
+        cellular.tl.cellular_annotate(test.copy(), symphony_model, unknown_label="B cell")
+    with pytest.raises(ValueError, match="novelty_uncertainty_weight"):
+        symphony_model.train_classifier(novelty_uncertainty_weight=-1.0)
+
+
+def test_low_confidence_cells_are_unknown(symphony_model, symphony_split):
+    _, test = symphony_split
+    query = test.copy()
+    cellular.tl.cellular_annotate(query, symphony_model, novel_as_unknown=False, min_confidence=0.9)
+    low = query.obs["cellular_label_confidence"].to_numpy() < 0.9
+    assert 0 < low.sum() < query.n_obs
+    np.testing.assert_array_equal(query.obs["cellular_label"].to_numpy() == "Unknown", low)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 MIN_CALIBRATION_CELLS = 20
 REPRESENTATION_METHODS = ("centroid", "median", "medoid")
+# train_classifier arguments that fit_classifier takes as they are (the searched ones excepted)
+_FIT_SETTINGS = ("weight_decay", "max_epochs", "batch_size", "class_weighted", "early_stopping_patience")
 
 
 class AnnotationMixin:
@@ -161,16 +164,11 @@ class AnnotationMixin:
         split = self._classifier_data(accelerator, devices, seed)
         z, labels, train_idx, _, _, seed = split
         device = resolve_device(accelerator, devices)
-        base = {
-            "weight_decay": 1e-4,
-            "max_epochs": None,
-            "batch_size": 256,
-            "class_weighted": True,
-            "early_stopping_patience": 10,
-            "novelty_uncertainty_weight": 0.1,
-        }
+        defaults = inspect.signature(self.train_classifier).parameters
+        base = {name: defaults[name].default for name in _FIT_SETTINGS}
+        base["novelty_uncertainty_weight"] = defaults["novelty_uncertainty_weight"].default
         base.update(fixed)
-        fit_settings = {k: v for k, v in base.items() if k != "novelty_uncertainty_weight"}
+        fit_settings = {name: base[name] for name in _FIT_SETTINGS}
 
         def objective(trial) -> float:
             params = {
@@ -204,8 +202,7 @@ class AnnotationMixin:
         return best
 
     def _classifier_data(self, accelerator, devices, seed):
-        if not self.is_trained_:
-            raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
+        self._require_trained()
         if self.adata is None:
             raise ValueError(
                 "Training the classifier needs the model's training data; load the model with "
@@ -266,7 +263,7 @@ class AnnotationMixin:
             z[calibration_idx],
             calibrated,
             source,
-            params.get("novelty_uncertainty_weight", 0.1),
+            params["novelty_uncertainty_weight"],
         )
         self.classifier_history_ = pd.DataFrame.from_records(fit.history).set_index("epoch")
         self.classifier_summary_ = {
@@ -285,8 +282,7 @@ class AnnotationMixin:
 
     # ------------------------------------------------------------ inference
     def _require_classifier(self) -> None:
-        if not self.is_trained_:
-            raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
+        self._require_trained()
         if not self.has_classifier:
             raise NotTrainedError(
                 "This CELLULAR model has no trained classifier; call model.train_classifier() (or train the model "
@@ -301,15 +297,16 @@ class AnnotationMixin:
 
     def _novelty_frame(self, z: np.ndarray, probabilities: np.ndarray, index) -> pd.DataFrame:
         reference = self.novelty_reference_
-        scores = reference.scores(z, probabilities)
         distance, nearest = reference.nearest_type(z)
+        uncertainty = 1.0 - probabilities.max(axis=1)
+        scores = reference.combine(distance, uncertainty)
         return pd.DataFrame(
             {
                 "score": scores,
                 "pvalue": reference.pvalues(scores),
                 "nearest_type": pd.Categorical.from_codes(nearest, categories=self.cell_types),
                 "distance": distance,
-                "uncertainty": 1.0 - probabilities.max(axis=1),
+                "uncertainty": uncertainty,
             },
             index=index,
         )

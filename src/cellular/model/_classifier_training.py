@@ -87,7 +87,7 @@ def fit_classifier(
     y_t = torch.as_tensor(labels, dtype=torch.long, device=device)
     weights = None
     if class_weighted:
-        weights = inverse_frequency_weights(y_t[torch.as_tensor(fit_idx, device=device)].cpu(), n_types)
+        weights = inverse_frequency_weights(torch.as_tensor(labels[fit_idx]), n_types)
         weights = (weights * int((weights > 0).sum())).to(device)
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):

@@ -518,8 +518,7 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         return self._encode(expression, batch_size, resolve_device(accelerator, devices))
 
     def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap):
-        if not self.is_trained_:
-            raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
+        self._require_trained()
         setup = self.setup_args
         if adata is None:
             if self.adata is None:
@@ -543,6 +542,10 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             gene_id_key=gene_id_key,
             min_gene_overlap=min_gene_overlap,
         )
+
+    def _require_trained(self) -> None:
+        if not self.is_trained_:
+            raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
 
     @torch.no_grad()
     def _encode(self, expression, batch_size: int, device: torch.device) -> np.ndarray:

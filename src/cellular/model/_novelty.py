@@ -92,9 +92,12 @@ class NoveltyReference:
         return scaled[np.arange(scaled.shape[0]), nearest], nearest
 
     def scores(self, z: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """Novelty score: scaled prototype distance plus weighted uncertainty, each on its calibration scale."""
+        """Novelty score of embedded cells given their class probabilities."""
         distance, _ = self.nearest_type(z)
-        uncertainty = 1.0 - probabilities.max(axis=1)
+        return self.combine(distance, 1.0 - probabilities.max(axis=1))
+
+    def combine(self, distance: np.ndarray, uncertainty: np.ndarray) -> np.ndarray:
+        """Scaled prototype distance plus weighted uncertainty, each on its calibration scale."""
         return distance / self.distance_scale + self.uncertainty_weight * uncertainty / self.uncertainty_scale
 
     def pvalues(self, scores: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from anndata import AnnData
 from cellular.model import CELLULAR
 from cellular.model._common import SAME_AS_TRAINING
 
-from ._common import check_alpha, model_record, package_uns, query_embedding
+from ._common import check_alpha, check_model, model_record, package_uns, query_embedding
 from ._novel import novelty_flags
 
 
@@ -79,7 +79,7 @@ def cellular_annotate(
         alpha = check_alpha(alpha)
     if not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
-    model._require_classifier()
+    check_model(model, classifier=True)
     classes = list(model.cell_types)
     if unknown_label in classes:
         raise ValueError(

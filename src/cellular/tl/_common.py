@@ -22,8 +22,6 @@ def query_embedding(
     min_gene_overlap: float,
 ) -> tuple[np.ndarray, dict]:
     """Embedding of ``adata`` by ``model`` (or the stored ``adata.obsm[use_rep]``) and a record of how it was read."""
-    if not isinstance(model, CELLULAR):
-        raise TypeError(f"model must be a trained cellular.CELLULAR, got {type(model).__name__}.")
     if use_rep is not None:
         if use_rep not in adata.obsm:
             raise KeyError(
@@ -40,6 +38,16 @@ def query_embedding(
     expression, alignment = model._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
     z = model._encode(expression, batch_size, torch.device(model.device))
     return z, {"use_rep": None, "n_genes_matched": int(alignment.n_matched), "n_model_genes": len(model.genes)}
+
+
+def check_model(model: CELLULAR, *, classifier: bool) -> None:
+    """A clear error unless ``model`` is a trained CELLULAR model (with its classifier head when needed)."""
+    if not isinstance(model, CELLULAR):
+        raise TypeError(f"model must be a trained cellular.CELLULAR, got {type(model).__name__}.")
+    if classifier:
+        model._require_classifier()
+    else:
+        model._require_trained()
 
 
 def check_alpha(alpha: float) -> float:

@@ -12,7 +12,7 @@ from cellular.metrics import benjamini_hochberg
 from cellular.model import CELLULAR
 from cellular.model._common import SAME_AS_TRAINING
 
-from ._common import check_alpha, model_record, package_uns, query_embedding
+from ._common import check_alpha, check_model, model_record, package_uns, query_embedding
 
 # The original CELLULAR package called a dataset "likely to hold a novel type" below this value.
 CELLULAR_RULE_THRESHOLD = 0.25
@@ -107,7 +107,7 @@ def novel_types(
         novel type"); with ``group=True`` also ``groups`` (size, most common nearest type, marker genes).
     """
     alpha = check_alpha(alpha)
-    model._require_classifier()
+    check_model(model, classifier=True)
     if copy:
         adata = adata.copy()
     z, read_record = query_embedding(

@@ -10,7 +10,7 @@ from cellular.model import CELLULAR
 from cellular.model._annotation import cell_type_representations as _representations
 from cellular.model._common import SAME_AS_TRAINING
 
-from ._common import model_record, package_uns, query_embedding
+from ._common import check_model, model_record, package_uns, query_embedding
 
 DISTANCE_METRICS = ("cosine", "euclidean")
 
@@ -76,6 +76,7 @@ def cell_type_representations(
     """
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric must be one of {DISTANCE_METRICS}, got {metric!r}.")
+    check_model(model, classifier=False)
     labels = model._representation_labels(adata, labels_key)
     if copy:
         adata = adata.copy()
