@@ -48,13 +48,25 @@ def make_adata(values, genes):
     return AnnData(X=sp.csr_matrix(np.asarray(values, dtype=np.float32)), var=pd.DataFrame(index=genes))
 
 
-def test_alignment_reorders_zero_fills_and_normalises_with_full_library():
+def test_alignment_reorders_zero_fills_and_normalises_over_model_genes():
     adata = make_adata([[1, 2, 3, 4], [0, 5, 0, 5]], ["a", "b", "c", "d"])
+    # Library = total over the present model genes (d, b), divided by their reference share (0.3 + 0.5).
     expression, alignment = read_expression(
-        adata, ["d", "x", "b"], layer=None, log_normalized=False, target_sum=10.0, min_gene_overlap=0.5
+        adata,
+        ["d", "x", "b"],
+        layer=None,
+        log_normalized=False,
+        target_sum=10.0,
+        min_gene_overlap=0.5,
+        gene_count_fractions=np.array([0.3, 0.2, 0.5]),
     )
     assert alignment.n_matched == 2 and alignment.missing == ["x"]
-    expected = np.log1p(np.array([[4, 0, 2], [5, 0, 5]]) * (10.0 / np.array([[10.0], [10.0]])))
+    libraries = np.array([[6.0], [10.0]]) / 0.8
+    expected = np.log1p(np.array([[4, 0, 2], [5, 0, 5]]) * (10.0 / libraries))
+    np.testing.assert_allclose(expression.rows(np.arange(2)), expected, rtol=1e-6)
+    # Without missing genes the library is the plain total over the model genes; other genes never count.
+    expression, _ = read_expression(adata, ["d", "b"], layer=None, log_normalized=False, target_sum=10.0)
+    expected = np.log1p(np.array([[4, 2], [5, 5]]) * (10.0 / np.array([[6.0], [10.0]])))
     np.testing.assert_allclose(expression.rows(np.arange(2)), expected, rtol=1e-6)
 
 

@@ -135,7 +135,7 @@ def test_gene_order_and_extra_genes_do_not_change_embedding(trained, split):
 def test_counts_and_package_normalisation_give_same_embedding(trained, split):
     _, test = split
     from_counts = trained.get_latent_representation(test)
-    normalised = cellular.pp.normalize_log1p(test, target_sum=trained.target_sum, copy=True)
+    normalised = cellular.pp.normalize_log1p(test[:, trained.genes].copy(), target_sum=trained.target_sum, copy=True)
     from_log = trained.get_latent_representation(normalised, log_normalized=True)
     np.testing.assert_allclose(from_log, from_counts, rtol=1e-5, atol=1e-5)
 
@@ -179,7 +179,8 @@ def test_hvg_selection_and_target_sum(symphony):
     CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(data, n_top_genes=200)
     assert len(model.genes) == 200 and set(model.genes) <= set(data.var_names)
-    assert model.target_sum == pytest.approx(np.median(np.asarray(data.X.sum(1)).ravel()))
+    assert model.target_sum == pytest.approx(np.median(np.asarray(data[:, model.genes].X.sum(1)).ravel()))
+    np.testing.assert_allclose(model.gene_count_fractions.sum(), 1.0)
     everything = CELLULAR(data, n_top_genes=50_000)
     expressed = np.asarray((data.X > 0).sum(0)).ravel() > 0
     assert len(everything.genes) == int(expressed.sum())

@@ -2,9 +2,22 @@
 
 from importlib.metadata import version
 
-from . import data, metrics, nn, pl, pp, tl
+from . import data, index, metrics, nn, pl, pp, tl
+from .index import ReferenceIndex
 from .model import CELLULAR, NotTrainedError
 
 __version__ = version("cellular-sc")
 
-__all__ = ["CELLULAR", "NotTrainedError", "__version__", "data", "metrics", "nn", "pl", "pp", "tl"]
+__all__ = [
+    "CELLULAR",
+    "NotTrainedError",
+    "ReferenceIndex",
+    "__version__",
+    "data",
+    "index",
+    "metrics",
+    "nn",
+    "pl",
+    "pp",
+    "tl",
+]

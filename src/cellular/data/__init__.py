@@ -1,7 +1,7 @@
 from ._datasets import data_dir, pbmc68k_reduced_lognorm, read_shared_dataset
 from ._expression import GeneAlignment, NormalizedExpression, align_genes, check_expression_values, read_expression
 from ._sampling import epoch_minibatches, sequential_minibatches, stratified_split
-from ._synthetic import synthetic_counts
+from ._synthetic import synthetic_counts, synthetic_embedding
 
 __all__ = [
     "GeneAlignment",
@@ -16,4 +16,5 @@ __all__ = [
     "sequential_minibatches",
     "stratified_split",
     "synthetic_counts",
+    "synthetic_embedding",
 ]

@@ -157,6 +157,7 @@ def align_genes(
             "Check that the gene names use the same convention as the training data (symbols vs Ensembl ids: "
             "see gene_id_key), or lower min_gene_overlap if embedding with fewer genes is intended."
         )
+    logger.info("Matched %d of %d model genes in adata.%s.", n_matched, len(genes), source)
     if missing:
         logger.warning(
             "%d of %d model genes are missing from the data and are set to zero after normalisation "
@@ -233,11 +234,32 @@ def read_expression(
     target_sum: float | None,
     gene_id_key: str | None = None,
     min_gene_overlap: float = 1.0,
+    gene_count_fractions: np.ndarray | None = None,
 ) -> tuple[NormalizedExpression, GeneAlignment]:
     """Check, align and prepare an AnnData's expression for the model's genes.
 
-    Library sizes are totals over all genes of ``adata`` (as in training), taken before the model's genes are
-    selected; model genes missing from ``adata`` are zero after normalisation.
+    Each cell's library size is its total count over ``genes`` (as in scvi-tools), so genes of ``adata`` outside
+    ``genes`` never change the result. When some of ``genes`` are missing, the total over the present ones is
+    divided by the share of counts those genes carry in the reference (``gene_count_fractions``), which keeps the
+    scale of the other genes unbiased; the missing genes are zero after normalisation.
+
+    Parameters
+    ----------
+    adata
+        Data to read.
+    genes
+        The model's genes, in model order.
+    layer
+        Layer holding the expression; ``adata.X`` when ``None``.
+    log_normalized
+        Whether the matrix already holds log1p-normalised values (used as they are).
+    target_sum
+        Library size every cell is scaled to (counts only).
+    gene_id_key, min_gene_overlap
+        As in :func:`align_genes`.
+    gene_count_fractions
+        Mean share of each gene in a reference cell's total over ``genes``; without it, the total over the present
+        genes is used as it is.
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     matrix = get_matrix(adata, layer)
@@ -246,10 +268,14 @@ def read_expression(
     selected = select_columns(matrix, alignment)
     if log_normalized:
         return NormalizedExpression(selected, None), alignment
-    sizes = library_sizes(matrix)
+    sizes = library_sizes(selected)
     if (sizes <= 0).any():
         raise ValueError(
-            f"{int((sizes <= 0).sum())} cells have no counts in {where}; remove them first, e.g. "
-            "sc.pp.filter_cells(adata, min_counts=1)."
+            f"{int((sizes <= 0).sum())} cells have no counts in {where} over the model's {len(genes)} genes; "
+            "remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1), or filter on these genes."
         )
+    if gene_count_fractions is not None and alignment.n_matched < alignment.n_genes:
+        present_share = float(np.asarray(gene_count_fractions)[alignment.source_index >= 0].sum())
+        logger.info("The genes present carry %.1f%% of reference counts; libraries are rescaled.", 100 * present_share)
+        sizes = sizes / max(present_share, 1e-12)
     return NormalizedExpression(selected, target_sum / sizes), alignment

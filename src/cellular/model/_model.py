@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 from importlib.metadata import version
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
@@ -25,6 +28,7 @@ from cellular.data import (
     stratified_split,
 )
 from cellular.data._expression import get_matrix, library_sizes
+from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
 from cellular.nn import centroid_target_distances, inverse_frequency_weights
 from cellular.pp import highly_variable_genes
@@ -38,9 +42,10 @@ from ._targets import pca_centroids
 logger = logging.getLogger(__name__)
 
 _FORMAT = "cellular-sc-model"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _METADATA_FILE = "model.json"
 _WEIGHTS_FILE = "model.pt"
+_INDEX_FOLDER = "reference_index"
 
 
 class CELLULAR(AnnotationMixin, BaseModelClass):
@@ -50,9 +55,11 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
     loss on cell-type labels (learnable temperature), a batch term pulling cells of one type from different
     batches together, and a centroid term keeping the cell-type geometry of PCA space (Andrekson & Mercado 2024).
 
-    The model owns its preprocessing: it records the genes it reads (``genes``) and the normalisation (library-size
-    scaling to ``target_sum`` then ``log1p``, or none for log-normalised input), so any AnnData with the same gene
-    names, in any order, is embedded identically.
+    The model owns its preprocessing: it records the genes it reads (``genes``) and the normalisation (each cell's
+    counts over those genes scaled to ``target_sum``, then ``log1p``; none for log-normalised input), so any AnnData
+    holding those genes, in any order and with any other genes beside them, is embedded identically. When a query
+    lacks some of the genes, the library size is rescaled by the share of reference counts the present genes carry
+    (``gene_count_fractions``) and the missing genes are zero.
 
     Parameters
     ----------
@@ -67,8 +74,8 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
     dropout_rate
         Encoder dropout.
     target_sum
-        Library size every cell is scaled to before ``log1p`` (counts input only); the median library size of
-        ``adata`` when ``None``.
+        Total count over the model's genes every cell is scaled to before ``log1p`` (counts input only); the median
+        of that total over ``adata`` when ``None``.
     snn_weight, batch_weight, centroid_weight
         Weights of the supervised, batch and centroid loss terms.
     temperature_init, temperature_min, temperature_max
@@ -117,20 +124,16 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         cell_types = self.cell_types
         _check_label_counts(labels, cell_types, self.adata_manager.registry["setup_args"]["labels_key"])
 
-        matrix = get_matrix(adata, layer)
-        if log_normalized:
-            target_sum = None
-        elif target_sum is None:
-            target_sum = float(np.median(library_sizes(matrix)))
-
         all_genes = [str(g) for g in adata.var_names]
-        everything, _ = read_expression(
-            adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=target_sum
-        )
-        log_expression = everything.normalized_sparse()
-        del everything
         if genes is None:
-            genes = highly_variable_genes(log_expression, all_genes, n_top_genes)
+            # Genes are chosen on every gene, each cell scaled to the median total count.
+            matrix = get_matrix(adata, layer)
+            selection_scale = None if log_normalized else float(np.median(library_sizes(matrix)))
+            everything, _ = read_expression(
+                adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=selection_scale
+            )
+            genes = highly_variable_genes(everything.normalized_sparse(), all_genes, n_top_genes)
+            del everything
         genes = [str(g) for g in genes]
         if len(genes) < 2:
             raise ValueError(f"Only {len(genes)} expressed genes in the data; CELLULAR needs at least two.")
@@ -138,10 +141,39 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         if (gene_index < 0).any():
             unknown = [gene for gene, i in zip(genes, gene_index, strict=True) if i < 0]
             raise ValueError(f"genes not found in adata.var_names: {unknown[:10]}; pass genes present in the data.")
-        if not np.array_equal(gene_index, np.arange(len(all_genes))):
-            log_expression = log_expression[:, gene_index]
         self.genes: list[str] = genes
+        gene_id_key = self.adata_manager.registry["setup_args"].get("gene_id_key")
+        self.gene_ids: list[str] | None = (
+            None if gene_id_key is None else [str(g) for g in adata.var[gene_id_key].to_numpy()[gene_index]]
+        )
+        self.gene_count_fractions: np.ndarray | None = None
+        if log_normalized:
+            target_sum = None
+        else:
+            counts, _ = read_expression(adata, genes, layer=layer, log_normalized=True, target_sum=None)
+            model_library = library_sizes(counts.matrix)
+            if (model_library <= 0).any():
+                raise ValueError(
+                    f"{int((model_library <= 0).sum())} cells have no counts over the model's {len(genes)} genes; "
+                    "remove them (sc.pp.filter_cells) or use more genes (n_top_genes)."
+                )
+            if target_sum is None:
+                target_sum = float(np.median(model_library))
+            shares = sp.diags(1.0 / model_library) @ counts.matrix
+            self.gene_count_fractions = np.asarray(shares.mean(axis=0), dtype=np.float64).reshape(-1)
+            del counts, shares
         self.target_sum: float | None = target_sum
+        self.reference_index_: ReferenceIndex | None = None
+        expression, _ = read_expression(
+            adata,
+            genes,
+            layer=layer,
+            log_normalized=log_normalized,
+            target_sum=target_sum,
+            gene_count_fractions=self.gene_count_fractions,
+        )
+        log_expression = expression.normalized_sparse()
+        del expression
 
         centroids, present = pca_centroids(
             log_expression, labels, batches, len(cell_types), self.n_batches, n_latent, seed
@@ -189,6 +221,7 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         layer: str | None = None,
         unlabeled_category: str = "Unknown",
         log_normalized: bool = False,
+        gene_id_key: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData for training.
@@ -209,6 +242,9 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         log_normalized
             Whether the matrix already holds ``log1p`` of library-size normalised values; the model then applies
             no normalisation of its own.
+        gene_id_key
+            Column of ``adata.var`` with stable gene ids (e.g. Ensembl) to record for the model's genes, so queries
+            can be matched on ids with ``gene_id_key=...`` when their gene symbols differ.
         **kwargs
             Passed on to :meth:`scvi.data.AnnDataManager.register_fields`.
 
@@ -220,6 +256,10 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         _check_obs_column(adata, labels_key, "labels_key")
         if batch_key is not None:
             _check_obs_column(adata, batch_key, "batch_key")
+        if gene_id_key is not None and gene_id_key not in adata.var:
+            raise KeyError(
+                f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: {list(adata.var.columns)})."
+            )
         get_matrix(adata, layer)
         setup_method_args = cls._get_setup_method_args(**locals())
         fields = [
@@ -362,6 +402,7 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             layer=setup["layer"],
             log_normalized=setup["log_normalized"],
             target_sum=self.target_sum,
+            gene_count_fractions=self.gene_count_fractions,
         )
         labels = self._registered_labels()
         batches = self._registered_batches()
@@ -455,6 +496,9 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             "seed": seed,
         }
         self.is_trained_ = True
+        if self.reference_index_ is not None:
+            logger.info("Retraining invalidates the model's reference index; build it again.")
+        self.reference_index_ = None
         self.classifier_ = None
         if classifier:
             self.train_classifier(
@@ -504,7 +548,8 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             Whether the matrix holds log1p-normalised values; as in training when ``None``. Log-normalised data
             must have been scaled to the model's ``target_sum`` (see :func:`cellular.pp.normalize_log1p`).
         gene_id_key
-            Match genes on this column of ``adata.var`` instead of ``var_names``.
+            Match genes on this column of ``adata.var`` instead of ``var_names``: against the model's gene ids when
+            it recorded them (``setup_anndata(..., gene_id_key=...)``), else against its gene names.
         min_gene_overlap
             Smallest fraction of the model's genes that must be present.
         accelerator, devices
@@ -533,15 +578,52 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
                 "The model was trained on log-normalised values, so raw counts cannot be normalised the same way. "
                 "Normalise the counts as the training data was and pass log_normalized=True."
             )
+        match_ids = gene_id_key is not None and self.gene_ids is not None
         return read_expression(
             adata,
-            self.genes,
+            self.gene_ids if match_ids else self.genes,
             layer=layer,
             log_normalized=log_normalized,
             target_sum=self.target_sum,
             gene_id_key=gene_id_key,
             min_gene_overlap=min_gene_overlap,
+            gene_count_fractions=self.gene_count_fractions,
         )
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the model's genes, normalisation and encoder weights: equal fingerprints embed identically."""
+        digest = hashlib.sha256()
+        fractions = None if self.gene_count_fractions is None else self.gene_count_fractions.tolist()
+        normalisation = {"genes": self.genes, "target_sum": self.target_sum, "fractions": fractions}
+        digest.update(json.dumps(normalisation).encode())
+        for name, tensor in sorted(self.module.encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def build_reference_index(
+        self, adata_ref: AnnData, label_keys: list[str] | str | None = None, **kwargs
+    ) -> ReferenceIndex:
+        """Embed and index a reference atlas with this model.
+
+        The index is kept as ``reference_index_`` and saved with the model.
+
+        Parameters
+        ----------
+        adata_ref
+            Reference cells (not modified), e.g. the training data.
+        label_keys
+            Columns of ``adata_ref.obs`` to transfer; the model's ``labels_key`` when ``None``.
+        **kwargs
+            Options of :meth:`cellular.ReferenceIndex.build` (``backend``, ``metric``, ``device``, ``use_rep``, ...).
+
+        Returns
+        -------
+        The index (also stored as ``model.reference_index_``).
+        """
+        self.reference_index_ = ReferenceIndex.build(self, adata_ref, label_keys, **kwargs)
+        return self.reference_index_
 
     def _require_trained(self) -> None:
         if not self.is_trained_:
@@ -560,6 +642,9 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
     # -------------------------------------------------------------- save/load
     def save(self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Save the model to a folder: ``model.json`` (metadata) and ``model.pt`` (tensors only).
+
+        A reference index built with :meth:`build_reference_index` is saved in ``reference_index/`` and loaded
+        with the model.
 
         Loading never unpickles Python objects: the metadata is JSON and the weights are read with
         ``torch.load(weights_only=True)``.
@@ -585,7 +670,9 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             "init_params": self.init_params_["non_kwargs"],
             "module_kwargs": self._module_kwargs,
             "genes": self.genes,
+            "gene_ids": self.gene_ids,
             "target_sum": self.target_sum,
+            "gene_count_fractions": self.gene_count_fractions,
             "seed": self.seed,
             "is_trained": self.is_trained_,
             "training_summary": getattr(self, "training_summary_", None),
@@ -602,6 +689,8 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
                 tensors[f"indices.{name}"] = torch.as_tensor(np.asarray(value, dtype=np.int64))
         (dir_path / _METADATA_FILE).write_text(_serialization.dumps(metadata))
         torch.save(tensors, dir_path / _WEIGHTS_FILE)
+        if self.reference_index_ is not None:
+            self.reference_index_.save(dir_path / _INDEX_FOLDER, overwrite=True)
         if save_anndata:
             if self.adata is None:
                 raise ValueError("save_anndata=True but the model has no attached AnnData.")
@@ -653,7 +742,10 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         else:
             BaseModelClass.__init__(model, registry=registry)
         model.genes = list(metadata["genes"])
+        model.gene_ids = None if metadata.get("gene_ids") is None else list(metadata["gene_ids"])
         model.target_sum = metadata["target_sum"]
+        fractions = metadata["gene_count_fractions"]
+        model.gene_count_fractions = None if fractions is None else np.asarray(fractions, dtype=np.float64)
         model.seed = metadata["seed"]
         model._module_kwargs = dict(metadata["module_kwargs"])
         model.init_params_ = {"kwargs": {}, "non_kwargs": metadata["init_params"]}
@@ -672,6 +764,9 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         )
         model.train_indices_ = _numpy_or_none(tensors.get("indices.train_indices_"))
         model.validation_indices_ = _numpy_or_none(tensors.get("indices.validation_indices_"))
+        model.reference_index_ = None
+        if (dir_path / _INDEX_FOLDER).exists():
+            model.reference_index_ = ReferenceIndex.load(dir_path / _INDEX_FOLDER, device=device)
         model._model_summary_string = model._summary()
         return model
 

@@ -17,10 +17,11 @@ def normalize_log1p(
     key_added: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
-    """Scale each cell's counts to ``target_sum`` and take ``log1p``, exactly as a CELLULAR model does.
+    """Scale each cell's counts to ``target_sum`` and take ``log1p``.
 
-    A model trained on counts records its ``target_sum`` (``model.target_sum``); normalising new data with
-    that value and embedding it with ``log_normalized=True`` gives the same embedding as passing the counts.
+    A CELLULAR model trained on counts normalises each cell over its own genes (``model.genes``) to
+    ``model.target_sum``: normalising ``adata[:, model.genes]`` with that value and embedding it with
+    ``log_normalized=True`` gives the same embedding as passing the counts.
 
     Parameters
     ----------

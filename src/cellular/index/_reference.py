@@ -1,0 +1,630 @@
+"""A searchable reference atlas: embedding, labels and a kNN index, saved without pickle."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cellular.metrics import conformal_pvalues
+
+from . import _nndescent
+from ._exact import exact_knn, neighbor_distances
+from ._transfer import neighbor_weights, vote
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "cellular-sc-reference-index"
+_FORMAT_VERSION = 1
+_METADATA_FILE = "index.json"
+_ARRAYS_FILE = "arrays.npz"
+
+BACKENDS = ("auto", "pynndescent", "exact")
+METRICS = ("cosine", "euclidean")
+EXACT_CPU_MAX_CELLS = 20_000
+"""Below this many reference cells, ``backend="auto"`` searches exactly on CPU too: faster than building a graph."""
+
+_N_CALIBRATION_CELLS = 5_000
+_CALIBRATION_NEIGHBORS = 50
+
+
+@dataclass
+class LabelTransfer:
+    """Result of :meth:`ReferenceIndex.transfer_labels` for ``n`` query cells and ``k`` neighbours.
+
+    Attributes
+    ----------
+    indices, distances
+        ``(n, k)`` reference neighbours (row numbers of the reference) and distances to them, nearest first.
+    labels
+        Per label level: categorical transferred labels (the level's classes plus the unknown label).
+    probabilities
+        Per level: ``(n, n_classes)`` weighted vote shares, columns as in ``classes``.
+    classes
+        Per level: the reference classes, in probability-column order.
+    uncertainty
+        Per level: ``1 -`` the largest vote share.
+    mean_distance
+        Mean distance to the ``k`` neighbours.
+    distance_pvalue
+        Conformal p-value of ``mean_distance`` against reference cells' own distances to the rest of the
+        reference: small values mean the cell lies farther from the reference than reference cells do.
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    labels: dict[str, pd.Categorical] = field(default_factory=dict)
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
+    mean_distance: np.ndarray | None = None
+    distance_pvalue: np.ndarray | None = None
+
+
+class ReferenceIndex:
+    """A reference atlas ready for mapping: its embedding, one or more label levels, and a nearest-neighbour index.
+
+    Build one from a trained model and the reference AnnData with :meth:`build` (or
+    :meth:`cellular.CELLULAR.build_reference_index`), or from an embedding made elsewhere with
+    :meth:`from_embedding`. Query cells embedded by the same model are then mapped with :meth:`query` (neighbours)
+    and :meth:`transfer_labels`, or through :func:`cellular.tl.cellular_map`.
+
+    Backends: ``"pynndescent"`` (approximate NN-descent graph search on CPU), ``"exact"`` (chunked torch
+    similarity products and top-k on any device) and ``"auto"``: exact on CUDA and for references of at most
+    ``EXACT_CPU_MAX_CELLS`` (20,000) cells, pynndescent otherwise.
+
+    Parameters
+    ----------
+    embedding
+        ``(n_cells, n_latent)`` reference embedding.
+    labels
+        Label levels (e.g. ``{"cell_type": ..., "lineage": ...}``), each one value per reference cell; values equal
+        to ``unlabeled_category`` or missing do not vote.
+    cell_names
+        Names of the reference cells; ``"0" .. "n-1"`` when ``None``.
+    metric
+        ``"cosine"`` (the geometry the CELLULAR loss trains; distance ``1 - cos``) or ``"euclidean"``.
+    backend
+        ``"auto"``, ``"pynndescent"`` or ``"exact"``.
+    device
+        Torch device of the exact search (``"cpu"``, ``"cuda"``, ...); CUDA when available if ``None``.
+    n_neighbors
+        Degree of the pynndescent graph.
+    search_epsilon
+        pynndescent search breadth: larger is slower and more accurate (0.1 gives recall@15 near 0.95 at one
+        million cells, see the benchmarks page).
+    parallel_search
+        Answer pynndescent queries on all cores (about twice as fast on two cores). Off by default: pynndescent's
+        parallel search shares a random state between threads, so a few cells' neighbours can change from one
+        call to the next; the serial search returns identical results for identical queries.
+    temperature
+        Width of the distance kernel of the label vote (``exp(-distance / temperature)``); when ``None``, the
+        median distance of reference cells to their 15th neighbour.
+    unlabeled_category
+        Label value that marks reference cells without a label.
+    seed
+        Random state of the pynndescent graph and of the calibration sample.
+    model_fingerprint
+        Fingerprint of the model that made ``embedding`` (set by :meth:`build`): mapping with another model is
+        refused.
+    """
+
+    def __init__(
+        self,
+        embedding: np.ndarray,
+        labels: Mapping[str, Sequence] | pd.DataFrame | None = None,
+        cell_names: Sequence[str] | None = None,
+        *,
+        metric: str = "cosine",
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        n_neighbors: int = 30,
+        search_epsilon: float = 0.1,
+        parallel_search: bool = False,
+        temperature: float | None = None,
+        unlabeled_category: str = "Unknown",
+        seed: int = 0,
+        model_fingerprint: str | None = None,
+        _graph: tuple[np.ndarray, np.ndarray] | None = None,
+        _calibration: np.ndarray | None = None,
+    ):
+        embedding = _as_embedding(embedding, "embedding")
+        n_cells = embedding.shape[0]
+        if n_cells < 2:
+            raise ValueError(f"A reference index needs at least two cells, got {n_cells}.")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        if n_neighbors < 2:
+            raise ValueError(f"n_neighbors must be at least 2, got {n_neighbors}.")
+        if search_epsilon < 0:
+            raise ValueError(f"search_epsilon must be non-negative, got {search_epsilon}.")
+        if metric == "cosine" and not (np.linalg.norm(embedding, axis=1) > 0).all():
+            raise ValueError("The embedding has all-zero rows, which have no direction for the cosine metric.")
+        self.embedding = embedding
+        self.cell_names = _cell_names(cell_names, n_cells)
+        self.unlabeled_category = unlabeled_category
+        self.labels = _label_levels(labels, n_cells, unlabeled_category)
+        self.metric = metric
+        self.device = _resolve_device(device)
+        if backend == "auto":
+            backend = "exact" if self.device.type == "cuda" or n_cells <= EXACT_CPU_MAX_CELLS else "pynndescent"
+        self.backend = backend
+        self.n_neighbors = int(min(n_neighbors, n_cells - 1))
+        self.search_epsilon = float(search_epsilon)
+        self.parallel_search = bool(parallel_search)
+        self.seed = int(seed)
+        self.model_fingerprint = model_fingerprint
+        self._graph = _graph
+        self._searcher = None
+        self._reference_tensor = None
+        self._prepare_search()
+        self._calibration = _calibration if _calibration is not None else self._calibration_distances()
+        self.temperature = float(temperature) if temperature is not None else self._default_temperature()
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: np.ndarray,
+        labels: Mapping[str, Sequence] | pd.DataFrame | None = None,
+        cell_names: Sequence[str] | None = None,
+        **kwargs,
+    ) -> ReferenceIndex:
+        """An index over a precomputed embedding (an atlas embedded elsewhere, a benchmark).
+
+        Parameters
+        ----------
+        embedding
+            ``(n_cells, n_latent)`` reference embedding.
+        labels
+            Label levels, one value per cell (a mapping of name to values, or a DataFrame).
+        cell_names
+            Names of the reference cells.
+        **kwargs
+            Options of :class:`ReferenceIndex` (``metric``, ``backend``, ``device``, ``n_neighbors``, ...).
+        """
+        return cls(embedding, labels, cell_names, **kwargs)
+
+    @classmethod
+    def build(
+        cls,
+        model,
+        adata_ref,
+        label_keys: Sequence[str] | str | None = None,
+        *,
+        use_rep: str | None = None,
+        batch_size: int = 4096,
+        layer: str | None = None,
+        log_normalized: bool | None = None,
+        gene_id_key: str | None = None,
+        min_gene_overlap: float = 0.5,
+        temperature: float | None = None,
+        **kwargs,
+    ) -> ReferenceIndex:
+        """Embed a reference AnnData with a trained model and index it.
+
+        Parameters
+        ----------
+        model
+            A trained :class:`~cellular.CELLULAR` model.
+        adata_ref
+            The reference cells (not modified).
+        label_keys
+            Columns of ``adata_ref.obs`` to transfer (one or more label levels); the model's ``labels_key`` when
+            ``None`` and present in ``adata_ref.obs``.
+        use_rep
+            Key of ``adata_ref.obsm`` already holding this model's embedding of ``adata_ref``; embedded now when
+            ``None``.
+        batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+            How to read and embed ``adata_ref``, as in :meth:`~cellular.CELLULAR.get_latent_representation`
+            (``layer=None`` means the layer used in training).
+        temperature
+            Kernel width of the label vote; the model's learned temperature when ``None`` and ``metric="cosine"``,
+            so the vote weights neighbours as the CELLULAR loss does.
+        **kwargs
+            Options of :class:`ReferenceIndex` (``metric``, ``backend``, ``device``, ``n_neighbors``, ``seed``, ...).
+        """
+        model._require_trained()
+        label_keys = _label_keys(label_keys, adata_ref, model.setup_args["labels_key"])
+        labels = {key: adata_ref.obs[key].to_numpy() for key in label_keys}
+        if use_rep is not None:
+            if use_rep not in adata_ref.obsm:
+                raise KeyError(f"use_rep={use_rep!r} is not in adata_ref.obsm (keys: {list(adata_ref.obsm.keys())}).")
+            embedding = np.asarray(adata_ref.obsm[use_rep], dtype=np.float32)
+            if embedding.shape != (adata_ref.n_obs, model.n_latent):
+                raise ValueError(
+                    f"adata_ref.obsm[{use_rep!r}] has shape {embedding.shape}, but the model embeds into "
+                    f"{model.n_latent} dimensions; pass use_rep=None to embed the reference now."
+                )
+        else:
+            embedding = model.get_latent_representation(
+                adata_ref,
+                batch_size=batch_size,
+                layer=model.setup_args["layer"] if layer is None else layer,
+                log_normalized=log_normalized,
+                gene_id_key=gene_id_key,
+                min_gene_overlap=min_gene_overlap,
+            )
+        if temperature is None and kwargs.get("metric", "cosine") == "cosine":
+            temperature = float(model.module.temperature.detach())
+        return cls(
+            embedding,
+            labels,
+            adata_ref.obs_names,
+            temperature=temperature,
+            model_fingerprint=model.fingerprint,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------- properties
+    @property
+    def n_cells(self) -> int:
+        """Number of reference cells."""
+        return self.embedding.shape[0]
+
+    @property
+    def n_latent(self) -> int:
+        """Embedding dimension."""
+        return self.embedding.shape[1]
+
+    @property
+    def label_levels(self) -> list[str]:
+        """Names of the label levels."""
+        return list(self.labels)
+
+    def __repr__(self) -> str:
+        levels = ", ".join(f"{name} ({len(values.categories)} classes)" for name, values in self.labels.items())
+        return (
+            f"ReferenceIndex: {self.n_cells} cells x {self.n_latent} dims, {self.metric} metric, {self.backend} "
+            f"backend on {self.device}; labels: {levels or 'none'}."
+        )
+
+    # ------------------------------------------------------------------ search
+    def _search_data(self) -> np.ndarray:
+        if self.metric == "cosine":
+            return _unit_rows(self.embedding)
+        return self.embedding
+
+    def _prepare_search(self) -> None:
+        data = np.ascontiguousarray(self._search_data())
+        self._reference_tensor = torch.from_numpy(data).to(self.device)
+        if self.backend == "pynndescent":
+            if self._graph is None:
+                logger.info("Building the pynndescent graph of %d reference cells.", self.n_cells)
+                self._graph = _nndescent.build_graph(data, self.n_neighbors, self.seed)
+            self._searcher = _nndescent.searcher_from_graph(data, *self._graph, self.seed, self.parallel_search)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend == "pynndescent":
+            indices = _nndescent.search(self._searcher, queries, k, self.search_epsilon)
+            # Distances recomputed in torch: pynndescent's fastmath kernels can differ in the last bit between two
+            # copies of the same data, and this way both backends share one formula.
+            distances = neighbor_distances(self._reference_tensor, queries, indices, metric=self.metric)
+            order = np.argsort(distances, axis=1, kind="stable")
+            return np.take_along_axis(indices, order, axis=1), np.take_along_axis(distances, order, axis=1)
+        return exact_knn(self._reference_tensor, queries, k, metric=self.metric)
+
+    def query(self, embedding: np.ndarray, k: int = 15) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest reference cells of each query cell.
+
+        Parameters
+        ----------
+        embedding
+            ``(n_query, n_latent)`` query embedding, made by the model that embedded the reference.
+        k
+            Neighbours per cell.
+
+        Returns
+        -------
+        ``(indices, distances)``: ``(n_query, k)`` reference row numbers (int64) and distances (float32; ``1 - cos``
+        for the cosine metric), nearest first.
+        """
+        queries = self._check_queries(embedding)
+        k = self._check_k(k)
+        if queries.shape[0] == 0:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        if self.metric == "cosine":
+            queries = _unit_rows(queries)
+        return self._search(queries, k)
+
+    def _check_queries(self, embedding) -> np.ndarray:
+        queries = _as_embedding(embedding, "query embedding")
+        if queries.shape[1] != self.n_latent:
+            raise ValueError(
+                f"The query embedding has {queries.shape[1]} dimensions but the reference has {self.n_latent}; "
+                "embed the query with the model that embedded the reference."
+            )
+        if self.metric == "cosine" and not (np.linalg.norm(queries, axis=1) > 0).all():
+            raise ValueError("The query embedding has all-zero rows, which have no direction for the cosine metric.")
+        return queries
+
+    def _check_k(self, k: int) -> int:
+        if not 1 <= int(k) <= self.n_cells:
+            raise ValueError(f"k must lie between 1 and the number of reference cells ({self.n_cells}), got {k}.")
+        return int(k)
+
+    # --------------------------------------------------------- label transfer
+    def transfer_labels(
+        self,
+        embedding: np.ndarray,
+        *,
+        k: int = 15,
+        levels: Sequence[str] | None = None,
+        weighting: str = "distance",
+        temperature: float | None = None,
+        min_probability: float = 0.5,
+        unknown_label: str = "Unknown",
+    ) -> LabelTransfer:
+        """Transfer reference labels to query cells by a distance-weighted vote of their ``k`` neighbours.
+
+        Parameters
+        ----------
+        embedding
+            ``(n_query, n_latent)`` query embedding.
+        k
+            Neighbours that vote.
+        levels
+            Label levels to transfer; all when ``None``.
+        weighting
+            ``"distance"`` (weights ``exp(-distance / temperature)``) or ``"uniform"``.
+        temperature
+            Kernel width; the index's ``temperature`` when ``None``.
+        min_probability
+            Cells whose largest vote share is below this value get ``unknown_label``.
+        unknown_label
+            Label of unassigned cells; must not be a reference class.
+
+        Returns
+        -------
+        The neighbours, per-level labels, vote shares and uncertainty, and the distance summary.
+        """
+        levels = self.label_levels if levels is None else list(levels)
+        unknown = [level for level in levels if level not in self.labels]
+        if unknown:
+            raise KeyError(f"Label level(s) {unknown} are not in the index (levels: {self.label_levels}).")
+        if not 0.0 <= min_probability <= 1.0:
+            raise ValueError(f"min_probability must lie in [0, 1], got {min_probability}.")
+        for level in levels:
+            if unknown_label in self.labels[level].categories:
+                raise ValueError(
+                    f"unknown_label={unknown_label!r} is a class of label level {level!r}; pass another unknown_label."
+                )
+        indices, distances = self.query(embedding, k)
+        weights = neighbor_weights(
+            distances, weighting=weighting, temperature=self.temperature if temperature is None else temperature
+        )
+        mean_distance = distances.mean(axis=1)
+        result = LabelTransfer(
+            indices=indices,
+            distances=distances,
+            mean_distance=mean_distance,
+            distance_pvalue=conformal_pvalues(self.reference_mean_distances(indices.shape[1]), mean_distance),
+        )
+        for level in levels:
+            values = self.labels[level]
+            classes = [str(c) for c in values.categories]
+            codes = np.asarray(values.codes, dtype=np.int64)
+            probabilities = vote(codes[indices], weights, len(classes))
+            best = probabilities.max(axis=1, initial=0.0)
+            assigned = np.where(best >= min_probability, probabilities.argmax(axis=1), len(classes))
+            assigned[best == 0] = len(classes)
+            result.labels[level] = pd.Categorical.from_codes(assigned, categories=[*classes, unknown_label])
+            result.probabilities[level] = probabilities.astype(np.float32)
+            result.classes[level] = classes
+            result.uncertainty[level] = (1.0 - best).astype(np.float32)
+        return result
+
+    # ------------------------------------------------------------- calibration
+    def _calibration_distances(self, n_neighbors: int = _CALIBRATION_NEIGHBORS) -> np.ndarray:
+        """Sorted distances of a sample of reference cells to their nearest *other* reference cells."""
+        rng = np.random.default_rng(self.seed)
+        n_sample = min(self.n_cells, _N_CALIBRATION_CELLS)
+        sample = np.sort(rng.choice(self.n_cells, n_sample, replace=False))
+        n_neighbors = min(n_neighbors, self.n_cells - 1)
+        queries = self.embedding[sample]
+        if self.metric == "cosine":
+            queries = _unit_rows(queries)
+        indices, distances = self._search(queries, n_neighbors + 1)
+        # Drop each cell itself (or, if the search missed it, its farthest neighbour).
+        is_self = indices == sample[:, None]
+        is_self[~is_self.any(axis=1), -1] = True
+        first_self = is_self.argmax(axis=1)
+        keep = np.ones_like(is_self)
+        keep[np.arange(n_sample), first_self] = False
+        return distances[keep].reshape(n_sample, n_neighbors)
+
+    def reference_mean_distances(self, k: int) -> np.ndarray:
+        """Mean distance of a sample of reference cells (up to 5,000) to their ``k`` nearest other reference cells.
+
+        The yardstick for query distances: a query cell as close to the atlas as atlas cells are to each other
+        falls inside this distribution.
+        """
+        k = self._check_k(k)
+        if k > self._calibration.shape[1]:
+            self._calibration = self._calibration_distances(k)
+        return self._calibration[:, :k].mean(axis=1)
+
+    def _default_temperature(self) -> float:
+        column = min(15, self._calibration.shape[1]) - 1
+        scale = float(np.median(self._calibration[:, column]))
+        return scale if scale > 0 else 1.0
+
+    # -------------------------------------------------------------- save/load
+    def save(self, dir_path: str | Path, overwrite: bool = False) -> None:
+        """Write the index to a folder: ``index.json`` (metadata) and ``arrays.npz`` (arrays, no pickled objects).
+
+        The pynndescent graph is stored, so loading does not run NN-descent again.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write; created if missing.
+        overwrite
+            Replace an index already saved there.
+        """
+        dir_path = Path(dir_path)
+        if (dir_path / _METADATA_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{dir_path} already holds a reference index; pass overwrite=True to replace it.")
+        dir_path.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "package_version": version("cellular-sc"),
+            "metric": self.metric,
+            "backend": self.backend,
+            "n_neighbors": self.n_neighbors,
+            "search_epsilon": self.search_epsilon,
+            "parallel_search": self.parallel_search,
+            "temperature": self.temperature,
+            "unlabeled_category": self.unlabeled_category,
+            "seed": self.seed,
+            "model_fingerprint": self.model_fingerprint,
+            "levels": {name: [str(c) for c in values.categories] for name, values in self.labels.items()},
+        }
+        arrays = {
+            "embedding": self.embedding,
+            "cell_names": np.asarray(self.cell_names, dtype=str),
+            "calibration": self._calibration,
+        }
+        for position, values in enumerate(self.labels.values()):
+            arrays[f"label_codes_{position}"] = np.asarray(values.codes, dtype=np.int32)
+        if self._graph is not None:
+            arrays["graph_indices"], arrays["graph_distances"] = self._graph
+        with open(dir_path / _ARRAYS_FILE, "wb") as handle:
+            np.savez(handle, **arrays)
+        (dir_path / _METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        *,
+        backend: str | None = None,
+        device: str | torch.device | None = None,
+        parallel_search: bool | None = None,
+    ) -> ReferenceIndex:
+        """Read an index written by :meth:`save` (arrays read with ``allow_pickle=False``).
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        backend
+            Search backend; as saved when ``None``. Switching to pynndescent from an index saved without a graph
+            builds the graph now.
+        device
+            Device of the exact search.
+        parallel_search
+            Parallel pynndescent queries; as saved when ``None``.
+        """
+        dir_path = Path(dir_path)
+        metadata_path = dir_path / _METADATA_FILE
+        if not metadata_path.exists():
+            raise FileNotFoundError(f"No saved reference index in {dir_path} ({_METADATA_FILE} is missing).")
+        metadata = json.loads(metadata_path.read_text())
+        if metadata.get("format") != _FORMAT or metadata.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{dir_path} holds a file of format {metadata.get('format')!r} version "
+                f"{metadata.get('format_version')!r}; this cellular-sc ({version('cellular-sc')}) reads "
+                f"{_FORMAT!r} version {_FORMAT_VERSION}. Rebuild the index with ReferenceIndex.build."
+            )
+        with np.load(dir_path / _ARRAYS_FILE, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        labels = {
+            name: pd.Categorical.from_codes(arrays[f"label_codes_{position}"], categories=categories)
+            for position, (name, categories) in enumerate(metadata["levels"].items())
+        }
+        graph = None
+        if "graph_indices" in arrays:
+            graph = (arrays["graph_indices"], arrays["graph_distances"])
+        return cls(
+            arrays["embedding"],
+            labels,
+            arrays["cell_names"],
+            metric=metadata["metric"],
+            backend=metadata["backend"] if backend is None else backend,
+            device=device,
+            n_neighbors=metadata["n_neighbors"],
+            search_epsilon=metadata["search_epsilon"],
+            parallel_search=metadata["parallel_search"] if parallel_search is None else parallel_search,
+            temperature=metadata["temperature"],
+            unlabeled_category=metadata["unlabeled_category"],
+            seed=metadata["seed"],
+            model_fingerprint=metadata["model_fingerprint"],
+            _graph=graph,
+            _calibration=arrays["calibration"],
+        )
+
+
+def _as_embedding(values, what: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"The {what} must be a 2-d array (cells x dimensions), got shape {array.shape}.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"The {what} contains NaN or infinite values; embed the cells again or remove those rows.")
+    return np.ascontiguousarray(array)
+
+
+def _unit_rows(values: np.ndarray) -> np.ndarray:
+    return values / np.linalg.norm(values, axis=1, keepdims=True)
+
+
+def _cell_names(cell_names, n_cells: int) -> pd.Index:
+    if cell_names is None:
+        return pd.Index([str(i) for i in range(n_cells)])
+    names = pd.Index([str(name) for name in cell_names])
+    if len(names) != n_cells:
+        raise ValueError(f"Got {len(names)} cell names for {n_cells} reference cells.")
+    return names
+
+
+def _label_levels(labels, n_cells: int, unlabeled_category: str) -> dict[str, pd.Categorical]:
+    if labels is None:
+        return {}
+    if isinstance(labels, pd.DataFrame):
+        labels = {str(column): labels[column].to_numpy() for column in labels.columns}
+    levels = {}
+    for name, values in labels.items():
+        values = pd.Series(np.asarray(values, dtype=object))
+        if len(values) != n_cells:
+            raise ValueError(f"Label level {name!r} has {len(values)} values for {n_cells} reference cells.")
+        text = values.astype(str).where(values.notna() & (values.astype(str) != unlabeled_category))
+        categorical = pd.Categorical(text)
+        if len(categorical.categories) == 0:
+            raise ValueError(f"Label level {name!r} has no labelled reference cells.")
+        levels[str(name)] = categorical
+    return levels
+
+
+def _label_keys(label_keys, adata_ref, model_labels_key: str) -> list[str]:
+    if label_keys is None:
+        label_keys = [model_labels_key] if model_labels_key in adata_ref.obs else []
+    elif isinstance(label_keys, str):
+        label_keys = [label_keys]
+    missing = [key for key in label_keys if key not in adata_ref.obs]
+    if missing:
+        raise KeyError(
+            f"label_keys {missing} are not columns of adata_ref.obs (columns: {list(adata_ref.obs.columns)}). "
+            "Pass the columns holding the reference labels."
+        )
+    return list(label_keys)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available; use device='cpu'.")
+    return device

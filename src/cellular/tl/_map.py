@@ -1,0 +1,248 @@
+"""``tl.cellular_map``: map query cells onto a reference atlas and transfer its labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from cellular.index import ReferenceIndex
+from cellular.model import CELLULAR
+from cellular.model._common import SAME_AS_TRAINING
+
+from ._common import check_model, model_record, package_uns, query_embedding
+
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def cellular_map(
+    adata: AnnData,
+    model: CELLULAR,
+    index: ReferenceIndex | None = None,
+    *,
+    k: int = 15,
+    key_added: str = "cellular",
+    levels: list[str] | None = None,
+    weighting: str = "distance",
+    temperature: float | None = None,
+    min_probability: float = 0.5,
+    unknown_label: str = "Unknown",
+    use_rep: str | None = None,
+    batch_size: int = 4096,
+    layer: str | None = SAME_AS_TRAINING,
+    log_normalized: bool | None = None,
+    gene_id_key: str | None = None,
+    min_gene_overlap: float = 0.5,
+    copy: bool = False,
+) -> AnnData | None:
+    """Map query cells onto a reference atlas: embed them, find their reference neighbours, transfer labels.
+
+    The query needs no labels or batches; its genes are matched to the model's by name (or id), in any order,
+    with missing genes set to zero (a warning says how many) and an error below ``min_gene_overlap``. Each label
+    level of the index is transferred by a distance-weighted vote of the ``k`` nearest reference cells.
+
+    Parameters
+    ----------
+    adata
+        Query cells.
+    model
+        The trained :class:`~cellular.CELLULAR` model that embedded the reference.
+    index
+        The reference index (:meth:`cellular.ReferenceIndex.build`); the model's ``reference_index_`` when ``None``.
+    k
+        Reference neighbours per query cell.
+    key_added
+        Prefix of every slot written.
+    levels
+        Label levels to transfer; all levels of the index when ``None``.
+    weighting
+        ``"distance"`` (weights ``exp(-distance / temperature)``) or ``"uniform"``.
+    temperature
+        Kernel width of the distance weights; the index's when ``None`` (the model's learned temperature for an
+        index built from the model).
+    min_probability
+        Cells whose largest vote share is below this value are labelled ``unknown_label``.
+    unknown_label
+        Label of unassigned cells.
+    use_rep
+        Key of ``adata.obsm`` already holding this model's embedding of ``adata``; embedded now when ``None``.
+    batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+        How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    copy
+        Work on and return a copy of ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``. Writes, for every label level ``L``:
+
+    ``adata.obsm['X_' + key_added]``
+        ``(n_cells, n_latent)`` query embedding.
+    ``adata.obs[key_added + '_' + L]``
+        Transferred label: the reference classes of ``L`` plus ``unknown_label`` (categorical).
+    ``adata.obs[key_added + '_' + L + '_uncertainty']``
+        ``1 -`` the largest weighted vote share.
+    ``adata.obsm[key_added + '_' + L + '_probabilities']``
+        ``(n_cells, n_classes)`` vote shares; column order in ``uns``.
+    ``adata.obs[key_added + '_distance']``
+        Mean distance to the ``k`` reference neighbours (``1 - cos`` for the cosine metric).
+    ``adata.obs[key_added + '_distance_pvalue']``
+        Conformal p-value of that distance against reference cells' distances to the rest of the reference (small:
+        the cell lies farther from the atlas than atlas cells do).
+    ``adata.obsm[key_added + '_neighbor_indices']``, ``adata.obsm[key_added + '_neighbor_distances']``
+        ``(n_cells, k)`` reference row numbers (order of ``index.cell_names``) and distances, nearest first.
+    ``adata.uns['cellular'][key_added + '_map']``
+        ``params``; ``levels`` (per level its ``classes`` and ``counts``, a DataFrame of cells per label);
+        ``distance_summary`` (DataFrame of quantiles of the mean neighbour distance for the query and for reference
+        cells).
+    """
+    check_model(model, classifier=False)
+    if index is None:
+        index = getattr(model, "reference_index_", None)
+        if index is None:
+            raise ValueError(
+                "No reference index: pass index=..., or build one with model.build_reference_index(adata_ref) "
+                "(or cellular.ReferenceIndex.build(model, adata_ref))."
+            )
+    if not isinstance(index, ReferenceIndex):
+        raise TypeError(f"index must be a cellular.ReferenceIndex, got {type(index).__name__}.")
+    if index.n_latent != model.n_latent:
+        raise ValueError(
+            f"The index holds a {index.n_latent}-dimensional embedding but the model embeds into {model.n_latent} "
+            "dimensions; build the index with this model."
+        )
+    if index.model_fingerprint is not None and index.model_fingerprint != model.fingerprint:
+        raise ValueError(
+            "The reference index was built with a different model (its fingerprint does not match): query and "
+            "reference embeddings would not be comparable. Build the index with this model "
+            "(model.build_reference_index(adata_ref)) or use the model that built it."
+        )
+    if not index.labels:
+        raise ValueError("The reference index has no label levels to transfer; build it with label_keys=[...].")
+    if copy:
+        adata = adata.copy()
+    z, read_record = query_embedding(
+        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+    )
+    transfer = index.transfer_labels(
+        z,
+        k=k,
+        levels=levels,
+        weighting=weighting,
+        temperature=temperature,
+        min_probability=min_probability,
+        unknown_label=unknown_label,
+    )
+
+    adata.obsm[f"X_{key_added}"] = z
+    level_records = {}
+    for level, labels in transfer.labels.items():
+        adata.obs[f"{key_added}_{level}"] = pd.Categorical(labels, categories=labels.categories)
+        adata.obs[f"{key_added}_{level}_uncertainty"] = transfer.uncertainty[level]
+        adata.obsm[f"{key_added}_{level}_probabilities"] = transfer.probabilities[level]
+        level_records[level] = {
+            "classes": transfer.classes[level],
+            "counts": pd.DataFrame(
+                {"n_cells": np.bincount(labels.codes, minlength=len(labels.categories))},
+                index=pd.Index([str(c) for c in labels.categories]),
+            ),
+        }
+    adata.obs[f"{key_added}_distance"] = transfer.mean_distance.astype(np.float32)
+    adata.obs[f"{key_added}_distance_pvalue"] = transfer.distance_pvalue.astype(np.float32)
+    adata.obsm[f"{key_added}_neighbor_indices"] = transfer.indices
+    adata.obsm[f"{key_added}_neighbor_distances"] = transfer.distances
+    reference_distances = index.reference_mean_distances(k)
+    package_uns(adata)[f"{key_added}_map"] = {
+        "params": {
+            "k": int(k),
+            "levels": list(transfer.labels),
+            "weighting": weighting,
+            "temperature": float(index.temperature if temperature is None else temperature),
+            "min_probability": float(min_probability),
+            "unknown_label": unknown_label,
+            "metric": index.metric,
+            "backend": index.backend,
+            "n_reference_cells": int(index.n_cells),
+            **read_record,
+            "model": model_record(model),
+        },
+        "levels": level_records,
+        "distance_summary": pd.DataFrame(
+            {
+                "query": np.quantile(transfer.mean_distance, _QUANTILES),
+                "reference": np.quantile(reference_distances, _QUANTILES),
+            },
+            index=pd.Index([f"q{int(q * 100):02d}" for q in _QUANTILES], name="quantile"),
+        ),
+    }
+    return adata if copy else None
+
+
+def join_reference_query(
+    adata: AnnData,
+    index: ReferenceIndex,
+    *,
+    key_added: str = "cellular",
+    source_key: str = "dataset",
+    max_reference_cells: int | None = None,
+    seed: int = 0,
+) -> AnnData:
+    """Reference and mapped query cells in one AnnData, for a joint UMAP or plot.
+
+    Run :func:`cellular_map` on ``adata`` first. Expression is not copied: the result holds the joint embedding and
+    labels only, so it stays small for atlases of millions of cells.
+
+    Parameters
+    ----------
+    adata
+        Query cells mapped with :func:`cellular_map` (``key_added`` as there).
+    index
+        The reference index they were mapped onto.
+    key_added
+        ``key_added`` of :func:`cellular_map`.
+    source_key
+        Name of the ``obs`` column telling reference from query cells.
+    max_reference_cells
+        Keep at most this many reference cells (a uniform random sample); all when ``None``.
+    seed
+        Seed of that sample.
+
+    Returns
+    -------
+    AnnData with no genes, reference cells first, and
+
+    ``obsm['X_' + key_added]``
+        Joint embedding.
+    ``obs[source_key]``
+        ``"reference"`` or ``"query"`` (categorical).
+    ``obs[L]`` for every transferred label level ``L``
+        Reference labels for reference cells (``index.unlabeled_category`` where unlabelled), transferred labels
+        for query cells.
+    """
+    record = adata.uns.get("cellular", {}).get(f"{key_added}_map")
+    embedding_key = f"X_{key_added}"
+    if record is None or embedding_key not in adata.obsm:
+        raise KeyError(
+            f"adata holds no mapping under key_added={key_added!r}; run cellular.tl.cellular_map(adata, model, "
+            f"index, key_added={key_added!r}) first."
+        )
+    if adata.obsm[embedding_key].shape[1] != index.n_latent:
+        raise ValueError(f"adata.obsm[{embedding_key!r}] does not match the index's {index.n_latent} dimensions.")
+    reference_rows = np.arange(index.n_cells)
+    if max_reference_cells is not None and max_reference_cells < index.n_cells:
+        rng = np.random.default_rng(seed)
+        reference_rows = np.sort(rng.choice(index.n_cells, max_reference_cells, replace=False))
+    n_reference = reference_rows.size
+    obs = pd.DataFrame(
+        {source_key: pd.Categorical(["reference"] * n_reference + ["query"] * adata.n_obs, ["reference", "query"])},
+        index=pd.Index([*index.cell_names[reference_rows], *adata.obs_names.astype(str)]),
+    )
+    for level in record["params"]["levels"]:
+        reference_labels = pd.Series(index.labels[level][reference_rows]).astype(object)
+        reference_labels = reference_labels.fillna(index.unlabeled_category).astype(str).to_numpy()
+        query_labels = adata.obs[f"{key_added}_{level}"].astype(str).to_numpy()
+        obs[level] = pd.Categorical(np.concatenate([reference_labels, query_labels]))
+    embedding = np.vstack([index.embedding[reference_rows], np.asarray(adata.obsm[embedding_key], dtype=np.float32)])
+    joint = AnnData(obs=obs, obsm={embedding_key: embedding})
+    if not joint.obs_names.is_unique:
+        joint.obs_names_make_unique()
+    return joint

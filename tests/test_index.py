@@ -1,0 +1,192 @@
+"""ReferenceIndex, exact kNN and label transfer, checked against naive implementations."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cellular
+from cellular.index import _exact, exact_knn, neighbor_weights, vote
+
+
+def _clustered(n_cells, n_latent=16, n_types=4, seed=0, spread=0.3):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).standard_normal((n_types, n_latent))
+    types = rng.integers(0, n_types, n_cells)
+    return (centres[types] + spread * rng.standard_normal((n_cells, n_latent))).astype(np.float32), types
+
+
+def _naive_knn(reference, queries, k, metric):
+    if metric == "cosine":
+        r = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+        q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        distances = 1.0 - q.astype(np.float64) @ r.T.astype(np.float64)
+    else:
+        distances = np.sqrt(((queries[:, None, :].astype(np.float64) - reference[None]) ** 2).sum(-1))
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(distances, order, axis=1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_knn_matches_brute_force_across_chunks(metric, monkeypatch):
+    import torch
+
+    reference, _ = _clustered(700, seed=1)
+    queries, _ = _clustered(90, seed=2)
+    if metric == "cosine":
+        reference_input = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+        queries_input = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    else:
+        reference_input, queries_input = reference, queries
+    expected_index, expected_distance = _naive_knn(reference, queries, 12, metric)
+    # Small blocks force several query and reference chunks, exercising the running top-k merge.
+    monkeypatch.setattr(_exact, "_SCORE_BLOCK_ELEMENTS", 32 * 50)
+    indices, distances = exact_knn(torch.from_numpy(reference_input), queries_input, 12, metric=metric, query_chunk=32)
+    np.testing.assert_allclose(distances, expected_distance, atol=1e-4)
+    assert (np.sort(indices, axis=1) == np.sort(expected_index, axis=1)).mean() > 0.99
+    assert (np.diff(distances, axis=1) >= -1e-6).all()
+
+
+def test_vote_matches_naive_loop():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 5, size=(200, 9))
+    codes[0] = -1  # a cell whose neighbours are all unlabelled
+    weights = rng.uniform(0.1, 2.0, size=codes.shape)
+    probabilities = vote(codes, weights, 5)
+    expected = np.zeros((200, 5))
+    for cell in range(200):
+        for neighbour in range(9):
+            if codes[cell, neighbour] >= 0:
+                expected[cell, codes[cell, neighbour]] += weights[cell, neighbour]
+        total = expected[cell].sum()
+        if total > 0:
+            expected[cell] /= total
+    np.testing.assert_allclose(probabilities, expected, atol=1e-12)
+    assert probabilities[0].sum() == 0
+
+
+def test_distance_weights_are_a_softmax_of_negative_distances():
+    distances = np.array([[0.1, 0.2, 0.5], [1.0, 1.0, 3.0]])
+    weights = neighbor_weights(distances, weighting="distance", temperature=0.25)
+    ratio = weights / weights.sum(axis=1, keepdims=True)
+    softmax = np.exp(-distances / 0.25) / np.exp(-distances / 0.25).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(ratio, softmax)
+    np.testing.assert_array_equal(neighbor_weights(distances, weighting="uniform", temperature=1.0), 1.0)
+    with pytest.raises(ValueError, match="weighting"):
+        neighbor_weights(distances, weighting="gaussian", temperature=1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        neighbor_weights(distances, weighting="distance", temperature=0.0)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_index_query_and_label_transfer(metric):
+    reference, types = _clustered(1500, spread=1.2)
+    queries, query_types = _clustered(300, seed=5, spread=1.2)
+    names = np.array(["alpha", "beta", "gamma", "delta"])
+    lineage = np.array(["one", "one", "two", "two"])
+    labels = {"cell_type": names[types], "lineage": lineage[types]}
+    index = cellular.ReferenceIndex.from_embedding(reference, labels, metric=metric, backend="exact", device="cpu")
+    assert index.backend == "exact" and index.label_levels == ["cell_type", "lineage"]
+
+    indices, distances = index.query(queries, k=10)
+    expected_index, expected_distance = _naive_knn(reference, queries, 10, metric)
+    np.testing.assert_allclose(distances, expected_distance, atol=1e-4)
+    assert (np.sort(indices, axis=1) == np.sort(expected_index, axis=1)).mean() > 0.99
+
+    result = index.transfer_labels(queries, k=10, min_probability=0.0)
+    assert (np.asarray(result.labels["cell_type"]) == names[query_types]).mean() > 0.85
+    assert (np.asarray(result.labels["lineage"]) == lineage[query_types]).mean() > 0.85
+    np.testing.assert_allclose(result.probabilities["cell_type"].sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        result.uncertainty["cell_type"], 1.0 - result.probabilities["cell_type"].max(axis=1), atol=1e-6
+    )
+    # Raising the threshold turns exactly the cells below it into "Unknown".
+    strict = index.transfer_labels(queries, k=10, min_probability=0.9)
+    below = result.probabilities["cell_type"].max(axis=1) < 0.9
+    assert below.any()
+    np.testing.assert_array_equal(np.asarray(strict.labels["cell_type"]) == "Unknown", below)
+
+
+def test_unlabelled_reference_cells_do_not_vote():
+    reference, types = _clustered(400)
+    labels = np.where(types == 0, "Unknown", np.array(["a", "b", "c", "d"])[types])
+    index = cellular.ReferenceIndex.from_embedding(reference, {"cell_type": labels}, backend="exact", device="cpu")
+    assert list(index.labels["cell_type"].categories) == ["b", "c", "d"]
+    type0 = reference[types == 0][:20]
+    result = index.transfer_labels(type0, k=5, min_probability=0.0)
+    # Their neighbours are (almost) all unlabelled type-0 cells: no vote, so "Unknown" with uncertainty 1.
+    assert (np.asarray(result.labels["cell_type"]) == "Unknown").mean() > 0.8
+
+
+def test_distance_pvalues_are_uniform_for_reference_like_cells_and_small_for_far_ones():
+    reference, _ = _clustered(3000)
+    same, _ = _clustered(1000, seed=9)
+    far = same + 3.0 * np.random.default_rng(1).standard_normal(same.shape).astype(np.float32)
+    labels = {"t": np.zeros(3000, dtype=int)}
+    index = cellular.ReferenceIndex.from_embedding(reference, labels, metric="euclidean", backend="exact", device="cpu")
+    near = index.transfer_labels(same, k=15).distance_pvalue
+    away = index.transfer_labels(far, k=15).distance_pvalue
+    assert abs((near <= 0.1).mean() - 0.1) < 0.05
+    assert (away <= 0.05).mean() > 0.95
+
+
+def test_index_rejects_bad_input():
+    reference, types = _clustered(100)
+    with pytest.raises(ValueError, match="backend"):
+        cellular.ReferenceIndex.from_embedding(reference, backend="faiss")
+    with pytest.raises(ValueError, match="metric"):
+        cellular.ReferenceIndex.from_embedding(reference, metric="manhattan")
+    with pytest.raises(ValueError, match="NaN"):
+        cellular.ReferenceIndex.from_embedding(np.where(reference > 2, np.nan, reference))
+    with pytest.raises(ValueError, match="values for 100 reference cells"):
+        cellular.ReferenceIndex.from_embedding(reference, {"cell_type": types[:50]})
+    index = cellular.ReferenceIndex.from_embedding(reference, {"cell_type": types.astype(str)}, backend="exact")
+    with pytest.raises(ValueError, match="dimensions"):
+        index.query(reference[:, :5])
+    with pytest.raises(ValueError, match="k must lie"):
+        index.query(reference, k=101)
+    with pytest.raises(KeyError, match="lineage"):
+        index.transfer_labels(reference, levels=["lineage"])
+    with pytest.raises(ValueError, match="unknown_label"):
+        index.transfer_labels(reference, unknown_label="1")
+    with pytest.raises(ValueError, match="min_probability"):
+        index.transfer_labels(reference, min_probability=1.5)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        cellular.ReferenceIndex.from_embedding(reference, device="cuda")
+
+
+def test_auto_backend_choice(monkeypatch):
+    from cellular.index import _reference
+
+    reference, _ = _clustered(300)
+    assert cellular.ReferenceIndex.from_embedding(reference, device="cpu").backend == "exact"
+    monkeypatch.setattr(_reference, "EXACT_CPU_MAX_CELLS", 100)
+    assert cellular.ReferenceIndex.from_embedding(reference, device="cpu").backend == "pynndescent"
+
+
+@pytest.mark.parametrize("backend", ["exact", "pynndescent"])
+def test_save_load_round_trip_is_exact(tmp_path, backend):
+    reference, types = _clustered(2000)
+    queries, _ = _clustered(200, seed=3)
+    labels = pd.DataFrame({"cell_type": np.array(list("abcd"))[types], "lineage": np.array(list("xxyy"))[types]})
+    names = [f"ref_{i}" for i in range(2000)]
+    index = cellular.ReferenceIndex.from_embedding(reference, labels, names, backend=backend, device="cpu", seed=4)
+    index.save(tmp_path / "index")
+    with pytest.raises(FileExistsError):
+        index.save(tmp_path / "index")
+    loaded = cellular.ReferenceIndex.load(tmp_path / "index")
+    assert loaded.backend == backend and list(loaded.cell_names) == names
+    assert loaded.temperature == index.temperature
+    for a, b in zip(index.query(queries, k=15), loaded.query(queries, k=15), strict=True):
+        np.testing.assert_array_equal(a, b)
+    first, second = index.transfer_labels(queries), loaded.transfer_labels(queries)
+    for level in ("cell_type", "lineage"):
+        np.testing.assert_array_equal(np.asarray(first.labels[level]), np.asarray(second.labels[level]))
+        np.testing.assert_array_equal(first.probabilities[level], second.probabilities[level])
+    np.testing.assert_array_equal(first.distance_pvalue, second.distance_pvalue)
+    # Nothing in the folder needs pickle.
+    with np.load(tmp_path / "index" / "arrays.npz", allow_pickle=False) as stored:
+        assert all(stored[name].dtype != object for name in stored.files)
