@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 SEARCH_LEAF_SIZE = 60
 """Leaf size of the search tree that seeds each query: large leaves give good starting points and rarely leave a

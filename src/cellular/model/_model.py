@@ -147,31 +147,23 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             None if gene_id_key is None else [str(g) for g in adata.var[gene_id_key].to_numpy()[gene_index]]
         )
         self.gene_count_fractions: np.ndarray | None = None
+        # One read of the model's genes: with target_sum=1 the size factors are 1 / (total over the model's genes).
+        expression, _ = read_expression(
+            adata, genes, layer=layer, log_normalized=log_normalized, target_sum=None if log_normalized else 1.0
+        )
+        self.gene_count_fractions: np.ndarray | None = None
         if log_normalized:
             target_sum = None
         else:
-            counts, _ = read_expression(adata, genes, layer=layer, log_normalized=True, target_sum=None)
-            model_library = library_sizes(counts.matrix)
-            if (model_library <= 0).any():
-                raise ValueError(
-                    f"{int((model_library <= 0).sum())} cells have no counts over the model's {len(genes)} genes; "
-                    "remove them (sc.pp.filter_cells) or use more genes (n_top_genes)."
-                )
+            inverse_library = expression.size_factors
             if target_sum is None:
-                target_sum = float(np.median(model_library))
-            shares = sp.diags(1.0 / model_library) @ counts.matrix
+                target_sum = float(np.median(1.0 / inverse_library))
+            shares = sp.diags(inverse_library) @ expression.matrix
             self.gene_count_fractions = np.asarray(shares.mean(axis=0), dtype=np.float64).reshape(-1)
-            del counts, shares
+            del shares
+            expression.size_factors = inverse_library * target_sum
         self.target_sum: float | None = target_sum
         self.reference_index_: ReferenceIndex | None = None
-        expression, _ = read_expression(
-            adata,
-            genes,
-            layer=layer,
-            log_normalized=log_normalized,
-            target_sum=target_sum,
-            gene_count_fractions=self.gene_count_fractions,
-        )
         log_expression = expression.normalized_sparse()
         del expression
 

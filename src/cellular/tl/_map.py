@@ -136,7 +136,7 @@ def cellular_map(
     adata.obsm[f"X_{key_added}"] = z
     level_records = {}
     for level, labels in transfer.labels.items():
-        adata.obs[f"{key_added}_{level}"] = pd.Categorical(labels, categories=labels.categories)
+        adata.obs[f"{key_added}_{level}"] = labels
         adata.obs[f"{key_added}_{level}_uncertainty"] = transfer.uncertainty[level]
         adata.obsm[f"{key_added}_{level}_probabilities"] = transfer.probabilities[level]
         level_records[level] = {
