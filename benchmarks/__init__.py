@@ -1,0 +1,1 @@
+"""Benchmarks of cellular-sc (the field benchmark runner is ``python -m benchmarks.run``)."""

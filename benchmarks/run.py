@@ -1,0 +1,254 @@
+"""Field benchmark: CELLULAR against PCA, Harmony, scVI, scANVI, CellTypist, RandomForest and GBDT on real data.
+
+Tasks (each method is trained here, on the fold's training cells only):
+
+* ``lobo``: leave one batch out; annotation scores of the held-out batch (cells whose type occurs in training);
+* ``integration``: scIB metrics (scib-metrics) of the training + held-out cells' embedding on the same folds;
+* ``map``: a query dataset mapped onto a reference dataset on their shared genes (``--map-pairs QUERY:REFERENCE``);
+* ``novel``: leave one cell type out; AUROC / AUPRC of each method's novelty score for the removed type.
+
+    python -m benchmarks.run                                            # every task, method and default dataset
+    python -m benchmarks.run --tasks lobo --methods cellular pca_knn --datasets my_atlas.h5ad --seeds 0 1 2
+
+Each (task, dataset, seed) is written to ``OUT/raw/`` as soon as it finishes and is skipped when rerun (delete the
+file or pass ``--overwrite`` to redo it), so a long run can be resumed or split over processes. At the end every raw
+file under ``OUT/raw/`` is merged into ``OUT/results.csv`` (long format: task, dataset, fold, seed, method, metric,
+value), ``OUT/summary.md`` and figures (``OUT/*.png``); ``--report-only`` redoes just that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+TASKS = ("lobo", "integration", "map", "novel")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks._folds import LOBO_DATASETS, MAP_PAIRS, NOVEL_DATASETS
+    from benchmarks._methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="dataset names in --data-dir or paths to .h5ad files with obs['cell_type'] and obs['batch'] "
+        f"(default: lobo/integration {LOBO_DATASETS}, novel {NOVEL_DATASETS})",
+    )
+    parser.add_argument(
+        "--map-pairs",
+        nargs="+",
+        default=[f"{query}:{reference}" for query, reference in MAP_PAIRS],
+        help="QUERY:REFERENCE pairs for the map task",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap on every neural network's epochs")
+    parser.add_argument("--max-folds", type=int, default=None, help="use only the first N folds of each dataset")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per method (timings use these)")
+    parser.add_argument("--data-dir", default=os.environ.get("CELLULAR_DATA_DIR", "../shared/data"))
+    parser.add_argument("--out", default="benchmarks/results/field")
+    parser.add_argument("--overwrite", action="store_true", help="recompute raw results that already exist")
+    parser.add_argument("--report-only", action="store_true", help="only merge raw results and write the report")
+    parser.add_argument("--no-figures", action="store_true")
+    return parser.parse_args(argv)
+
+
+def limit_threads(threads: int) -> None:
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_fold(fold, methods, settings, score_annotation: bool, score_integration: bool) -> list[dict]:
+    from benchmarks._methods import METHODS, FoldCache
+    from benchmarks._scoring import PeakMemory, annotation_scores, novelty_scores, scib_scores
+
+    rows: list[dict] = []
+    cache = FoldCache()
+    embeddings = {}
+
+    def add(method: str, metric: str, value: float) -> None:
+        rows.append(
+            {
+                "task": fold.task,
+                "dataset": fold.dataset,
+                "fold": fold.name,
+                "seed": settings.seed,
+                "method": method,
+                "metric": metric,
+                "value": float(value),
+            }
+        )
+
+    summary = []
+    for key in methods:
+        method = METHODS[key]
+        try:
+            with PeakMemory() as memory:
+                output = method.run(fold, cache, settings)
+        except Exception:  # a failing baseline is reported, the run goes on
+            print(f"    {key} failed on {fold.dataset} / {fold.name}:\n{traceback.format_exc()}", flush=True)
+            add(key, "failed", 1.0)
+            continue
+        if score_annotation:
+            scores = annotation_scores(fold, output.probabilities)
+            summary.append(f"{key}={scores.get('macro_f1', float('nan')):.3f}")
+        elif fold.task == "novel":
+            scores = novelty_scores(fold, output.novelty)
+            summary.append(f"{key}={scores['auroc']:.3f}")
+        else:
+            scores = {}
+        for metric, value in scores.items():
+            add(key, metric, value)
+        add(key, "fit_seconds", output.fit_seconds)
+        add(key, "predict_seconds", output.predict_seconds)
+        add(key, "fit_cells_per_second", fold.train.n_obs / max(output.fit_seconds, 1e-9))
+        add(key, "predict_cells_per_second", fold.test.n_obs / max(output.predict_seconds, 1e-9))
+        add(key, "peak_rss_mb", memory.peak_mb)
+        if score_integration and method.embedding and output.embedding is not None:
+            embeddings[key] = output.embedding
+    if embeddings:
+        integration = scib_scores(fold, embeddings, settings.threads)
+        for key, metrics in integration.items():
+            for metric, value in metrics.items():
+                rows.append(
+                    {
+                        "task": "integration",
+                        "dataset": fold.dataset,
+                        "fold": fold.name,
+                        "seed": settings.seed,
+                        "method": key,
+                        "metric": metric,
+                        "value": float(value),
+                    }
+                )
+        summary.append("scIB total " + " ".join(f"{k}={m['Total']:.3f}" for k, m in integration.items()))
+    print(f"  {fold.task} {fold.dataset} / {fold.name} (seed {settings.seed}): " + " ".join(summary), flush=True)
+    return rows
+
+
+def jobs(args: argparse.Namespace):
+    """(shard name, fold kind, dataset spec) for every piece of work the arguments ask for."""
+    from benchmarks._folds import LOBO_DATASETS, NOVEL_DATASETS
+
+    wanted = set(args.tasks)
+    if wanted & {"lobo", "integration"}:
+        kind = "+".join(task for task in ("lobo", "integration") if task in wanted)
+        for spec in args.datasets or LOBO_DATASETS:
+            yield kind, "lobo", spec
+    if "map" in wanted:
+        for pair in args.map_pairs:
+            yield "map", "map", pair
+    if "novel" in wanted:
+        for spec in args.datasets or NOVEL_DATASETS:
+            yield "novel", "novel", spec
+
+
+def folds_for(kind: str, spec: str, data_dir: Path, seed: int):
+    from benchmarks._folds import dataset_name, load_dataset, lobo_folds, map_fold, novel_folds
+
+    if kind == "map":
+        query, _, reference = spec.partition(":")
+        if not reference:
+            raise ValueError(f"--map-pairs entries look like QUERY:REFERENCE, got {spec!r}")
+        yield map_fold(
+            dataset_name(query),
+            load_dataset(query, data_dir),
+            dataset_name(reference),
+            load_dataset(reference, data_dir),
+        )
+        return
+    adata = load_dataset(spec, data_dir)
+    if kind == "lobo":
+        if adata.obs["batch"].nunique() < 2:
+            print(f"  skipping {spec}: lobo needs at least two batches", flush=True)
+            return
+        yield from lobo_folds(dataset_name(spec), adata)
+    else:
+        yield from novel_folds(dataset_name(spec), adata, seed=seed)
+
+
+def shard_path(out: Path, shard: str, spec: str, seed: int) -> Path:
+    from benchmarks._folds import dataset_name
+
+    name = spec.replace(":", "_onto_") if ":" in spec else dataset_name(spec)
+    name = "_onto_".join(dataset_name(part) for part in name.split("_onto_"))
+    return out / "raw" / f"{shard}__{name}__seed{seed}.csv"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    limit_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    import pandas as pd
+
+    from benchmarks._methods import METHODS, Settings
+    from benchmarks._report import write_report
+
+    for name in ("scvi", "lightning", "pytorch_lightning", "lightning.pytorch", "cellular", "celltypist", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    out = Path(args.out)
+    data_dir = Path(args.data_dir)
+    methods = [key for key in args.methods if _available(METHODS[key].requires)]
+    for key in set(args.methods) - set(methods):
+        print(f"skipping {key}: it needs the package {METHODS[key].requires} (pip install -e '.[bench]')", flush=True)
+    if not args.report_only:
+        start = time.perf_counter()
+        for shard, kind, spec in jobs(args):
+            for seed in args.seeds:
+                path = shard_path(out, shard, spec, seed)
+                if path.exists() and not args.overwrite:
+                    print(f"{path} exists, skipped (--overwrite recomputes it)", flush=True)
+                    continue
+                settings = Settings(seed=seed, threads=args.threads, max_epochs=args.max_epochs)
+                rows = []
+                for number, fold in enumerate(folds_for(kind, spec, data_dir, seed)):
+                    if args.max_folds is not None and number >= args.max_folds:
+                        break
+                    rows += run_fold(fold, methods, settings, "lobo" in shard or kind == "map", "integration" in shard)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame(rows).to_csv(path, index=False)
+        print(f"benchmark work took {time.perf_counter() - start:.0f} s", flush=True)
+    machine = _machine(args.threads)
+    given = argv if argv is not None else sys.argv[1:]
+    reproduce = [arg for arg in given if arg not in ("--report-only", "--overwrite", "--no-figures")]
+    command = " ".join(["python -m benchmarks.run", *reproduce])
+    return write_report(out, command=command, machine=machine, figures=not args.no_figures)
+
+
+def _available(package: str | None) -> bool:
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def _machine(threads: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores, {threads} thread(s) per method, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+if __name__ == "__main__":
+    main()
