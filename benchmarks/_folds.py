@@ -85,6 +85,7 @@ def load_dataset(name_or_path: str, data_dir: Path) -> ad.AnnData:
 
 def _training_copy(adata: ad.AnnData) -> ad.AnnData:
     train = adata.copy()
+    train.obs[LABELS] = train.obs[LABELS].astype(str)
     train.obs[TRUE_LABELS] = train.obs[LABELS]
     counts = train.obs[LABELS].value_counts()
     rare = counts.index[counts < 2]

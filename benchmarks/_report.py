@@ -78,9 +78,9 @@ def resources_table(results: pd.DataFrame) -> str:
     metrics = {
         "fit_seconds": ("median fit s", "{:.1f}", "median"),
         "predict_seconds": ("median predict s", "{:.2f}", "median"),
-        "fit_cells_per_second": ("median fit cells/s", "{:,.0f}", "median"),
+        "fit_cells_per_second": ("median training cells / fit s", "{:,.0f}", "median"),
         "predict_cells_per_second": ("median predict cells/s", "{:,.0f}", "median"),
-        "peak_rss_mb": ("max peak RSS MB", "{:,.0f}", "max"),
+        "peak_rss_mb": ("max peak process RSS MB", "{:,.0f}", "max"),
     }
     rows = []
     for method in _order(part["method"].unique()):

@@ -101,7 +101,7 @@ def test_knn_vote_and_probability_alignment():
     reference = np.vstack([np.zeros((15, 2)), np.full((15, 2), 10.0)])
     labels = np.array(["a"] * 15 + ["b"] * 15)
     probabilities, distance = knn_vote(reference, labels, np.array([[0.0, 0.0], [10.0, 10.0]]), ["b", "a", "c"])
-    np.testing.assert_array_equal(probabilities, [[0, 1, 0], [1, 0, 0]])
+    np.testing.assert_allclose(probabilities, [[0, 1, 0], [1, 0, 0]])
     np.testing.assert_array_equal(distance, [0, 0])
     table = pd.DataFrame([[2.0, 2.0], [1.0, 3.0]], columns=["x", "b"])
     np.testing.assert_allclose(aligned(table, ["b", "a"]), [[1.0, 0.0], [1.0, 0.0]])
