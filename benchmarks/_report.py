@@ -180,6 +180,11 @@ def write_report(out: Path, *, command: str, machine: str, figures: bool = True)
         f"Machine: {machine}.  \nSeeds: {', '.join(map(str, seeds))} "
         "(values are means over folds, then mean ± sd over seeds when there are several; best per column in bold).",
     ]
+    coverage = []
+    for task, part in results.groupby("task", sort=False):
+        columns = part["fold"] if task == "map" else part["dataset"]
+        coverage.append(f"{task}: {', '.join(sorted(columns.unique()))} ({part['method'].nunique()} methods)")
+    sections.append("Results present: " + "; ".join(coverage) + ".")
     standing = standings(results)
     if standing:
         sections.append("### Targets\n\n" + "\n".join(standing))
