@@ -67,14 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def limit_threads(threads: int) -> None:
+def limit_library_threads(threads: int) -> None:
+    """Thread limits of the numerical libraries; only effective before they load, so only the script entry calls it
+    (``main`` called in-process, e.g. by the tests, leaves the environment alone)."""
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[variable] = str(threads)
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+        os.environ.setdefault(variable, str(threads))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def run_fold(fold, methods, settings, score_annotation: bool, score_integration: bool) -> list[dict]:
@@ -196,17 +194,32 @@ def shard_path(out: Path, shard: str, spec: str, seed: int) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    limit_threads(args.threads)
-    warnings.filterwarnings("ignore")
     import logging
 
+    import torch
+
+    quiet = ("scvi", "lightning", "pytorch_lightning", "lightning.pytorch", "cellular", "celltypist", "jax")
+    saved_levels = {name: logging.getLogger(name).level for name in quiet}
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run(args, argv)
+    finally:
+        torch.set_num_threads(saved_threads)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> Path:
     import pandas as pd
 
     from benchmarks._methods import METHODS, Settings
     from benchmarks._report import write_report
 
-    for name in ("scvi", "lightning", "pytorch_lightning", "lightning.pytorch", "cellular", "celltypist", "jax"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     out = Path(args.out)
     data_dir = Path(args.data_dir)
     methods = [key for key in args.methods if _available(METHODS[key].requires)]
@@ -251,4 +264,5 @@ def _machine(threads: int) -> str:
 
 
 if __name__ == "__main__":
+    limit_library_threads(parse_args().threads)
     main()
