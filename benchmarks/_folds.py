@@ -78,6 +78,12 @@ def load_dataset(name_or_path: str, data_dir: Path) -> ad.AnnData:
     counts = adata.X.data if hasattr(adata.X, "data") else np.asarray(adata.X)
     if counts.size and (counts.min() < 0 or not np.allclose(counts[:10000], np.round(counts[:10000]))):
         raise ValueError(f"{path}: X must hold raw counts (non-negative integers)")
+    missing_labels = adata.obs[LABELS].isna() | adata.obs[BATCH].isna()
+    if missing_labels.any():
+        raise ValueError(
+            f"{path}: {int(missing_labels.sum())} cells have no obs['{LABELS}'] or obs['{BATCH}'] value; "
+            f"label them (e.g. '{UNLABELLED}') or drop them"
+        )
     adata.obs[LABELS] = adata.obs[LABELS].astype(str)
     adata.obs[BATCH] = adata.obs[BATCH].astype(str).astype("category")
     return adata

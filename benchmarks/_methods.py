@@ -114,10 +114,7 @@ def _pca_space(fold: Fold, cache: FoldCache):
     def fit():
         from sklearn.decomposition import PCA
 
-        log_train, log_test = log_normalize(fold.train), log_normalize(fold.test)
-        genes = training_hvgs(fold, log_train)
-        train_x = log_train[:, genes].toarray()
-        test_x = log_test[:, genes].toarray()
+        (train_x, test_x), _ = _hvg_expression(fold, cache)
         mean, sd = train_x.mean(axis=0), train_x.std(axis=0)
         sd[sd == 0] = 1.0
         train_x = np.clip((train_x - mean) / sd, None, 10.0)

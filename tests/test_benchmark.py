@@ -129,6 +129,10 @@ def test_bad_inputs_are_named(tmp_path):
     logged.write_h5ad(tmp_path / "b.h5ad")
     with pytest.raises(ValueError, match="raw counts"):
         load_dataset(str(tmp_path / "b.h5ad"), tmp_path)
+    unlabelled = ad.AnnData(counts, obs=pd.DataFrame({"cell_type": ["a", None, "b", "b"], "batch": list("ssst")}))
+    unlabelled.write_h5ad(tmp_path / "c.h5ad")
+    with pytest.raises(ValueError, match="1 cells have no"):
+        load_dataset(str(tmp_path / "c.h5ad"), tmp_path)
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         load_dataset("no_such_dataset", tmp_path)
     with pytest.raises(ValueError, match="QUERY:REFERENCE"):
