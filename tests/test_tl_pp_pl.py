@@ -1,8 +1,4 @@
-"""scanpy-style functions: tl.cellular_embed, pp.normalize_log1p, pl.training_history."""
-
-import matplotlib
-
-matplotlib.use("Agg")
+"""scanpy-style functions: tl.cellular_embed, pp.normalize_log1p (the pl functions are tested in test_pl.py)."""
 
 import numpy as np
 import pytest
@@ -85,12 +81,3 @@ def test_normalize_log1p_matches_formula(small):
     np.testing.assert_allclose(log.X.toarray(), np.log1p(small.X.toarray() / totals[:, None] * 1e4), rtol=1e-5)
     with pytest.raises(ValueError, match="non-integer"):
         cellular.pp.normalize_log1p(log)
-
-
-def test_training_history_plot(small_model, tmp_path):
-    axes = cellular.pl.training_history(small_model, show=False)
-    assert len(axes) == 5
-    assert [ax.get_title() for ax in axes] == ["loss", "snn loss", "batch loss", "centroid loss", "temperature"]
-    assert len(axes[0].get_lines()) == 2 and len(axes[0].get_lines()[0].get_xdata()) == 5
-    cellular.pl.training_history(small_model, save=tmp_path / "history.png")
-    assert (tmp_path / "history.png").stat().st_size > 0

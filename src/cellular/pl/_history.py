@@ -1,4 +1,4 @@
-"""Training curves of a CELLULAR model."""
+"""``pl.training_history``: training curves of a CELLULAR model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from matplotlib.axes import Axes
 
 from cellular.model import CELLULAR, NotTrainedError
 
+from ._utils import save_or_show
+
 _TERMS = ("loss", "snn_loss", "batch_loss", "centroid_loss")
 
 
@@ -14,23 +16,31 @@ def training_history(
     model: CELLULAR,
     *,
     show: bool | None = None,
-    save: str | None = None,
+    save: bool | str | None = None,
 ) -> list[Axes] | None:
     """Plot the loss terms (train and validation) and the learnt temperature over epochs.
 
     Parameters
     ----------
     model
-        A trained model.
+        A trained :class:`~cellular.CELLULAR` model.
     show
-        Show the figure; by default when ``save`` is not given and matplotlib is interactive.
+        Show the figure; by default when matplotlib is interactive and ``save`` is not given.
     save
-        File to save the figure to.
+        ``True`` saves to ``scanpy.settings.figdir / 'training_history.{scanpy.settings.file_format_figs}'``; a
+        string is a file-name suffix (``'_pbmc.png'`` saves ``training_history_pbmc.png``).
 
     Returns
     -------
-    The axes (one per loss term, then the temperature) when ``show`` is false, else ``None``.
+    The axes (one per loss term, then the temperature), or ``None`` when the figure is shown.
+
+    Raises
+    ------
+    cellular.NotTrainedError
+        When the model has not been trained.
     """
+    if not isinstance(model, CELLULAR):
+        raise TypeError(f"cellular.pl.training_history expects a cellular.CELLULAR model, got {type(model).__name__}.")
     if not model.is_trained or model.history is None:
         raise NotTrainedError("The model has no training history; call model.train() first.")
     history = model.history
@@ -46,11 +56,5 @@ def training_history(
     axes[-1].plot(history["temperature"].index, history["temperature"]["temperature"], color="black")
     axes[-1].set_title("temperature")
     axes[-1].set_xlabel("epoch")
-    if save is not None:
-        fig.savefig(save, bbox_inches="tight")
-    if show is None:
-        show = save is None and plt.isinteractive()
-    if show:
-        plt.show()
-        return None
-    return list(axes)
+    shown = save_or_show(fig, "training_history", show=show, save=save)
+    return None if shown else list(axes)
