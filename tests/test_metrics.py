@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cellular.metrics import benjamini_hochberg, conformal_pvalues, expected_calibration_error
-from cellular.model._novelty import NoveltyReference
+from cellular.model._novelty import NoveltyReference, shrink_spreads
 from cellular.nn import CellTypeClassifier, fit_temperature
 
 
@@ -83,6 +83,48 @@ def test_score_threshold_agrees_with_pvalues():
         flagged = reference.pvalues(scores) <= alpha
         np.testing.assert_array_equal(flagged, scores >= reference.score_threshold(alpha))
     assert reference.score_threshold(0.005) == float("inf")
+
+
+def test_spread_shrinkage_matches_naive_weighted_log_average():
+    spreads = np.array([0.01, 0.02, 0.5, 0.001, 1.0])
+    counts = np.array([400, 300, 3, 6, 0])
+    pooled = sorted(np.log(spreads[:4]))
+    pooled = (pooled[1] + pooled[2]) / 2
+    expected = [
+        np.exp((n * np.log(s) + 10 * pooled) / (n + 10)) if n else s for s, n in zip(spreads, counts, strict=True)
+    ]
+    np.testing.assert_allclose(shrink_spreads(spreads, counts), expected)
+
+
+def _directions(rng, centre, n_cells, noise, n_latent=8):
+    return centre + noise * rng.standard_normal((n_cells, n_latent))
+
+
+def test_a_tiny_wide_type_does_not_hide_novel_cells():
+    """Three scattered cells of a rare type must not make every far-away cell look like that type."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)
+    z_train = np.vstack(
+        [
+            _directions(rng, centres[0], 300, 0.05),
+            _directions(rng, centres[1], 300, 0.05),
+            _directions(rng, centres[2], 3, 0.6),
+        ]
+    )
+    labels = np.repeat([0, 1, 2], [300, 300, 3])
+    z_calibration = np.vstack([_directions(rng, centres[0], 100, 0.05), _directions(rng, centres[1], 100, 0.05)])
+    probabilities = np.full((200, 3), 0.05)
+    probabilities[:, 0] = 0.9
+    reference = NoveltyReference.fit(z_train, labels, 3, z_calibration, probabilities, "validation")
+    novel = _directions(rng, 0.5 * centres[5] + centres[2], 50, 0.05)
+    confident = np.tile([0.05, 0.05, 0.9], (50, 1))  # the classifier calls them the rare type, confidently
+    scores = reference.scores(novel, confident)
+    assert (reference.pvalues(scores) <= 0.05).mean() > 0.9
+    own = np.median(
+        1
+        - (z_train[labels == 2] / np.linalg.norm(z_train[labels == 2], axis=1, keepdims=True)) @ reference.prototypes[2]
+    )
+    assert reference.spreads[2] < own
 
 
 def test_fit_temperature_recovers_the_generating_temperature():

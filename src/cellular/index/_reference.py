@@ -210,6 +210,7 @@ class ReferenceIndex:
         gene_id_key: str | None = None,
         min_gene_overlap: float = 0.5,
         temperature: float | None = None,
+        progress_bar: bool = False,
         **kwargs,
     ) -> ReferenceIndex:
         """Embed a reference AnnData with a trained model and index it.
@@ -232,6 +233,8 @@ class ReferenceIndex:
         temperature
             Kernel width of the label vote; the model's learned temperature when ``None`` and ``metric="cosine"``,
             so the vote weights neighbours as the CELLULAR loss does.
+        progress_bar
+            Show a progress bar while embedding the reference (on stderr).
         **kwargs
             Options of :class:`ReferenceIndex` (``metric``, ``backend``, ``device``, ``n_neighbors``, ``seed``, ...).
         """
@@ -255,6 +258,7 @@ class ReferenceIndex:
                 log_normalized=log_normalized,
                 gene_id_key=gene_id_key,
                 min_gene_overlap=min_gene_overlap,
+                progress_bar=progress_bar,
             )
         if temperature is None and kwargs.get("metric", "cosine") == "cosine":
             temperature = float(model.module.temperature.detach())

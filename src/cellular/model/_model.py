@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -245,6 +246,11 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         As every scvi-tools model, this adds the columns ``_scvi_labels`` and ``_scvi_batch`` to ``adata.obs`` and
         the keys ``_scvi_uuid`` and ``_scvi_manager_uuid`` to ``adata.uns``.
         """
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(
+                f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); CELLULAR needs labelled cells "
+                "with expressed genes. Check the filtering or subsetting that produced it."
+            )
         _check_obs_column(adata, labels_key, "labels_key")
         if batch_key is not None:
             _check_obs_column(adata, batch_key, "batch_key")
@@ -522,6 +528,7 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         min_gene_overlap: float = 0.5,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
+        progress_bar: bool = False,
     ) -> np.ndarray:
         """Embed cells with the trained encoder.
 
@@ -546,13 +553,15 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             Smallest fraction of the model's genes that must be present.
         accelerator, devices
             Where to run the encoder.
+        progress_bar
+            Show a progress bar over the cells embedded (on stderr).
 
         Returns
         -------
         ``(n_cells, n_latent)`` float32 array.
         """
         expression, _ = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
-        return self._encode(expression, batch_size, resolve_device(accelerator, devices))
+        return self._encode(expression, batch_size, resolve_device(accelerator, devices), progress_bar=progress_bar)
 
     def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap):
         self._require_trained()
@@ -622,13 +631,17 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
 
     @torch.no_grad()
-    def _encode(self, expression, batch_size: int, device: torch.device) -> np.ndarray:
+    def _encode(self, expression, batch_size: int, device: torch.device, progress_bar: bool = False) -> np.ndarray:
         module = self.module.to(device)
         module.eval()
         out = np.empty((expression.n_cells, module.n_latent), dtype=np.float32)
-        for index in sequential_minibatches(expression.n_cells, batch_size):
-            x = torch.from_numpy(expression.rows(index)).to(device)
-            out[index] = module.inference(x)["z"].cpu().numpy()
+        with tqdm(
+            total=expression.n_cells, desc="Embedding cells", unit="cell", unit_scale=True, disable=not progress_bar
+        ) as progress:
+            for index in sequential_minibatches(expression.n_cells, batch_size):
+                x = torch.from_numpy(expression.rows(index)).to(device)
+                out[index] = module.inference(x)["z"].cpu().numpy()
+                progress.update(index.size)
         return out
 
     # -------------------------------------------------------------- save/load
@@ -636,7 +649,7 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         """Save the model to a folder: ``model.json`` (metadata) and ``model.pt`` (tensors only).
 
         A reference index built with :meth:`build_reference_index` is saved in ``reference_index/`` and loaded
-        with the model.
+        with the model; saving a model without one over an earlier model removes that model's index.
 
         Loading never unpickles Python objects: the metadata is JSON and the weights are read with
         ``torch.load(weights_only=True)``.
@@ -681,8 +694,12 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
                 tensors[f"indices.{name}"] = torch.as_tensor(np.asarray(value, dtype=np.int64))
         (dir_path / _METADATA_FILE).write_text(_serialization.dumps(metadata))
         torch.save(tensors, dir_path / _WEIGHTS_FILE)
+        index_path = dir_path / _INDEX_FOLDER
         if self.reference_index_ is not None:
-            self.reference_index_.save(dir_path / _INDEX_FOLDER, overwrite=True)
+            self.reference_index_.save(index_path, overwrite=True)
+        elif (index_path / "index.json").exists():
+            # The index of the model saved here before would be loaded with this one and refused as foreign.
+            shutil.rmtree(index_path)
         if save_anndata:
             if self.adata is None:
                 raise ValueError("save_anndata=True but the model has no attached AnnData.")
@@ -767,11 +784,14 @@ def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+_COLUMN_CONTENT = {"labels_key": "cell-type labels", "batch_key": "batches"}
+
+
 def _check_obs_column(adata: AnnData, key: str, argument: str) -> None:
     if key not in adata.obs:
         raise KeyError(
             f"{argument}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}). "
-            f"Pass the name of the column holding the {argument.removesuffix('_key')}s."
+            f"Pass the name of the column holding the {_COLUMN_CONTENT.get(argument, 'values')}."
         )
     column = adata.obs[key]
     if column.isna().any():

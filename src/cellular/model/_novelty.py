@@ -9,6 +9,7 @@ import numpy as np
 from cellular.metrics import conformal_pvalues
 
 # Quantile of the held-out reference cells that puts the two score components on one scale.
+_SPREAD_PRIOR_CELLS = 10.0
 _SCALE_QUANTILE = 0.9
 
 
@@ -69,6 +70,7 @@ class NoveltyReference:
         for code, group in enumerate(np.split(own_distance[order], np.cumsum(counts)[:-1])):
             if group.size:
                 spreads[code] = max(float(np.median(group)), 1e-4)
+        spreads = shrink_spreads(spreads, counts)
         reference = cls(
             prototypes=prototypes.astype(np.float32),
             spreads=spreads,
@@ -141,3 +143,19 @@ class NoveltyReference:
             calibration_scores=np.asarray(arrays["calibration_scores"], dtype=np.float64),
             calibration_source=str(metadata["calibration_source"]),
         )
+
+
+def shrink_spreads(spreads: np.ndarray, counts: np.ndarray, prior_cells: float = _SPREAD_PRIOR_CELLS) -> np.ndarray:
+    """Shrink each type's spread towards the median spread, in log space, with weight ``prior_cells``.
+
+    A spread estimated from a handful of cells is noise: a 3-cell type can look ten times wider than the others and
+    then absorb any far-away cell as "near" it, hiding novel cells. Each type's log-spread is averaged with the
+    median log-spread of the types with cells, weighted by its cell count against ``prior_cells`` pseudo-cells, so
+    well-populated types keep their own spread and tiny ones move towards the typical one.
+    """
+    present = counts > 0
+    if not present.any():
+        return spreads
+    pooled = float(np.median(np.log(spreads[present])))
+    shrunk = (counts * np.log(spreads) + prior_cells * pooled) / (counts + prior_cells)
+    return np.where(present, np.exp(shrunk), spreads)

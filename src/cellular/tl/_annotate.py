@@ -29,6 +29,7 @@ def cellular_annotate(
     log_normalized: bool | None = None,
     gene_id_key: str | None = None,
     min_gene_overlap: float = 0.5,
+    progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
     """Annotate cells with the model's calibrated classifier.
@@ -59,6 +60,8 @@ def cellular_annotate(
         ``None``.
     batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
         How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    progress_bar
+        Show a progress bar while embedding the cells (on stderr).
     copy
         Work on and return a copy of ``adata``.
 
@@ -88,7 +91,7 @@ def cellular_annotate(
     if copy:
         adata = adata.copy()
     z, read_record = query_embedding(
-        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
     )
     probabilities = model._probabilities(z)
     confidence = probabilities.max(axis=1)

@@ -20,6 +20,7 @@ def query_embedding(
     log_normalized: bool | None,
     gene_id_key: str | None,
     min_gene_overlap: float,
+    progress_bar: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Embedding of ``adata`` by ``model`` (or the stored ``adata.obsm[use_rep]``) and a record of how it was read."""
     if use_rep is not None:
@@ -36,7 +37,7 @@ def query_embedding(
             )
         return z, {"use_rep": use_rep}
     expression, alignment = model._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
-    z = model._encode(expression, batch_size, torch.device(model.device))
+    z = model._encode(expression, batch_size, torch.device(model.device), progress_bar=progress_bar)
     return z, {"use_rep": None, "n_genes_matched": int(alignment.n_matched), "n_model_genes": len(model.genes)}
 
 

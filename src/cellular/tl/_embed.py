@@ -27,6 +27,7 @@ def cellular_embed(
     max_epochs: int | None = None,
     model_kwargs: dict | None = None,
     train_kwargs: dict | None = None,
+    progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | CELLULAR | tuple[AnnData, CELLULAR] | None:
     """Embed cells with a CELLULAR model, training one first when none is given.
@@ -59,6 +60,8 @@ def cellular_embed(
         Epochs for a new model; the model's default when ``None``.
     model_kwargs, train_kwargs
         Extra arguments of :class:`~cellular.CELLULAR` and :meth:`~cellular.CELLULAR.train` for a new model.
+    progress_bar
+        Show a progress bar while embedding the cells (on stderr).
     copy
         Work on and return a copy of ``adata``.
 
@@ -88,7 +91,7 @@ def cellular_embed(
 
     read_layer = model.setup_args["layer"] if trained_here else layer
     expression, alignment = model._read(adata, read_layer, log_normalized, gene_id_key, min_gene_overlap)
-    adata.obsm[key_added] = model._encode(expression, batch_size, torch.device(model.device))
+    adata.obsm[key_added] = model._encode(expression, batch_size, torch.device(model.device), progress_bar=progress_bar)
 
     uns = adata.uns.setdefault("cellular", {})
     uns["params"] = {

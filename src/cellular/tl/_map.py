@@ -33,6 +33,7 @@ def cellular_map(
     log_normalized: bool | None = None,
     gene_id_key: str | None = None,
     min_gene_overlap: float = 0.5,
+    progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
     """Map query cells onto a reference atlas: embed them, find their reference neighbours, transfer labels.
@@ -68,6 +69,8 @@ def cellular_map(
         Key of ``adata.obsm`` already holding this model's embedding of ``adata``; embedded now when ``None``.
     batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
         How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    progress_bar
+        Show a progress bar while embedding the cells (on stderr).
     copy
         Work on and return a copy of ``adata``.
 
@@ -121,7 +124,7 @@ def cellular_map(
     if copy:
         adata = adata.copy()
     z, read_record = query_embedding(
-        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
     )
     transfer = index.transfer_labels(
         z,

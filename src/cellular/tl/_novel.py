@@ -45,6 +45,7 @@ def novel_types(
     log_normalized: bool | None = None,
     gene_id_key: str | None = None,
     min_gene_overlap: float = 0.5,
+    progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
     """Flag cells that belong to none of the model's reference cell types.
@@ -82,6 +83,8 @@ def novel_types(
         ``None``.
     batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
         How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    progress_bar
+        Show a progress bar while embedding the cells (on stderr).
     copy
         Work on and return a copy of ``adata``.
 
@@ -111,7 +114,7 @@ def novel_types(
     if copy:
         adata = adata.copy()
     z, read_record = query_embedding(
-        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
     )
     probabilities = model._probabilities(z)
     frame, flags = novelty_flags(model, z, probabilities, adata.obs_names, alpha, fdr)

@@ -1,0 +1,111 @@
+"""Shared pieces of the command line: exit codes, errors, paths, reading and writing h5ad files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("cellular.cli")
+
+EXIT_OK = 0
+EXIT_DATA_ERROR = 1
+EXIT_USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line itself (a missing input, an existing output): exit code 2."""
+
+
+class CommandError(Exception):
+    """A problem with the data or the model found by the command line: exit code 1."""
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    """Print a line of the command's summary (stdout), unless ``--quiet``."""
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def existing_file(path: Path, what: str) -> Path:
+    """``path``, or a :class:`UsageError` when it is not an existing file."""
+    if not path.exists():
+        raise UsageError(f"{what} {str(path)!r} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{what} {str(path)!r} is not a file")
+    return path
+
+
+def existing_model_folder(path: Path) -> Path:
+    """``path``, or a :class:`UsageError` when it is not an existing folder."""
+    if not path.exists():
+        raise UsageError(f"model folder {str(path)!r} does not exist; train one with `cellular train`")
+    if not path.is_dir():
+        raise UsageError(f"model {str(path)!r} is not a folder; pass the folder written by `cellular train`")
+    return path
+
+
+def new_output_file(output: Path, query: Path, overwrite: bool) -> Path:
+    """``output``, or a :class:`UsageError` when it exists (without ``overwrite``), is a folder or is the input."""
+    if output.exists() or output.is_symlink():
+        if output.is_dir():
+            raise UsageError(f"output {str(output)!r} is a folder; pass the path of the .h5ad file to write")
+        if output.resolve() == query.resolve():
+            raise UsageError(f"output {str(output)!r} is the input file, which is never modified; write another file")
+        if not overwrite:
+            raise UsageError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
+    return output
+
+
+def read_h5ad(path: Path):
+    """The AnnData in ``path``, or a :class:`CommandError` saying why it cannot be read."""
+    import anndata
+
+    logger.info("Reading %s.", path)
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as error:  # h5py and anndata raise many types for files that are not h5ad
+        raise CommandError(f"cannot read {str(path)!r} as an h5ad file: {error_message(error)}") from error
+
+
+def write_h5ad(adata, path: Path) -> None:
+    """Write ``adata`` to ``path`` through a temporary file, so a failed write leaves no partial output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial.h5ad")
+    logger.info("Writing %s.", path)
+    try:
+        adata.write_h5ad(partial)
+        os.replace(partial, path)
+    except Exception as error:
+        partial.unlink(missing_ok=True)
+        raise CommandError(f"could not write {str(path)!r}: {error_message(error)}") from error
+
+
+def load_model(path: Path, accelerator: str):
+    """The CELLULAR model saved in ``path``, or a :class:`CommandError` saying why it cannot be loaded."""
+    from cellular import CELLULAR
+
+    logger.info("Loading the model in %s.", path)
+    try:
+        return CELLULAR.load(path, accelerator=accelerator)
+    except Exception as error:
+        raise CommandError(f"cannot load the model in {str(path)!r}: {error_message(error)}") from error
+
+
+def error_message(error: BaseException) -> str:
+    """One paragraph naming the problem (``KeyError`` quotes its ``str``: use its argument)."""
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        text = str(error.args[0])
+    else:
+        text = str(error)
+    text = " ".join(text.split())
+    return text or type(error).__name__
+
+
+def counts_line(labels, limit: int = 8) -> str:
+    """``"A 10, B 4, ..."``: cells per label, most frequent first."""
+    counts = labels.value_counts()
+    counts = counts[counts > 0]
+    shown = ", ".join(f"{name} {count}" for name, count in counts.iloc[:limit].items())
+    return shown + (f", ... ({len(counts) - limit} more)" if len(counts) > limit else "")

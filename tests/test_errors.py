@@ -1,0 +1,262 @@
+"""The error catalogue (docs/errors.md): every documented error is raised, with the documented message."""
+
+import builtins
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import cellular
+from cellular import CELLULAR, NotTrainedError
+
+CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+_HEADING = re.compile(r"^### `(?P<id>[a-z0-9-]+)`", re.MULTILINE)
+_ERROR_LINE = re.compile(r"^- \*\*Error\*\*: `(?P<type>\w+)`: ``(?P<message>.+)``$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    exception: str
+    message: str
+
+    def pattern(self) -> re.Pattern:
+        """The documented message with ``...`` standing for any text."""
+        return re.compile(".*".join(re.escape(part) for part in self.message.split("...")), re.DOTALL)
+
+
+def read_catalogue() -> list[Entry]:
+    text = CATALOGUE.read_text()
+    headings = list(_HEADING.finditer(text))
+    entries = []
+    for position, heading in enumerate(headings):
+        end = headings[position + 1].start() if position + 1 < len(headings) else len(text)
+        section = text[heading.end() : end]
+        error = _ERROR_LINE.search(section)
+        assert error is not None, f"catalogue entry {heading['id']!r} has no '- **Error**: `Type`: ``message``' line"
+        entries.append(Entry(heading["id"], error["type"], error["message"]))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------- the cases
+def _counts(symphony):
+    """A small labelled subset with at least two cells per type."""
+    adata = symphony[symphony.obs["cell_type"].isin(["CD4 T cell", "B cell", "CD14 Monocyte"])][:240].copy()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
+    return adata
+
+
+def _query(symphony):
+    return symphony[symphony.obs["batch"] == "3pv2"][:50].copy()
+
+
+def _with_x(adata, transform):
+    dense = adata.X.toarray()
+    transform(dense)
+    adata.X = sp.csr_matrix(dense)
+    return adata
+
+
+def _setup(adata, **kwargs):
+    CELLULAR.setup_anndata(adata, **{"labels_key": "cell_type", **kwargs})
+    return CELLULAR(adata)
+
+
+def _untrained(ctx):
+    return _setup(_counts(ctx.symphony))
+
+
+def _quick_model(ctx, **train_kwargs):
+    model = _setup(_counts(ctx.symphony), batch_key="batch")
+    model.train(max_epochs=1, progress_bar=False, **train_kwargs)
+    return model
+
+
+def _mutated_query(ctx, transform):
+    return _with_x(_query(ctx.symphony), transform)
+
+
+def _set_nan(x):
+    x[0, 0] = np.nan
+
+
+def _set_negative(x):
+    x[1, 2] = -1.0
+
+
+def _set_fraction(x):
+    x[2, 3] = 0.5
+
+
+def _saved_model_with_version(ctx, version):
+    path = ctx.tmp_path / "model"
+    ctx.model.save(path, overwrite=True)
+    metadata_path = path / "model.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["format_version"] = version
+    metadata_path.write_text(json.dumps(metadata))
+    return path
+
+
+def _model_without_index(ctx):
+    path = ctx.tmp_path / "no_index"
+    ctx.model.save(path, overwrite=True)
+    model = CELLULAR.load(path)
+    model.reference_index_ = None
+    return model
+
+
+def _set_first_rows_empty(x):
+    x[:2, :] = 0
+
+
+def case_labels_key(ctx):
+    CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="celltype")
+
+
+def case_batch_key(ctx):
+    CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="cell_type", batch_key="donor")
+
+
+def case_missing_labels(ctx):
+    adata = _counts(ctx.symphony)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(np.arange(adata.n_obs) > 2)
+    CELLULAR.setup_anndata(adata, labels_key="cell_type")
+
+
+def case_layer(ctx):
+    CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="cell_type", layer="counts")
+
+
+def case_empty(ctx):
+    CELLULAR.setup_anndata(_counts(ctx.symphony)[:0].copy(), labels_key="cell_type")
+
+
+def case_nan_values(ctx):
+    ctx.model.get_latent_representation(_mutated_query(ctx, _set_nan))
+
+
+def case_negative_values(ctx):
+    ctx.model.get_latent_representation(_mutated_query(ctx, _set_negative))
+
+
+def case_non_integer_counts(ctx):
+    _setup(_with_x(_counts(ctx.symphony), _set_fraction))
+
+
+def case_cells_without_counts(ctx):
+    ctx.model.get_latent_representation(_mutated_query(ctx, _set_first_rows_empty))
+
+
+def case_duplicate_genes(ctx):
+    query = _query(ctx.symphony)
+    query.var_names = [query.var_names[0], *query.var_names[:-1]]
+    ctx.model.get_latent_representation(query)
+
+
+def case_too_few_shared_genes(ctx):
+    query = _query(ctx.symphony)
+    query.var_names = [f"gene{i}" if i % 3 else name for i, name in enumerate(query.var_names)]
+    ctx.model.get_latent_representation(query)
+
+
+def case_one_cell_type(ctx):
+    adata = _counts(ctx.symphony)
+    _setup(adata[adata.obs["cell_type"] == "B cell"].copy()).train(max_epochs=1, progress_bar=False)
+
+
+def case_singleton_type(ctx):
+    adata = _counts(ctx.symphony)
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.add_categories("HSPC")
+    adata.obs.iloc[0, adata.obs.columns.get_loc("cell_type")] = "HSPC"
+    _setup(adata).train(max_epochs=1, progress_bar=False)
+
+
+def case_batch_size(ctx):
+    _untrained(ctx).train(max_epochs=1, batch_size=1, progress_bar=False)
+
+
+def case_untrained_model(ctx):
+    cellular.tl.cellular_embed(ctx.symphony[:20].copy(), _untrained(ctx))
+
+
+def case_no_classifier(ctx):
+    cellular.tl.cellular_annotate(_query(ctx.symphony), _quick_model(ctx, classifier=False))
+
+
+def case_not_a_model(ctx):
+    cellular.tl.novel_types(_query(ctx.symphony), "my_model/")
+
+
+def case_alpha(ctx):
+    cellular.tl.novel_types(_query(ctx.symphony), ctx.model, alpha=5)
+
+
+def case_use_rep_missing(ctx):
+    cellular.tl.cellular_annotate(_query(ctx.symphony), ctx.model, use_rep="X_scvi")
+
+
+def case_use_rep_shape(ctx):
+    query = _query(ctx.symphony)
+    query.obsm["X_pca"] = np.zeros((query.n_obs, 3), dtype=np.float32)
+    cellular.tl.cellular_annotate(query, ctx.model, use_rep="X_pca")
+
+
+def case_no_reference_index(ctx):
+    cellular.tl.cellular_map(_query(ctx.symphony), _model_without_index(ctx))
+
+
+def case_index_from_other_model(ctx):
+    reference = _counts(ctx.symphony)
+    other = _quick_model(ctx)
+    cellular.tl.cellular_map(_query(ctx.symphony), ctx.model, other.build_reference_index(reference))
+
+
+def case_no_saved_model(ctx):
+    CELLULAR.load(ctx.tmp_path / "nothing_here")
+
+
+def case_incompatible_model_version(ctx):
+    CELLULAR.load(_saved_model_with_version(ctx, 999))
+
+
+def case_model_exists(ctx):
+    path = ctx.tmp_path / "model"
+    ctx.model.save(path, overwrite=True)
+    ctx.model.save(path)
+
+
+CASES = {
+    name.removeprefix("case_").replace("_", "-"): case for name, case in globals().items() if name.startswith("case_")
+}
+
+
+@dataclass
+class Context:
+    symphony: object
+    model: CELLULAR
+    tmp_path: Path
+
+
+@pytest.fixture
+def ctx(symphony, symphony_model, tmp_path):
+    return Context(symphony, symphony_model, tmp_path)
+
+
+def test_every_catalogue_entry_has_a_case_and_every_case_an_entry():
+    documented = [entry.id for entry in read_catalogue()]
+    assert len(documented) == len(set(documented)), "duplicate ids in docs/errors.md"
+    assert set(documented) == set(CASES)
+
+
+@pytest.mark.parametrize("entry", read_catalogue(), ids=lambda entry: entry.id)
+def test_documented_error_is_raised(entry, ctx):
+    exception = NotTrainedError if entry.exception == "NotTrainedError" else getattr(builtins, entry.exception)
+    with pytest.raises(exception) as excinfo:
+        CASES[entry.id](ctx)
+    message = excinfo.value.args[0]
+    assert entry.pattern().fullmatch(message), f"raised: {message!r}\ndocumented: {entry.message!r}"
