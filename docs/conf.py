@@ -28,8 +28,7 @@ napoleon_numpy_docstring = True
 napoleon_use_rtype = False
 myst_heading_anchors = 3
 exclude_patterns = ["_build", "jupyter_execute", "generated/*.md", "**.ipynb_checkpoints"]
-# The tutorials are executed in CI (pytest --nbmake tutorials) and committed with their outputs, which the docs
-# render as they are.
+# The tutorials are executed by the test suite (nbmake) and committed with their outputs, which the docs render.
 nb_execution_mode = "off"
 templates_path = []
 html_theme = "alabaster"
