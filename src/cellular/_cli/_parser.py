@@ -11,60 +11,28 @@ from . import _commands
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _number(convert: Callable[[str], float], accept: Callable[[float], bool], requirement: str) -> Callable:
+    """An argparse ``type`` converting with ``convert`` and rejecting values for which ``accept`` is false."""
+    kind = "an integer" if convert is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must {requirement}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _batch_size(text: str) -> int:
-    value = _int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (contrastive pairs), got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _open_fraction(text: str) -> float:
-    value = _float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (e.g. 0.05), got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {text!r}")
-    return value
+_positive_int = _number(int, lambda value: value >= 1, "be a positive integer")
+_non_negative_int = _number(int, lambda value: value >= 0, "be a non-negative integer")
+_batch_size = _number(int, lambda value: value >= 2, "be at least 2 (contrastive pairs)")
+_positive_float = _number(float, lambda value: value > 0, "be a positive number")
+_open_fraction = _number(float, lambda value: 0.0 < value < 1.0, "lie strictly between 0 and 1 (e.g. 0.05)")
+_fraction = _number(float, lambda value: 0.0 <= value <= 1.0, "lie between 0 and 1")
 
 
 _DESCRIPTION = """\

@@ -8,6 +8,7 @@ import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.patches import Patch
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 from sklearn.metrics import f1_score
 
 from ._utils import label_order, obs_column, save_or_show
@@ -68,7 +69,8 @@ def confusion_matrix(
         raise ValueError(f"{function}: normalize must be one of {_NORMALIZE}, got {normalize!r}.")
     y_true, y_pred, rows, predicted = _paired_labels(adata, true_key, pred_key, function)
     columns = rows + [label for label in predicted if label not in set(rows)]
-    matrix = _counts(y_true, y_pred, rows, columns).astype(float)
+    # The known labels come first among the columns, so the first rows of the square matrix are the known ones.
+    matrix = sklearn_confusion_matrix(y_true, y_pred, labels=columns)[: len(rows)].astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         if normalize == "true":
             matrix = matrix / matrix.sum(axis=1, keepdims=True)
@@ -182,15 +184,6 @@ def _paired_labels(
     else:
         predicted = label_order(prediction, y_pred)
     return y_true, y_pred, rows, predicted
-
-
-def _counts(y_true: np.ndarray, y_pred: np.ndarray, rows: list[str], columns: list[str]) -> np.ndarray:
-    """Cells per (known, predicted) label pair, ``(len(rows), len(columns))``; every label must be listed."""
-    row_codes = np.searchsorted(np.sort(rows), y_true)
-    row_codes = np.argsort(rows)[row_codes]
-    column_codes = np.argsort(columns)[np.searchsorted(np.sort(columns), y_pred)]
-    flat = np.bincount(row_codes * len(columns) + column_codes, minlength=len(rows) * len(columns))
-    return flat.reshape(len(rows), len(columns))
 
 
 def _write_values(ax: Axes, matrix: np.ndarray, *, integer: bool) -> None:
