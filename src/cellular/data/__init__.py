@@ -1,9 +1,17 @@
 from ._datasets import data_dir, pbmc68k_reduced_lognorm, read_shared_dataset
-from ._expression import GeneAlignment, NormalizedExpression, align_genes, check_expression_values, read_expression
+from ._expression import (
+    DepthThinning,
+    GeneAlignment,
+    NormalizedExpression,
+    align_genes,
+    check_expression_values,
+    read_expression,
+)
 from ._sampling import epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding
 
 __all__ = [
+    "DepthThinning",
     "GeneAlignment",
     "NormalizedExpression",
     "align_genes",

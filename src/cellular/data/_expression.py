@@ -106,6 +106,11 @@ class GeneAlignment:
         """Number of model genes."""
         return self.source_index.shape[0]
 
+    @property
+    def present(self) -> np.ndarray:
+        """``(n_genes,)`` boolean: which model genes the data measures."""
+        return self.source_index >= 0
+
 
 def align_genes(
     adata: AnnData,
@@ -186,6 +191,38 @@ def select_columns(matrix, alignment: GeneAlignment) -> sp.csr_matrix:
     return sp.csr_matrix(matrix.tocsr() @ selector, dtype=np.float32)
 
 
+@dataclass
+class DepthThinning:
+    """Binomial thinning of counts, simulating a shallower sequencing run of the same cells.
+
+    Attributes
+    ----------
+    probability
+        Share of cells that are thinned.
+    min_fraction
+        Smallest expected fraction of counts a thinned cell keeps (uniform in ``[min_fraction, 1]``).
+    rng
+        Random generator.
+    """
+
+    probability: float
+    min_fraction: float
+    rng: np.random.Generator
+
+    def apply(self, block: sp.csr_matrix, size_factors: np.ndarray) -> np.ndarray:
+        """Thin the counts of ``block`` in place; return the size factors of the thinned cells' new depth."""
+        n_cells = block.shape[0]
+        thinned = self.rng.random(n_cells) < self.probability
+        fraction = np.where(thinned, self.rng.uniform(self.min_fraction, 1.0, n_cells), 1.0)
+        before = library_sizes(block)
+        kept = np.repeat(fraction, np.diff(block.indptr))
+        block.data = self.rng.binomial(block.data.astype(np.int64), kept).astype(np.float32)
+        after = library_sizes(block)
+        # A cell thinned to nothing would have no expression left; such cells keep a single count-free row of
+        # zeros scaled as before (log1p(0) = 0 whatever the factor).
+        return size_factors * before / np.where(after > 0, after, before)
+
+
 class NormalizedExpression:
     """Cells x model genes expression, normalised minibatch by minibatch.
 
@@ -207,12 +244,23 @@ class NormalizedExpression:
         """Number of cells."""
         return self.matrix.shape[0]
 
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        """Dense float32 log-normalised expression of the cells ``index``."""
+    def rows(self, index: np.ndarray, thinning: DepthThinning | None = None) -> np.ndarray:
+        """Dense float32 log-normalised expression of the cells ``index``.
+
+        Parameters
+        ----------
+        index
+            Cells to read.
+        thinning
+            Binomially thin the counts of some cells before normalising them (training augmentation; counts only).
+        """
         block = self.matrix[index]
         if self.size_factors is not None:
+            size_factors = self.size_factors[index]
+            if thinning is not None:
+                size_factors = thinning.apply(block, size_factors)
             # Normalise the stored entries only (log1p(0) = 0), before densifying.
-            factors = np.repeat(self.size_factors[index].astype(np.float32), np.diff(block.indptr))
+            factors = np.repeat(size_factors.astype(np.float32), np.diff(block.indptr))
             block.data = np.log1p(block.data * factors)
         return block.toarray()
 

@@ -1,5 +1,13 @@
 from ._exact import exact_knn
 from ._reference import LabelTransfer, ReferenceIndex
-from ._transfer import neighbor_weights, vote
+from ._transfer import calibrate_votes, neighbor_weights, smoothed_vote_logits, vote
 
-__all__ = ["LabelTransfer", "ReferenceIndex", "exact_knn", "neighbor_weights", "vote"]
+__all__ = [
+    "LabelTransfer",
+    "ReferenceIndex",
+    "calibrate_votes",
+    "exact_knn",
+    "neighbor_weights",
+    "smoothed_vote_logits",
+    "vote",
+]

@@ -17,7 +17,7 @@ from cellular.metrics import conformal_pvalues
 
 from . import _nndescent
 from ._exact import exact_knn, neighbor_distances
-from ._transfer import neighbor_weights, vote
+from ._transfer import calibrate_votes, neighbor_weights, vote
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +369,8 @@ class ReferenceIndex:
         temperature: float | None = None,
         min_probability: float = 0.5,
         unknown_label: str = "Unknown",
+        exclude_rows: np.ndarray | None = None,
+        vote_temperatures: dict[str, float] | None = None,
     ) -> LabelTransfer:
         """Transfer reference labels to query cells by a distance-weighted vote of their ``k`` neighbours.
 
@@ -388,10 +390,17 @@ class ReferenceIndex:
             Cells whose largest vote share is below this value get ``unknown_label``.
         unknown_label
             Label of unassigned cells; must not be a reference class.
+        exclude_rows
+            For query cells that are themselves reference cells (e.g. held-out cells for calibration): each cell's
+            reference row, left out of its own neighbours.
+        vote_temperatures
+            Per level, a temperature that turns the vote shares into calibrated probabilities
+            (:func:`~cellular.index.calibrate_votes`); the shares are used as they are for other levels.
 
         Returns
         -------
-        The neighbours, per-level labels, vote shares and uncertainty, and the distance summary.
+        The neighbours, per-level labels, vote shares (or calibrated probabilities) and uncertainty, and the
+        distance summary.
         """
         levels = self.label_levels if levels is None else list(levels)
         unknown = [level for level in levels if level not in self.labels]
@@ -404,7 +413,11 @@ class ReferenceIndex:
                 raise ValueError(
                     f"unknown_label={unknown_label!r} is a class of label level {level!r}; pass another unknown_label."
                 )
-        indices, distances = self.query(embedding, k)
+        if exclude_rows is None:
+            indices, distances = self.query(embedding, k)
+        else:
+            indices, distances = self.query(embedding, self._check_k(k + 1) if k < self.n_cells else k)
+            indices, distances = _drop_rows(indices, distances, np.asarray(exclude_rows), k)
         weights = neighbor_weights(
             distances, weighting=weighting, temperature=self.temperature if temperature is None else temperature
         )
@@ -420,6 +433,8 @@ class ReferenceIndex:
             classes = [str(c) for c in values.categories]
             codes = np.asarray(values.codes, dtype=np.int64)
             probabilities = vote(codes[indices], weights, len(classes))
+            if vote_temperatures and level in vote_temperatures:
+                probabilities = calibrate_votes(probabilities, indices.shape[1], vote_temperatures[level])
             best = probabilities.max(axis=1, initial=0.0)
             assigned = np.where(best >= min_probability, probabilities.argmax(axis=1), len(classes))
             assigned[best == 0] = len(classes)
@@ -440,13 +455,7 @@ class ReferenceIndex:
         if self.metric == "cosine":
             queries = _unit_rows(queries)
         indices, distances = self._search(queries, n_neighbors + 1)
-        # Drop each cell itself (or, if the search missed it, its farthest neighbour).
-        is_self = indices == sample[:, None]
-        is_self[~is_self.any(axis=1), -1] = True
-        first_self = is_self.argmax(axis=1)
-        keep = np.ones_like(is_self)
-        keep[np.arange(n_sample), first_self] = False
-        return distances[keep].reshape(n_sample, n_neighbors)
+        return _drop_rows(indices, distances, sample, n_neighbors)[1]
 
     def reference_mean_distances(self, k: int) -> np.ndarray:
         """Mean distance of a sample of reference cells (up to 5,000) to their ``k`` nearest other reference cells.
@@ -569,6 +578,16 @@ class ReferenceIndex:
             _graph=graph,
             _calibration=arrays["calibration"],
         )
+
+
+def _drop_rows(indices: np.ndarray, distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's neighbours without its own reference row (its farthest neighbour when the row was not found)."""
+    is_self = indices == rows[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = np.ones_like(is_self)
+    keep[np.arange(indices.shape[0]), is_self.argmax(axis=1)] = False
+    n = indices.shape[0]
+    return indices[keep].reshape(n, -1)[:, :k], distances[keep].reshape(n, -1)[:, :k]
 
 
 def _as_embedding(values, what: str) -> np.ndarray:

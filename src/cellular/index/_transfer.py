@@ -53,3 +53,33 @@ def vote(neighbor_codes: np.ndarray, weights: np.ndarray, n_classes: int) -> np.
     totals = totals.reshape(n_cells, n_classes)
     norms = totals.sum(axis=1, keepdims=True)
     return np.divide(totals, norms, out=np.zeros_like(totals), where=norms > 0)
+
+
+def smoothed_vote_logits(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Log of vote shares smoothed by half a vote spread over the classes (finite where a class got no vote)."""
+    n_classes = max(probabilities.shape[1], 1)
+    return np.log(probabilities + 0.5 / (k * n_classes))
+
+
+def calibrate_votes(probabilities: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    """Vote shares turned into calibrated probabilities: ``softmax(log(smoothed shares) / temperature)``.
+
+    Rows without any vote stay all zero.
+
+    Parameters
+    ----------
+    probabilities
+        ``(n_cells, n_classes)`` vote shares of :func:`vote`.
+    k
+        Neighbours that voted.
+    temperature
+        Fitted on held-out reference cells (:func:`cellular.nn.fit_temperature` on :func:`smoothed_vote_logits`).
+    """
+    if probabilities.shape[0] == 0:
+        return probabilities
+    logits = smoothed_vote_logits(probabilities, k) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    calibrated = np.exp(logits)
+    calibrated /= calibrated.sum(axis=1, keepdims=True)
+    voted = probabilities.sum(axis=1, keepdims=True) > 0
+    return np.where(voted, calibrated, 0.0)

@@ -18,6 +18,7 @@ from ._classifier_training import classifier_logits, fit_classifier
 from ._common import SAME_AS_TRAINING, NotTrainedError
 from ._device import resolve_device
 from ._novelty import NoveltyReference
+from ._panels import CalibrationCells
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +256,10 @@ class AnnotationMixin:
 
         self.classifier_ = fit.classifier
         self.classifier_params_ = params
+        setup = self.setup_args
+        self.calibration_cells_ = CalibrationCells.from_training_data(
+            self.adata, self.genes, setup["layer"], calibration_idx, labels, seed
+        )
         self.calibration_temperature_ = temperature
         self.novelty_reference_ = NoveltyReference.fit(
             z[train_idx],
@@ -289,14 +294,15 @@ class AnnotationMixin:
                 "with model.train(classifier=True), the default)."
             )
 
-    def _probabilities(self, z: np.ndarray, calibrated: bool = True) -> np.ndarray:
+    def _probabilities(self, z: np.ndarray, calibrated: bool = True, temperature: float | None = None) -> np.ndarray:
         self._require_classifier()
         logits = classifier_logits(self.classifier_, z)
-        temperature = self.calibration_temperature_ if calibrated else 1.0
+        if temperature is None:
+            temperature = self.calibration_temperature_ if calibrated else 1.0
         return torch.softmax(logits / temperature, dim=1).numpy()
 
-    def _novelty_frame(self, z: np.ndarray, probabilities: np.ndarray, index) -> pd.DataFrame:
-        reference = self.novelty_reference_
+    def _novelty_frame(self, z: np.ndarray, probabilities: np.ndarray, index, reference=None) -> pd.DataFrame:
+        reference = self.novelty_reference_ if reference is None else reference
         distance, nearest = reference.nearest_type(z)
         uncertainty = 1.0 - probabilities.max(axis=1)
         scores = reference.combine(distance, uncertainty)

@@ -23,6 +23,7 @@ from scvi.model.base import BaseModelClass
 from tqdm.auto import tqdm
 
 from cellular.data import (
+    DepthThinning,
     epoch_minibatches,
     read_expression,
     sequential_minibatches,
@@ -38,6 +39,7 @@ from . import _serialization
 from ._annotation import AnnotationMixin
 from ._common import SAME_AS_TRAINING, NotTrainedError
 from ._device import resolve_device
+from ._panels import CalibrationCells, PanelMixin
 from ._targets import pca_centroids
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ _WEIGHTS_FILE = "model.pt"
 _INDEX_FOLDER = "reference_index"
 
 
-class CELLULAR(AnnotationMixin, BaseModelClass):
+class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
     """CELLULAR: contrastive learning of a batch-corrected cell embedding from labelled scRNA-seq.
 
     An MLP encoder on log-normalised highly variable genes, trained with a class-weighted soft-nearest-neighbour
@@ -85,6 +87,18 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         Temperature of the batch term.
     use_class_weights
         Weight the supervised term by inverse type frequency and the batch term by inverse batch frequency.
+    panel_masking
+        Share of training cells shown only a random gene panel (a random subset or block of the genes, keeping
+        between ``min_panel_fraction`` and all of them), with the encoder told which genes are absent. A model trained
+        so serves queries that measure any subset of its genes: absent genes are read as not measured instead of
+        as zero expression. ``0`` turns it off (absent genes of a query are then zeros).
+    min_panel_fraction
+        Smallest share of the genes a simulated panel keeps.
+    depth_thinning
+        Share of training cells whose counts are binomially thinned, simulating shallower sequencing (counts
+        input only).
+    min_depth_fraction
+        Smallest expected share of counts a thinned cell keeps.
     seed
         Seed of the weight initialisation (and default seed of :meth:`train`).
 
@@ -112,12 +126,18 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         temperature_max: float = 2.0,
         batch_temperature: float = 0.5,
         use_class_weights: bool = True,
+        panel_masking: float = 0.5,
+        min_panel_fraction: float = 0.1,
+        depth_thinning: float = 0.5,
+        min_depth_fraction: float = 0.25,
         seed: int = 0,
     ):
         super().__init__(adata)
         self.init_params_ = self._get_init_params(locals())
         if n_latent < 1 or n_top_genes < 1:
             raise ValueError(f"n_latent and n_top_genes must be positive, got {n_latent} and {n_top_genes}.")
+        _check_augmentation(panel_masking, min_panel_fraction, "panel_masking", "min_panel_fraction")
+        _check_augmentation(depth_thinning, min_depth_fraction, "depth_thinning", "min_depth_fraction")
         layer = self.adata_manager.registry["setup_args"]["layer"]
         log_normalized = self.adata_manager.registry["setup_args"]["log_normalized"]
         labels = self._registered_labels()
@@ -192,6 +212,12 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             "temperature_min": temperature_min,
             "temperature_max": temperature_max,
             "batch_temperature": batch_temperature,
+            "panel_masking": panel_masking,
+            "min_panel_fraction": min_panel_fraction,
+        }
+        self.depth_thinning = {
+            "probability": 0.0 if log_normalized else depth_thinning,
+            "min_fraction": min_depth_fraction,
         }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -387,6 +413,11 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         """
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 for contrastive training, got {batch_size}.")
+        train_params = {
+            key: value
+            for key, value in locals().items()
+            if key not in ("self", "progress_bar", "classifier", "classifier_kwargs")
+        }
         if self.adata is None:
             raise ValueError("This model has no training data attached; load it with CELLULAR.load(path, adata=...).")
         seed = self.seed if seed is None else seed
@@ -423,9 +454,12 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         labels_t = torch.from_numpy(labels)
         batches_t = torch.from_numpy(batches)
 
-        def tensors_for(index: np.ndarray) -> dict[str, torch.Tensor]:
+        thinning = DepthThinning(rng=rng, **self.depth_thinning) if self.depth_thinning["probability"] > 0 else None
+
+        def tensors_for(index: np.ndarray, augment: bool = False) -> dict[str, torch.Tensor]:
+            x = expression.rows(index, thinning if augment else None)
             return {
-                REGISTRY_KEYS.X_KEY: torch.from_numpy(expression.rows(index)).to(device, non_blocking=True),
+                REGISTRY_KEYS.X_KEY: torch.from_numpy(x).to(device, non_blocking=True),
                 REGISTRY_KEYS.LABELS_KEY: labels_t[index].to(device),
                 REGISTRY_KEYS.BATCH_KEY: batches_t[index].to(device),
             }
@@ -446,7 +480,7 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
                 sums: dict[str, float] = {}
                 n_seen = 0
                 for index in epoch_minibatches(train_idx, batch_size, rng, balance):
-                    _, _, output = module(tensors_for(index))
+                    _, _, output = module(tensors_for(index, augment=True))
                     optimizer.zero_grad(set_to_none=True)
                     output.loss.backward()
                     optimizer.step()
@@ -494,10 +528,12 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             "seed": seed,
         }
         self.is_trained_ = True
+        self.train_params_ = train_params
         if self.reference_index_ is not None:
             logger.info("Retraining invalidates the model's reference index; build it again.")
         self.reference_index_ = None
         self.classifier_ = None
+        self.calibration_cells_ = None
         if classifier:
             self.train_classifier(
                 **{"accelerator": accelerator, "devices": devices, "seed": seed, **(classifier_kwargs or {})}
@@ -560,8 +596,9 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         -------
         ``(n_cells, n_latent)`` float32 array.
         """
-        expression, _ = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
-        return self._encode(expression, batch_size, resolve_device(accelerator, devices), progress_bar=progress_bar)
+        expression, alignment = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
+        device = resolve_device(accelerator, devices)
+        return self._encode(expression, batch_size, device, progress_bar=progress_bar, gene_mask=alignment.present)
 
     def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap):
         self._require_trained()
@@ -631,16 +668,24 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
 
     @torch.no_grad()
-    def _encode(self, expression, batch_size: int, device: torch.device, progress_bar: bool = False) -> np.ndarray:
+    def _encode(
+        self,
+        expression,
+        batch_size: int,
+        device: torch.device,
+        progress_bar: bool = False,
+        gene_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
         module = self.module.to(device)
         module.eval()
+        mask = None if gene_mask is None or gene_mask.all() else torch.as_tensor(gene_mask, device=device)
         out = np.empty((expression.n_cells, module.n_latent), dtype=np.float32)
         with tqdm(
             total=expression.n_cells, desc="Embedding cells", unit="cell", unit_scale=True, disable=not progress_bar
         ) as progress:
             for index in sequential_minibatches(expression.n_cells, batch_size):
                 x = torch.from_numpy(expression.rows(index)).to(device)
-                out[index] = module.inference(x)["z"].cpu().numpy()
+                out[index] = module.inference(x, mask)["z"].cpu().numpy()
                 progress.update(index.size)
         return out
 
@@ -678,9 +723,12 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             "gene_ids": self.gene_ids,
             "target_sum": self.target_sum,
             "gene_count_fractions": self.gene_count_fractions,
+            "depth_thinning": self.depth_thinning,
             "seed": self.seed,
             "is_trained": self.is_trained_,
             "training_summary": getattr(self, "training_summary_", None),
+            "train_params": self.train_params_,
+            "calibration_cell_names": None if self.calibration_cells_ is None else self.calibration_cells_.cell_names,
             "history": None if self.history_ is None else {k: v.iloc[:, 0].tolist() for k, v in self.history_.items()},
             "registry": self.registry_,
         }
@@ -688,6 +736,8 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         metadata["classifier"] = classifier_metadata
         tensors = {f"module.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()}
         tensors.update(classifier_tensors)
+        if self.calibration_cells_ is not None:
+            tensors.update(self.calibration_cells_.to_tensors())
         for name in ("train_indices_", "validation_indices_"):
             value = getattr(self, name)
             if value is not None:
@@ -755,6 +805,7 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         model.target_sum = metadata["target_sum"]
         fractions = metadata["gene_count_fractions"]
         model.gene_count_fractions = None if fractions is None else np.asarray(fractions, dtype=np.float64)
+        model.depth_thinning = dict(metadata.get("depth_thinning") or {"probability": 0.0, "min_fraction": 1.0})
         model.seed = metadata["seed"]
         model._module_kwargs = dict(metadata["module_kwargs"])
         model.init_params_ = {"kwargs": {}, "non_kwargs": metadata["init_params"]}
@@ -765,6 +816,11 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
         model._restore_classifier(metadata.get("classifier"), tensors, device)
         model.is_trained_ = bool(metadata["is_trained"])
         model.training_summary_ = metadata["training_summary"]
+        model.train_params_ = metadata.get("train_params")
+        names = metadata.get("calibration_cell_names")
+        model.calibration_cells_ = (
+            None if names is None else CalibrationCells.from_tensors(tensors, names, len(model.genes))
+        )
         history = metadata["history"]
         model.history_ = (
             None
@@ -778,6 +834,13 @@ class CELLULAR(AnnotationMixin, BaseModelClass):
             model.reference_index_ = ReferenceIndex.load(dir_path / _INDEX_FOLDER, device=device)
         model._model_summary_string = model._summary()
         return model
+
+
+def _check_augmentation(probability: float, min_fraction: float, name: str, fraction_name: str) -> None:
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"{name} is the share of training cells augmented and must lie in [0, 1], got {probability}.")
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError(f"{fraction_name} must lie in (0, 1], got {min_fraction}.")
 
 
 def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:

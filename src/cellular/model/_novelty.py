@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -80,10 +80,17 @@ class NoveltyReference:
             calibration_scores=np.zeros(0),
             calibration_source=calibration_source,
         )
-        distance, _ = reference.nearest_type(z_calibration)
+        return reference.recalibrated(z_calibration, probabilities_calibration)
+
+    def recalibrated(self, z_calibration: np.ndarray, probabilities_calibration: np.ndarray) -> NoveltyReference:
+        """A copy with score scales and conformal scores taken from these calibration cells (prototypes kept)."""
+        distance, _ = self.nearest_type(z_calibration)
         uncertainty = 1.0 - probabilities_calibration.max(axis=1)
-        reference.distance_scale = max(float(np.quantile(distance, _SCALE_QUANTILE)), 1e-6)
-        reference.uncertainty_scale = max(float(np.quantile(uncertainty, _SCALE_QUANTILE)), 1e-3)
+        reference = replace(
+            self,
+            distance_scale=max(float(np.quantile(distance, _SCALE_QUANTILE)), 1e-6),
+            uncertainty_scale=max(float(np.quantile(uncertainty, _SCALE_QUANTILE)), 1e-3),
+        )
         reference.calibration_scores = np.sort(reference.scores(z_calibration, probabilities_calibration))
         return reference
 

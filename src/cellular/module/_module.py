@@ -11,8 +11,11 @@ from cellular.nn import (
     CellularEncoder,
     batch_mixing_loss,
     centroid_distance_loss,
+    random_panel_masks,
     soft_nearest_neighbour_loss,
 )
+
+GENE_MASK_KEY = "gene_mask"
 
 
 class CellularModule(BaseModuleClass):
@@ -40,6 +43,12 @@ class CellularModule(BaseModuleClass):
         Initial value and clamp range of the learnable temperature of the supervised term.
     batch_temperature
         Fixed temperature of the batch term.
+    panel_masking
+        Share of training cells whose input is restricted to a random gene panel (see
+        :func:`cellular.nn.random_panel_masks`); ``0`` trains on every gene and reads absent genes of a query as
+        zero expression, anything above makes the encoder mask-aware (absent genes are read as not measured).
+    min_panel_fraction
+        Smallest share of genes a simulated panel keeps.
     """
 
     def __init__(
@@ -59,6 +68,8 @@ class CellularModule(BaseModuleClass):
         temperature_min: float = 0.1,
         temperature_max: float = 2.0,
         batch_temperature: float = 0.5,
+        panel_masking: float = 0.0,
+        min_panel_fraction: float = 0.1,
     ):
         super().__init__()
         if not temperature_min <= temperature_init <= temperature_max:
@@ -76,6 +87,8 @@ class CellularModule(BaseModuleClass):
         self.temperature_min = temperature_min
         self.temperature_max = temperature_max
         self.batch_temperature = batch_temperature
+        self.panel_masking = panel_masking
+        self.min_panel_fraction = min_panel_fraction
 
         self.encoder = CellularEncoder(n_input, n_latent=n_latent, dropout_rate=dropout_rate)
         self.temperature = nn.Parameter(torch.tensor(float(temperature_init)))
@@ -91,13 +104,31 @@ class CellularModule(BaseModuleClass):
         with torch.no_grad():
             self.temperature.clamp_(self.temperature_min, self.temperature_max)
 
+    @property
+    def mask_aware(self) -> bool:
+        """Whether the encoder was trained to read a gene-measurement mask (absent genes are not zeros)."""
+        return self.panel_masking > 0
+
     def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        gene_mask = tensors.get(GENE_MASK_KEY)
+        if self.training and self.mask_aware:
+            panels = random_panel_masks(
+                x.shape[0],
+                x.shape[1],
+                probability=self.panel_masking,
+                min_fraction=self.min_panel_fraction,
+                device=x.device,
+            )
+            gene_mask = panels if gene_mask is None else panels & gene_mask.to(torch.bool)
+        return {"x": x, "gene_mask": gene_mask}
 
     @auto_move_data
-    def inference(self, x: Tensor) -> dict[str, Tensor]:
-        """Embed normalised expression ``x``."""
-        return {"z": self.encoder(x)}
+    def inference(self, x: Tensor, gene_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Embed normalised expression ``x``; a mask-aware encoder reads ``gene_mask`` (``True`` where measured)."""
+        if not self.mask_aware:
+            gene_mask = None
+        return {"z": self.encoder(x, gene_mask)}
 
     def _get_generative_input(self, tensors: dict[str, Tensor], inference_outputs: dict[str, Tensor]) -> dict:
         return {}

@@ -1,5 +1,6 @@
+from ._augment import random_panel_masks
 from ._classifier import CellTypeClassifier, fit_temperature
-from ._encoder import CellularEncoder
+from ._encoder import CellularEncoder, masked_layer_norm
 from ._losses import (
     batch_mixing_loss,
     centroid_distance_loss,
@@ -16,5 +17,7 @@ __all__ = [
     "centroid_target_distances",
     "inverse_frequency_weights",
     "fit_temperature",
+    "masked_layer_norm",
+    "random_panel_masks",
     "soft_nearest_neighbour_loss",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -10,6 +11,11 @@ class CellularEncoder(nn.Module):
 
     ``LayerNorm -> Linear(d, d/2) -> LayerNorm -> ReLU -> Dropout -> Linear(d/2, d/4) -> LayerNorm -> ReLU ->
     Linear(d/4, n_latent)`` with ``d`` the number of input genes.
+
+    Given a mask of the genes a cell's data measures, the first LayerNorm takes its mean and variance over the
+    measured genes only and the unmeasured genes enter the first Linear as zero, so an absent gene is read as "not
+    measured" rather than as "not expressed". The second LayerNorm removes the scale change of the first Linear's
+    output that fewer inputs bring.
 
     Parameters
     ----------
@@ -37,6 +43,41 @@ class CellularEncoder(nn.Module):
             nn.Linear(n_hidden_2, n_latent),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Embed a ``(n_cells, n_input)`` batch of normalised expression."""
-        return self.layers(x)
+    def forward(self, x: Tensor, gene_mask: Tensor | None = None) -> Tensor:
+        """Embed a ``(n_cells, n_input)`` batch of normalised expression.
+
+        Parameters
+        ----------
+        x
+            Normalised expression; values of unmeasured genes are ignored.
+        gene_mask
+            ``True`` where a gene is measured: ``(n_input,)`` for one panel shared by all cells, or
+            ``(n_cells, n_input)``. Every gene is measured when ``None``.
+        """
+        if gene_mask is None:
+            return self.layers(x)
+        first_norm = self.layers[0]
+        normalized = masked_layer_norm(x, gene_mask, first_norm.weight, first_norm.bias, first_norm.eps)
+        return self.layers[1:](normalized)
+
+
+def masked_layer_norm(x: Tensor, gene_mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the measured genes of each row; unmeasured genes come out as exactly zero.
+
+    With every gene measured this equals ``torch.nn.functional.layer_norm`` (within float rounding).
+
+    Parameters
+    ----------
+    x
+        ``(n_cells, n_genes)`` input.
+    gene_mask
+        ``(n_genes,)`` or ``(n_cells, n_genes)``, ``True`` where measured.
+    weight, bias, eps
+        The LayerNorm's affine parameters and epsilon.
+    """
+    mask = gene_mask.to(device=x.device, dtype=x.dtype).expand_as(x)
+    n_measured = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+    mean = (x * mask).sum(dim=1, keepdim=True) / n_measured
+    centred = (x - mean) * mask
+    variance = centred.square().sum(dim=1, keepdim=True) / n_measured
+    return (centred * torch.rsqrt(variance + eps) * weight + bias) * mask

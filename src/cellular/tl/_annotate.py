@@ -9,7 +9,7 @@ from anndata import AnnData
 from cellular.model import CELLULAR
 from cellular.model._common import SAME_AS_TRAINING
 
-from ._common import check_alpha, check_model, model_record, package_uns, query_embedding
+from ._common import check_alpha, check_model, model_record, package_uns, serve_query
 from ._novel import novelty_flags
 
 
@@ -28,7 +28,8 @@ def cellular_annotate(
     layer: str | None = SAME_AS_TRAINING,
     log_normalized: bool | None = None,
     gene_id_key: str | None = None,
-    min_gene_overlap: float = 0.5,
+    min_gene_overlap: float = 0.0,
+    panel: str = "auto",
     progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -60,6 +61,10 @@ def cellular_annotate(
         ``None``.
     batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
         How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    panel
+        How a query lacking some of the model's genes is served: ``"auto"`` (the model itself, calibrated under the
+        query's gene panel, when the query's genes carry enough of the reference's expression; else a model refitted
+        on the shared genes), ``"direct"`` or ``"refit"``. See the user guide, "Queries with fewer genes".
     progress_bar
         Show a progress bar while embedding the cells (on stderr).
     copy
@@ -90,14 +95,23 @@ def cellular_annotate(
         )
     if copy:
         adata = adata.copy()
-    z, read_record = query_embedding(
-        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
+    served = serve_query(
+        adata,
+        model,
+        use_rep=use_rep,
+        batch_size=batch_size,
+        layer=layer,
+        log_normalized=log_normalized,
+        gene_id_key=gene_id_key,
+        min_gene_overlap=min_gene_overlap,
+        panel=panel,
+        progress_bar=progress_bar,
     )
-    probabilities = model._probabilities(z)
+    probabilities = served.probabilities()
     confidence = probabilities.max(axis=1)
     unknown = confidence < min_confidence
     if novel_as_unknown:
-        _, flags = novelty_flags(model, z, probabilities, adata.obs_names, alpha, fdr)
+        _, flags = novelty_flags(served, adata.obs_names, probabilities, alpha, fdr)
         unknown |= flags
     codes = np.where(unknown, len(classes), probabilities.argmax(axis=1))
     labels = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
@@ -112,8 +126,8 @@ def cellular_annotate(
             "fdr": bool(fdr),
             "min_confidence": float(min_confidence),
             "unknown_label": unknown_label,
-            "calibration_temperature": float(model.calibration_temperature_),
-            **read_record,
+            "calibration_temperature": float(served.classifier_temperature),
+            **served.record,
             "model": model_record(model),
         },
         "classes": classes,

@@ -2,43 +2,177 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
 import torch
 from anndata import AnnData
 
+from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR
+from cellular.model._panels import PanelCalibration
+
+PANEL_PATHS = ("auto", "direct", "refit")
+# A mask-aware model serves a query directly when its genes carry at least this share of the reference's expression;
+# below it, "auto" refits on the shared genes (measured: docs/usage.md, "Queries with fewer genes").
+DIRECT_MIN_EXPRESSION_SHARE = 0.5
 
 
-def query_embedding(
+@dataclass
+class ServedQuery:
+    """How a query was served: the model (and index) that read it, its embedding and its panel calibration."""
+
+    model: CELLULAR
+    z: np.ndarray
+    record: dict
+    index: ReferenceIndex | None = None
+    calibration: PanelCalibration | None = None
+
+    @property
+    def classifier_temperature(self) -> float:
+        if self.calibration is not None and self.calibration.classifier_temperature is not None:
+            return self.calibration.classifier_temperature
+        return self.model.calibration_temperature_
+
+    @property
+    def novelty_reference(self):
+        if self.calibration is not None and self.calibration.novelty_reference is not None:
+            return self.calibration.novelty_reference
+        return self.model.novelty_reference_
+
+    def probabilities(self) -> np.ndarray:
+        """Calibrated classifier probabilities of the query cells."""
+        return self.model._probabilities(self.z, temperature=self.classifier_temperature)
+
+
+def serve_query(
     adata: AnnData,
     model: CELLULAR,
+    *,
     use_rep: str | None,
     batch_size: int,
     layer,
     log_normalized: bool | None,
     gene_id_key: str | None,
     min_gene_overlap: float,
+    panel: str = "auto",
+    index: ReferenceIndex | None = None,
+    transfer: dict | None = None,
     progress_bar: bool = False,
-) -> tuple[np.ndarray, dict]:
-    """Embedding of ``adata`` by ``model`` (or the stored ``adata.obsm[use_rep]``) and a record of how it was read."""
+) -> ServedQuery:
+    """Embed a query with the model, or with a model refitted on its genes, and calibrate for its gene panel.
+
+    ``panel="auto"``: a mask-aware model serves the query directly when the query's genes carry at least
+    :data:`DIRECT_MIN_EXPRESSION_SHARE` of the reference's expression, and is refitted on the shared genes
+    (:meth:`~cellular.CELLULAR.restrict_to_genes`) below that when its training data is attached; ``"direct"`` and
+    ``"refit"`` force one path. A directly served query that lacks genes is calibrated under its panel
+    (:meth:`~cellular.CELLULAR.calibrate_for_panel`).
+    """
+    if panel not in PANEL_PATHS:
+        raise ValueError(f"panel must be one of {PANEL_PATHS}, got {panel!r}.")
     if use_rep is not None:
-        if use_rep not in adata.obsm:
-            raise KeyError(
-                f"use_rep={use_rep!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}); run "
-                "cellular.tl.cellular_embed first or pass use_rep=None to embed the cells now."
-            )
-        z = np.asarray(adata.obsm[use_rep], dtype=np.float32)
-        if z.shape != (adata.n_obs, model.n_latent):
-            raise ValueError(
-                f"adata.obsm[{use_rep!r}] has shape {z.shape}, but the model embeds into {model.n_latent} dimensions; "
-                "it was not made by this model. Pass use_rep=None to embed the cells now."
-            )
-        return z, {"use_rep": use_rep}
+        return ServedQuery(
+            model, _stored_embedding(adata, model, use_rep), {"use_rep": use_rep, "panel_path": "stored"}, index
+        )
     expression, alignment = model._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
-    z = model._encode(expression, batch_size, torch.device(model.device), progress_bar=progress_bar)
-    return z, {"use_rep": None, "n_genes_matched": int(alignment.n_matched), "n_model_genes": len(model.genes)}
+    present = alignment.present
+    share = model.expression_share(present)
+    record = {
+        "use_rep": None,
+        "n_genes_matched": int(alignment.n_matched),
+        "n_model_genes": len(model.genes),
+        "expression_share": share,
+    }
+    path = panel
+    if panel == "auto":
+        direct_ok = present.all() or (model.module.mask_aware and share >= DIRECT_MIN_EXPRESSION_SHARE)
+        path = "direct" if direct_ok else "refit"
+        if path == "refit" and model.adata is None:
+            raise ValueError(
+                f"The query measures {alignment.n_matched} of the model's {len(model.genes)} genes, carrying "
+                f"{share:.0%} of the reference's expression; this model serves queries directly down to "
+                f"{DIRECT_MIN_EXPRESSION_SHARE:.0%}"
+                + ("" if model.module.mask_aware else " only when it was trained with panel_masking > 0")
+                + ". Attach the training data so the model can be refitted on the shared genes "
+                "(CELLULAR.load(path, adata=reference), or --reference on the command line), or pass panel='direct' "
+                "to use the model as it is."
+            )
+    record["panel_path"] = path
+    if path == "refit" and not present.all():
+        served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
+        served_index = None
+        if index is not None:
+            served_index = _restricted_index(served_model, model, index)
+        z = served_model.get_latent_representation(
+            adata,
+            batch_size=batch_size,
+            layer=layer,
+            log_normalized=log_normalized,
+            gene_id_key=gene_id_key,
+            min_gene_overlap=0.0,
+            progress_bar=progress_bar,
+        )
+        record["n_refit_genes"] = len(served_model.genes)
+        return ServedQuery(served_model, z, record, served_index)
+    z = model._encode(expression, batch_size, torch.device(model.device), progress_bar=progress_bar, gene_mask=present)
+    calibration = None
+    if not present.all():
+        calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
+        record["panel_calibrated"] = calibration is not None
+        if calibration is not None:
+            record["panel_calibration"] = dict(calibration.summary)
+    return ServedQuery(model, z, record, index, calibration)
+
+
+def _restricted_model(
+    model: CELLULAR, adata: AnnData, present: np.ndarray, gene_id_key: str | None, progress_bar: bool
+) -> CELLULAR:
+    """``model.restrict_to_genes(adata)``, cached on the model for the same set of shared genes."""
+    cache = model.__dict__.setdefault("_restricted_models", {})
+    key = tuple(np.flatnonzero(present).tolist())
+    if key not in cache:
+        cache[key] = model.restrict_to_genes(adata, gene_id_key=gene_id_key, progress_bar=progress_bar)
+    return cache[key]
+
+
+def _restricted_index(restricted: CELLULAR, model: CELLULAR, index: ReferenceIndex) -> ReferenceIndex:
+    """The reference index rebuilt with a refitted model: it must index the model's training data."""
+    reference = model.adata
+    same_cells = index.n_cells == reference.n_obs and np.array_equal(
+        np.asarray(index.cell_names, dtype=str), np.asarray(reference.obs_names, dtype=str)
+    )
+    missing = [level for level in index.label_levels if level not in reference.obs]
+    if not same_cells or missing:
+        raise ValueError(
+            "The query lacks too many of the model's genes to use the model directly, and its refit on the shared "
+            "genes can only re-index the model's training data, but the reference index holds other cells or label "
+            "levels. Build the index on the training data, or pass panel='direct'."
+        )
+    if restricted.reference_index_ is None:
+        restricted.build_reference_index(
+            reference,
+            label_keys=index.label_levels,
+            unlabeled_category=index.unlabeled_category,
+            backend=index.backend,
+            metric=index.metric,
+        )
+    return restricted.reference_index_
+
+
+def _stored_embedding(adata: AnnData, model: CELLULAR, use_rep: str) -> np.ndarray:
+    if use_rep not in adata.obsm:
+        raise KeyError(
+            f"use_rep={use_rep!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}); run "
+            "cellular.tl.cellular_embed first or pass use_rep=None to embed the cells now."
+        )
+    z = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    if z.shape != (adata.n_obs, model.n_latent):
+        raise ValueError(
+            f"adata.obsm[{use_rep!r}] has shape {z.shape}, but the model embeds into {model.n_latent} dimensions; "
+            "it was not made by this model. Pass use_rep=None to embed the cells now."
+        )
+    return z
 
 
 def check_model(model: CELLULAR, *, classifier: bool) -> None:

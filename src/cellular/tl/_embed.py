@@ -91,7 +91,9 @@ def cellular_embed(
 
     read_layer = model.setup_args["layer"] if trained_here else layer
     expression, alignment = model._read(adata, read_layer, log_normalized, gene_id_key, min_gene_overlap)
-    adata.obsm[key_added] = model._encode(expression, batch_size, torch.device(model.device), progress_bar=progress_bar)
+    adata.obsm[key_added] = model._encode(
+        expression, batch_size, torch.device(model.device), progress_bar=progress_bar, gene_mask=alignment.present
+    )
 
     uns = adata.uns.setdefault("cellular", {})
     uns["params"] = {

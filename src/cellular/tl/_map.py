@@ -10,7 +10,7 @@ from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR
 from cellular.model._common import SAME_AS_TRAINING
 
-from ._common import check_model, model_record, package_uns, query_embedding
+from ._common import check_model, model_record, package_uns, serve_query
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -32,7 +32,8 @@ def cellular_map(
     layer: str | None = SAME_AS_TRAINING,
     log_normalized: bool | None = None,
     gene_id_key: str | None = None,
-    min_gene_overlap: float = 0.5,
+    min_gene_overlap: float = 0.0,
+    panel: str = "auto",
     progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -69,6 +70,11 @@ def cellular_map(
         Key of ``adata.obsm`` already holding this model's embedding of ``adata``; embedded now when ``None``.
     batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
         How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    panel
+        How a query lacking some of the model's genes is served: ``"auto"`` (the model itself when the query's genes
+        carry enough of the reference's expression, with vote shares calibrated on held-out reference cells read
+        under the query's gene panel; else a model refitted on the shared genes, with the reference re-indexed),
+        ``"direct"`` or ``"refit"``. See the user guide, "Queries with fewer genes".
     progress_bar
         Show a progress bar while embedding the cells (on stderr).
     copy
@@ -123,9 +129,22 @@ def cellular_map(
         raise ValueError("The reference index has no label levels to transfer; build it with label_keys=[...].")
     if copy:
         adata = adata.copy()
-    z, read_record = query_embedding(
-        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
+    served = serve_query(
+        adata,
+        model,
+        use_rep=use_rep,
+        batch_size=batch_size,
+        layer=layer,
+        log_normalized=log_normalized,
+        gene_id_key=gene_id_key,
+        min_gene_overlap=min_gene_overlap,
+        panel=panel,
+        index=index,
+        transfer={"k": k, "weighting": weighting, "temperature": temperature},
+        progress_bar=progress_bar,
     )
+    z, index = served.z, served.index
+    vote_temperatures = None if served.calibration is None else served.calibration.vote_temperatures
     transfer = index.transfer_labels(
         z,
         k=k,
@@ -134,6 +153,7 @@ def cellular_map(
         temperature=temperature,
         min_probability=min_probability,
         unknown_label=unknown_label,
+        vote_temperatures=vote_temperatures,
     )
 
     adata.obsm[f"X_{key_added}"] = z
@@ -165,7 +185,8 @@ def cellular_map(
             "metric": index.metric,
             "backend": index.backend,
             "n_reference_cells": int(index.n_cells),
-            **read_record,
+            "vote_temperatures": dict(vote_temperatures or {}),
+            **served.record,
             "model": model_record(model),
         },
         "levels": level_records,

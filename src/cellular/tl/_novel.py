@@ -12,17 +12,17 @@ from cellular.metrics import benjamini_hochberg
 from cellular.model import CELLULAR
 from cellular.model._common import SAME_AS_TRAINING
 
-from ._common import check_alpha, check_model, model_record, package_uns, query_embedding
+from ._common import ServedQuery, check_alpha, check_model, model_record, package_uns, serve_query
 
 # The original CELLULAR package called a dataset "likely to hold a novel type" below this value.
 CELLULAR_RULE_THRESHOLD = 0.25
 
 
 def novelty_flags(
-    model: CELLULAR, z: np.ndarray, probabilities: np.ndarray, index: pd.Index, alpha: float, fdr: bool
+    served: ServedQuery, index: pd.Index, probabilities: np.ndarray, alpha: float, fdr: bool
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Novelty table of :meth:`~cellular.CELLULAR.get_novelty_scores` plus ``qvalue``, and the flags at ``alpha``."""
-    frame = model._novelty_frame(z, probabilities, index)
+    frame = served.model._novelty_frame(served.z, probabilities, index, served.novelty_reference)
     frame["qvalue"] = benjamini_hochberg(frame["pvalue"].to_numpy())
     flags = (frame["qvalue"] if fdr else frame["pvalue"]).to_numpy() <= alpha
     return frame, flags
@@ -44,7 +44,8 @@ def novel_types(
     layer: str | None = SAME_AS_TRAINING,
     log_normalized: bool | None = None,
     gene_id_key: str | None = None,
-    min_gene_overlap: float = 0.5,
+    min_gene_overlap: float = 0.0,
+    panel: str = "auto",
     progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -83,6 +84,8 @@ def novel_types(
         ``None``.
     batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
         How to read and embed ``adata``, as in :meth:`~cellular.CELLULAR.get_latent_representation`.
+    panel
+        How a query lacking some of the model's genes is served, as in :func:`cellular.tl.cellular_annotate`.
     progress_bar
         Show a progress bar while embedding the cells (on stderr).
     copy
@@ -113,11 +116,20 @@ def novel_types(
     check_model(model, classifier=True)
     if copy:
         adata = adata.copy()
-    z, read_record = query_embedding(
-        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
+    served = serve_query(
+        adata,
+        model,
+        use_rep=use_rep,
+        batch_size=batch_size,
+        layer=layer,
+        log_normalized=log_normalized,
+        gene_id_key=gene_id_key,
+        min_gene_overlap=min_gene_overlap,
+        panel=panel,
+        progress_bar=progress_bar,
     )
-    probabilities = model._probabilities(z)
-    frame, flags = novelty_flags(model, z, probabilities, adata.obs_names, alpha, fdr)
+    probabilities = served.probabilities()
+    frame, flags = novelty_flags(served, adata.obs_names, probabilities, alpha, fdr)
 
     adata.obs[key_added] = flags
     adata.obs[f"{key_added}_score"] = frame["score"].to_numpy()
@@ -125,7 +137,7 @@ def novel_types(
     adata.obs[f"{key_added}_qvalue"] = frame["qvalue"].to_numpy()
     adata.obs[f"{key_added}_nearest_type"] = frame["nearest_type"].to_numpy()
 
-    reference = model.novelty_reference_
+    reference = served.novelty_reference
     n_types = probabilities.shape[1]
     rescaled = (probabilities.max(axis=1) - 1.0 / n_types) / (1.0 - 1.0 / n_types)
     smallest = float(rescaled.min()) if rescaled.size else float("nan")
@@ -157,14 +169,14 @@ def novel_types(
             "resolution": float(resolution),
             "min_group_size": int(min_group_size),
             "n_markers": int(n_markers),
-            **read_record,
+            **served.record,
             "model": model_record(model),
         },
         "summary": summary,
     }
     if group:
         groups, record["groups"] = _candidate_groups(
-            adata, model, z, flags, frame, resolution, min_group_size, n_markers, layer, log_normalized
+            adata, served.model, served.z, flags, frame, resolution, min_group_size, n_markers, layer, log_normalized
         )
         adata.obs[f"{key_added}_group"] = groups
     package_uns(adata)[key_added] = record

@@ -10,7 +10,7 @@ from cellular.model import CELLULAR
 from cellular.model._annotation import cell_type_representations as _representations
 from cellular.model._common import SAME_AS_TRAINING
 
-from ._common import check_model, model_record, package_uns, query_embedding
+from ._common import check_model, model_record, package_uns, serve_query
 
 DISTANCE_METRICS = ("cosine", "euclidean")
 
@@ -80,9 +80,18 @@ def cell_type_representations(
     labels = model._representation_labels(adata, labels_key)
     if copy:
         adata = adata.copy()
-    z, read_record = query_embedding(
-        adata, model, use_rep, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
+    served = serve_query(
+        adata,
+        model,
+        use_rep=use_rep,
+        batch_size=batch_size,
+        layer=layer,
+        log_normalized=log_normalized,
+        gene_id_key=gene_id_key,
+        min_gene_overlap=min_gene_overlap,
+        panel="direct",
     )
+    z, read_record = served.z, served.record
     table = _representations(z, labels, method, max_medoid_cells=max_medoid_cells)
     vectors = table.to_numpy(dtype=np.float64)
     if metric == "cosine":

@@ -1,0 +1,261 @@
+"""Queries that measure only part of the model's genes: calibration under a gene panel, refitting on shared genes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from cellular.data import align_genes
+from cellular.data._expression import get_matrix, select_columns
+from cellular.index import smoothed_vote_logits
+from cellular.metrics import expected_calibration_error
+from cellular.nn import fit_temperature
+
+from ._classifier_training import classifier_logits
+from ._novelty import NoveltyReference
+
+logger = logging.getLogger(__name__)
+
+# Held-out reference cells kept with a model to calibrate it under a query's gene panel.
+MAX_CALIBRATION_CELLS = 5000
+
+
+@dataclass
+class CalibrationCells:
+    """Held-out reference cells kept with a model, as stored expression over the model's genes.
+
+    Attributes
+    ----------
+    matrix
+        CSR ``cells x model genes``, as stored in the training data (raw counts, or log-normalised values).
+    labels
+        Type code of each cell.
+    cell_names
+        The cells' ``obs_names`` in the training data (to find them in a reference index).
+    """
+
+    matrix: sp.csr_matrix
+    labels: np.ndarray
+    cell_names: list[str]
+
+    @classmethod
+    def from_training_data(cls, adata: AnnData, genes: list[str], layer, rows: np.ndarray, labels: np.ndarray, seed):
+        """Up to :data:`MAX_CALIBRATION_CELLS` of the cells ``rows`` (a uniform sample when there are more)."""
+        rows = np.asarray(rows)
+        if rows.size > MAX_CALIBRATION_CELLS:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CALIBRATION_CELLS, replace=False))
+        alignment = align_genes(adata, genes)
+        matrix = get_matrix(adata, layer)
+        selected = select_columns(matrix[rows] if sp.issparse(matrix) else np.asarray(matrix)[rows], alignment)
+        return cls(
+            sp.csr_matrix(selected, dtype=np.float32), labels[rows].astype(np.int64), list(adata.obs_names[rows])
+        )
+
+    def as_query(self, genes: list[str], present: np.ndarray) -> AnnData:
+        """The cells as a query that measures only the ``present`` genes."""
+        columns = np.flatnonzero(present)
+        return AnnData(
+            X=self.matrix[:, columns],
+            obs=pd.DataFrame(index=pd.Index(self.cell_names)),
+            var=pd.DataFrame(index=pd.Index([genes[i] for i in columns])),
+        )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "calibration.indptr": torch.as_tensor(self.matrix.indptr.astype(np.int64)),
+            "calibration.indices": torch.as_tensor(self.matrix.indices.astype(np.int64)),
+            "calibration.data": torch.as_tensor(self.matrix.data.astype(np.float32)),
+            "calibration.labels": torch.as_tensor(self.labels),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], cell_names: list[str], n_genes: int) -> CalibrationCells:
+        indptr = tensors["calibration.indptr"].numpy()
+        indices = tensors["calibration.indices"].numpy()
+        data = tensors["calibration.data"].numpy()
+        n_cells = len(cell_names)
+        if indptr.shape != (n_cells + 1,) or indices.shape != data.shape or (indices.size and indices.max() >= n_genes):
+            raise ValueError("The saved calibration cells are inconsistent with the model; the model file is damaged.")
+        matrix = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+        return cls(matrix, tensors["calibration.labels"].numpy().astype(np.int64), list(cell_names))
+
+
+@dataclass
+class PanelCalibration:
+    """How a model's outputs are calibrated for a query that measures a given subset of its genes.
+
+    Attributes
+    ----------
+    n_genes_present
+        Model genes the query measures.
+    expression_share
+        Share of the reference's expression those genes carry (mean share of a reference cell's counts, or the
+        share of genes for a model of log-normalised input).
+    classifier_temperature
+        Softmax temperature of the classifier head under the panel (``None`` without a head).
+    novelty_reference
+        The novelty scorer with its scales and conformal calibration scores recomputed under the panel.
+    vote_temperatures
+        Per label level of the reference index, the temperature that calibrates kNN vote shares under the panel.
+    summary
+        Accuracy and expected calibration error of the held-out cells under the panel.
+    """
+
+    n_genes_present: int
+    expression_share: float
+    classifier_temperature: float | None = None
+    novelty_reference: NoveltyReference | None = None
+    vote_temperatures: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+class PanelMixin:
+    """Query gene panels: calibration under a panel and refitting on shared genes. Mixed into the model."""
+
+    calibration_cells_: CalibrationCells | None = None
+    train_params_: dict | None = None
+
+    def expression_share(self, present: np.ndarray) -> float:
+        """Share of the reference's expression carried by the genes marked ``present`` (boolean over ``genes``)."""
+        present = np.asarray(present, dtype=bool)
+        if self.gene_count_fractions is None:
+            return float(present.mean())
+        return float(np.asarray(self.gene_count_fractions)[present].sum() / self.gene_count_fractions.sum())
+
+    def calibrate_for_panel(
+        self,
+        present: np.ndarray,
+        *,
+        index=None,
+        k: int = 15,
+        weighting: str = "distance",
+        temperature: float | None = None,
+    ) -> PanelCalibration | None:
+        """Calibrate the classifier, novelty scores and (with ``index``) kNN votes for a query gene panel.
+
+        The model's held-out reference cells are read as a query that measures only the ``present`` genes and
+        embedded so; the classifier temperature, the novelty score scales and conformal scores, and a temperature
+        per label level of the index's vote shares are fitted on them. Cells whose informative genes are missing
+        then come out uncertain, as they should.
+
+        Parameters
+        ----------
+        present
+            Boolean over the model's genes: which ones the query measures.
+        index
+            The reference index the query is mapped onto; its vote shares are calibrated when it holds the
+            held-out cells (an index of the training data).
+        k, weighting, temperature
+            The label-transfer settings to calibrate, as in :meth:`cellular.ReferenceIndex.transfer_labels`.
+
+        Returns
+        -------
+        The calibration, or ``None`` when the model keeps no held-out cells (a model saved by an older version).
+        """
+        cells = self.calibration_cells_
+        present = np.asarray(present, dtype=bool)
+        if cells is None:
+            return None
+        calibration = PanelCalibration(int(present.sum()), self.expression_share(present))
+        query = cells.as_query(self.genes, present)
+        z = self.get_latent_representation(query, layer=None, min_gene_overlap=0.0)
+        labels = cells.labels
+        labelled = labels >= 0
+        if self.has_classifier and labelled.any():
+            logits = classifier_logits(self.classifier_, z)
+            temperature_ = fit_temperature(logits[labelled], torch.as_tensor(labels[labelled]))
+            probabilities = torch.softmax(logits / temperature_, dim=1).numpy()
+            calibration.classifier_temperature = temperature_
+            calibration.novelty_reference = self.novelty_reference_.recalibrated(z[labelled], probabilities[labelled])
+            calibration.summary["classifier_accuracy"] = float(
+                (probabilities[labelled].argmax(1) == labels[labelled]).mean()
+            )
+            calibration.summary["classifier_ece"] = expected_calibration_error(
+                probabilities[labelled], labels[labelled]
+            )
+        if index is not None:
+            rows = pd.Index(index.cell_names).get_indexer(pd.Index(cells.cell_names))
+            if (rows >= 0).all():
+                transfer = index.transfer_labels(
+                    z, k=k, weighting=weighting, temperature=temperature, min_probability=0.0, exclude_rows=rows
+                )
+                for level, shares in transfer.probabilities.items():
+                    truth = np.asarray(index.labels[level].codes, dtype=np.int64)[rows]
+                    usable = (truth >= 0) & (shares.sum(axis=1) > 0)
+                    if not usable.any():
+                        continue
+                    logits = torch.as_tensor(smoothed_vote_logits(shares[usable].astype(np.float64), k))
+                    calibration.vote_temperatures[level] = fit_temperature(logits, torch.as_tensor(truth[usable]))
+                    calibration.summary[f"map_{level}_accuracy"] = float(
+                        (shares[usable].argmax(1) == truth[usable]).mean()
+                    )
+            else:
+                logger.info(
+                    "The reference index does not hold the model's held-out cells; vote shares are not calibrated."
+                )
+        return calibration
+
+    def restrict_to_genes(self, genes, *, gene_id_key: str | None = None, progress_bar: bool = False):
+        """A new model of the same settings trained on the model's genes that ``genes`` also holds.
+
+        The quick way to serve a query that measures too few of the model's genes for the model itself: the new
+        model is trained on the same training data, labels, batches, model settings and training settings
+        (including the classifier head and its calibration), but reads only the shared genes, so a query measuring
+        them is complete for it. Needs the training data (``CELLULAR.load(path, adata=reference)``).
+
+        Parameters
+        ----------
+        genes
+            Gene names, or an AnnData whose ``var_names`` (or ``var[gene_id_key]``) are the query's genes.
+        gene_id_key
+            With an AnnData: match genes on this ``var`` column, as in :meth:`get_latent_representation`.
+        progress_bar
+            Show training progress bars.
+
+        Returns
+        -------
+        The trained model on the shared genes (the model itself is not changed).
+        """
+        self._require_trained()
+        if self.adata is None:
+            raise ValueError(
+                "restrict_to_genes retrains on the model's training data, which is not attached; load the model "
+                "with CELLULAR.load(path, adata=reference_adata)."
+            )
+        if isinstance(genes, AnnData):
+            match_ids = gene_id_key is not None and self.gene_ids is not None
+            names = self.gene_ids if match_ids else self.genes
+            present = align_genes(genes, names, gene_id_key=gene_id_key, min_gene_overlap=0.0).present
+        else:
+            present = np.isin(np.asarray(self.genes), np.asarray([str(g) for g in genes]))
+        shared = [gene for gene, here in zip(self.genes, present, strict=True) if here]
+        if len(shared) < MIN_REFIT_GENES:
+            raise ValueError(
+                f"Only {len(shared)} of the model's {len(self.genes)} genes are shared with the query; a model needs "
+                f"at least {MIN_REFIT_GENES}. Check the gene naming convention (symbols vs Ensembl ids: see "
+                "gene_id_key) or use a reference measured on the query's genes."
+            )
+        settings = dict(self.init_params_["non_kwargs"])
+        settings.update(genes=shared, target_sum=None)
+        restricted = type(self)(self.adata, **settings)
+        train_settings = dict(self.train_params_ or {})
+        train_settings["progress_bar"] = progress_bar
+        train_settings["classifier"] = self.has_classifier
+        if self.has_classifier:
+            train_settings["classifier_kwargs"] = {
+                **{k: v for k, v in self.classifier_params_.items() if k != "hidden_sizes"},
+                "hidden_sizes": tuple(self.classifier_params_["hidden_sizes"]),
+                "progress_bar": progress_bar,
+            }
+        restricted.train(**train_settings)
+        return restricted
+
+
+# Fewest shared genes a model is refitted on (measured: see docs/usage.md, "Queries with fewer genes").
+MIN_REFIT_GENES = 20
