@@ -105,7 +105,8 @@ def _prepare_query(args: argparse.Namespace):
     query = existing_file(args.query, "query file")
     model_dir = existing_model_folder(args.model)
     output = new_output_file(args.output, query, args.overwrite)
-    model = load_model(model_dir, args.accelerator)
+    reference = None if args.reference is None else read_h5ad(existing_file(args.reference, "reference file"))
+    model = load_model(model_dir, args.accelerator, reference)
     if args.layer is None:
         layer = model.setup_args["layer"]
     else:
@@ -118,6 +119,11 @@ def _prepare_query(args: argparse.Namespace):
         "min_gene_overlap": args.min_gene_overlap,
     }
     return model, output, reading
+
+
+def _served(reading: dict, args: argparse.Namespace) -> dict:
+    """The reading options plus how a query with missing genes is served (annotate, novel, map)."""
+    return {**reading, "panel": args.panel}
 
 
 def _require_classifier(model, args: argparse.Namespace) -> None:
@@ -171,8 +177,7 @@ def annotate(args: argparse.Namespace) -> int:
         fdr=args.fdr,
         min_confidence=args.min_confidence,
         unknown_label=args.unknown_label,
-        use_rep=args.embedding_key,
-        **reading,
+        **_served(reading, args),
     )
     write_h5ad(adata, output)
     say(
@@ -202,8 +207,7 @@ def novel(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         min_group_size=args.min_group_size,
         n_markers=args.n_markers,
-        use_rep=args.embedding_key,
-        **reading,
+        **_served(reading, args),
     )
     write_h5ad(adata, output)
     summary = adata.uns["cellular"][args.key_added]["summary"]
@@ -244,7 +248,7 @@ def map_(args: argparse.Namespace) -> int:
         min_probability=args.min_probability,
         unknown_label=args.unknown_label,
         progress_bar=not args.quiet,
-        **reading,
+        **_served(reading, args),
     )
     write_h5ad(adata, output)
     record = adata.uns["cellular"][f"{args.key_added}_map"]

@@ -82,13 +82,16 @@ def write_h5ad(adata, path: Path) -> None:
         raise CommandError(f"could not write {str(path)!r}: {error_message(error)}") from error
 
 
-def load_model(path: Path, accelerator: str):
-    """The CELLULAR model saved in ``path``, or a :class:`CommandError` saying why it cannot be loaded."""
+def load_model(path: Path, accelerator: str, reference=None):
+    """The CELLULAR model saved in ``path``, or a :class:`CommandError` saying why it cannot be loaded.
+
+    ``reference``, the model's training data, is attached to the model when given.
+    """
     from cellular import CELLULAR
 
     logger.info("Loading the model in %s.", path)
     try:
-        return CELLULAR.load(path, accelerator=accelerator)
+        return CELLULAR.load(path, adata=reference, accelerator=accelerator)
     except Exception as error:
         raise CommandError(f"cannot load the model in {str(path)!r}: {error_message(error)}") from error
 

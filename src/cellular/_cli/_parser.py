@@ -148,10 +148,25 @@ def _add_query_options(parser: argparse.ArgumentParser, key_added: str, key_help
     reading.add_argument(
         "--min-gene-overlap",
         type=_fraction,
-        default=0.5,
+        default=0.0,
         metavar="FRACTION",
-        help="smallest fraction of the model's genes the query must hold (default: 0.5)",
+        help="smallest fraction of the model's genes the query must hold (default: 0, any overlap the model serves)",
     )
+    reading.add_argument(
+        "--reference",
+        metavar="REF.h5ad",
+        type=Path,
+        help="the model's training data; lets a query that lacks many of the model's genes be served by a model "
+        "refitted on the shared genes (see --panel)",
+    )
+    if key_added != "X_cellular":
+        reading.add_argument(
+            "--panel",
+            choices=("auto", "direct", "refit"),
+            default="auto",
+            help="how a query lacking some of the model's genes is served: the model itself (direct), a model "
+            "refitted on the shared genes (refit, needs --reference), or by the documented rule (default: auto)",
+        )
     reading.add_argument(
         "--batch-size", type=_positive_int, default=4096, metavar="N", help="cells per minibatch (default: 4096)"
     )

@@ -207,7 +207,8 @@ class PanelMixin:
         The quick way to serve a query that measures too few of the model's genes for the model itself: the new
         model is trained on the same training data, labels, batches, model settings and training settings
         (including the classifier head and its calibration), but reads only the shared genes, so a query measuring
-        them is complete for it. Needs the training data (``CELLULAR.load(path, adata=reference)``).
+        them is complete for it (it is trained without panel masking or depth thinning, which only cost quality
+        on a complete panel). Needs the training data (``CELLULAR.load(path, adata=reference)``).
 
         Parameters
         ----------
@@ -242,7 +243,9 @@ class PanelMixin:
                 "gene_id_key) or use a reference measured on the query's genes."
             )
         settings = dict(self.init_params_["non_kwargs"])
-        settings.update(genes=shared, target_sum=None)
+        # The refitted model reads every gene of the query it serves; panel augmentation only costs it quality there
+        # (benchmarks/panel_robustness.py).
+        settings.update(genes=shared, target_sum=None, panel_masking=0.0, depth_thinning=0.0)
         restricted = type(self)(self.adata, **settings)
         train_settings = dict(self.train_params_ or {})
         train_settings["progress_bar"] = progress_bar

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -13,10 +14,16 @@ from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR
 from cellular.model._panels import PanelCalibration
 
+logger = logging.getLogger(__name__)
+
 PANEL_PATHS = ("auto", "direct", "refit")
-# A mask-aware model serves a query directly when its genes carry at least this share of the reference's expression;
-# below it, "auto" refits on the shared genes (measured: docs/usage.md, "Queries with fewer genes").
-DIRECT_MIN_EXPRESSION_SHARE = 0.5
+# The rule of panel="auto", measured by benchmarks/panel_robustness.py (docs/usage.md, "Queries with fewer genes"):
+# a query whose genes carry at least DIRECT_PREFERRED_SHARE of the reference's expression is served by the model
+# itself; below that a model refitted on the shared genes maps better, and is used when the training data is
+# attached; without it a mask-aware model serves the query directly down to DIRECT_MIN_SHARE, and below that
+# (or for a model trained without panel masking) the query is refused with the fix.
+DIRECT_PREFERRED_SHARE = 0.9
+DIRECT_MIN_SHARE = 0.4
 
 
 @dataclass
@@ -63,11 +70,9 @@ def serve_query(
 ) -> ServedQuery:
     """Embed a query with the model, or with a model refitted on its genes, and calibrate for its gene panel.
 
-    ``panel="auto"``: a mask-aware model serves the query directly when the query's genes carry at least
-    :data:`DIRECT_MIN_EXPRESSION_SHARE` of the reference's expression, and is refitted on the shared genes
-    (:meth:`~cellular.CELLULAR.restrict_to_genes`) below that when its training data is attached; ``"direct"`` and
-    ``"refit"`` force one path. A directly served query that lacks genes is calibrated under its panel
-    (:meth:`~cellular.CELLULAR.calibrate_for_panel`).
+    ``panel="auto"`` follows the rule above :data:`DIRECT_PREFERRED_SHARE`; ``"direct"`` and ``"refit"`` force one
+    path (a refit is :meth:`~cellular.CELLULAR.restrict_to_genes`, cached on the model). A directly served query that
+    lacks genes is calibrated under its panel (:meth:`~cellular.CELLULAR.calibrate_for_panel`).
     """
     if panel not in PANEL_PATHS:
         raise ValueError(f"panel must be one of {PANEL_PATHS}, got {panel!r}.")
@@ -86,18 +91,7 @@ def serve_query(
     }
     path = panel
     if panel == "auto":
-        direct_ok = present.all() or (model.module.mask_aware and share >= DIRECT_MIN_EXPRESSION_SHARE)
-        path = "direct" if direct_ok else "refit"
-        if path == "refit" and model.adata is None:
-            raise ValueError(
-                f"The query measures {alignment.n_matched} of the model's {len(model.genes)} genes, carrying "
-                f"{share:.0%} of the reference's expression; this model serves queries directly down to "
-                f"{DIRECT_MIN_EXPRESSION_SHARE:.0%}"
-                + ("" if model.module.mask_aware else " only when it was trained with panel_masking > 0")
-                + ". Attach the training data so the model can be refitted on the shared genes "
-                "(CELLULAR.load(path, adata=reference), or --reference on the command line), or pass panel='direct' "
-                "to use the model as it is."
-            )
+        path = _auto_path(model, present, share, alignment.n_matched)
     record["panel_path"] = path
     if path == "refit" and not present.all():
         served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
@@ -123,6 +117,27 @@ def serve_query(
         if calibration is not None:
             record["panel_calibration"] = dict(calibration.summary)
     return ServedQuery(model, z, record, index, calibration)
+
+
+def _auto_path(model: CELLULAR, present: np.ndarray, share: float, n_matched: int) -> str:
+    if present.all() or share >= DIRECT_PREFERRED_SHARE:
+        return "direct"
+    if model.adata is not None:
+        return "refit"
+    if model.module.mask_aware and share >= DIRECT_MIN_SHARE:
+        logger.warning(
+            "The query's genes carry %.0f%% of the reference's expression; a model refitted on them would map it "
+            "better. Attach the training data (CELLULAR.load(path, adata=reference) or --reference) to refit.",
+            100 * share,
+        )
+        return "direct"
+    floor = f"{DIRECT_MIN_SHARE:.0%}" if model.module.mask_aware else "100% (it was trained without panel masking)"
+    raise ValueError(
+        f"The query measures {n_matched} of the model's {len(model.genes)} genes, carrying {share:.0%} of the "
+        f"reference's expression; without its training data this model serves queries down to {floor}. Attach the "
+        "training data so the model is refitted on the shared genes (CELLULAR.load(path, adata=reference), or "
+        "--reference on the command line), or pass panel='direct' to use the model as it is."
+    )
 
 
 def _restricted_model(
