@@ -29,7 +29,10 @@ LOBO_DATASETS = [
 MAP_PAIRS = [
     ("pbmc3k_seurat", "pbmc_symphony_3tech"),
     ("pbmc_kang2018_ifnb_subset", "pbmc_symphony_3tech"),
+    ("pbmc3k_seurat@200", "pbmc_symphony_3tech"),
 ]
+# A query spec NAME@N keeps N random genes (seed 0) of those NAME shares with the reference: a small gene panel.
+PANEL_SEED = 0
 NOVEL_DATASETS = ["cellbench_lung_celllines", "pbmc_symphony_3tech", "pancreas_endocrinogenesis_mouse"]
 NOVEL_MIN_TEST_CELLS = 20
 NOVEL_TEST_FRACTION = 0.3
@@ -109,11 +112,18 @@ def lobo_folds(name: str, adata: ad.AnnData) -> Iterator[Fold]:
         yield Fold("lobo", name, str(batch), train, adata[held_out].copy())
 
 
-def map_fold(query_name: str, query: ad.AnnData, reference_name: str, reference: ad.AnnData) -> Fold:
-    """Reference and query restricted to their shared genes; the query keeps its own batch labels."""
+def map_fold(
+    query_name: str, query: ad.AnnData, reference_name: str, reference: ad.AnnData, n_genes: int | None = None
+) -> Fold:
+    """Reference and query restricted to their shared genes (``n_genes`` random ones of them when given); the query
+    keeps its own batch labels."""
     shared = reference.var_names.intersection(query.var_names)
     if len(shared) < 200:
         raise ValueError(f"{query_name} and {reference_name} share only {len(shared)} genes")
+    if n_genes is not None:
+        keep = np.random.default_rng(PANEL_SEED).choice(len(shared), min(n_genes, len(shared)), replace=False)
+        shared = shared[np.sort(keep)]
+        query_name = f"{query_name}@{len(shared)}"
     train = _training_copy(reference[:, shared])
     test = query[:, shared].copy()
     test.obs[BATCH] = (f"{query_name}:" + test.obs[BATCH].astype(str)).astype("category")

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--map-pairs",
         nargs="+",
         default=[f"{query}:{reference}" for query, reference in MAP_PAIRS],
-        help="QUERY:REFERENCE pairs for the map task",
+        help="QUERY:REFERENCE pairs for the map task; QUERY@N keeps N random genes of those shared (a small panel)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-epochs", type=int, default=None, help="cap on every neural network's epochs")
@@ -61,7 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per method (timings use these)")
     parser.add_argument("--data-dir", default=os.environ.get("CELLULAR_DATA_DIR", "../shared/data"))
     parser.add_argument("--out", default="benchmarks/results/field")
-    parser.add_argument("--overwrite", action="store_true", help="recompute raw results that already exist")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute raw results that already exist (only the rows of the --methods given; others are kept)",
+    )
     parser.add_argument("--report-only", action="store_true", help="only merge raw results and write the report")
     parser.add_argument("--no-figures", action="store_true")
     return parser.parse_args(argv)
@@ -166,12 +170,16 @@ def folds_for(kind: str, spec: str, data_dir: Path, seed: int):
     if kind == "map":
         query, _, reference = spec.partition(":")
         if not reference:
-            raise ValueError(f"--map-pairs entries look like QUERY:REFERENCE, got {spec!r}")
+            raise ValueError(
+                f"--map-pairs entries look like QUERY:REFERENCE (or QUERY@N_GENES:REFERENCE), got {spec!r}"
+            )
+        query, _, n_genes = query.partition("@")
         yield map_fold(
             dataset_name(query),
             load_dataset(query, data_dir),
             dataset_name(reference),
             load_dataset(reference, data_dir),
+            n_genes=int(n_genes) if n_genes else None,
         )
         return
     adata = load_dataset(spec, data_dir)
@@ -240,7 +248,12 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> Path:
                         break
                     rows += run_fold(fold, methods, settings, "lobo" in shard or kind == "map", "integration" in shard)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                pd.DataFrame(rows).to_csv(path, index=False)
+                frame = pd.DataFrame(rows)
+                if path.exists():
+                    # --overwrite with a subset of the methods replaces only their rows.
+                    kept = pd.read_csv(path)
+                    frame = pd.concat([kept[~kept["method"].isin(methods)], frame], ignore_index=True)
+                frame.to_csv(path, index=False)
         print(f"benchmark work took {time.perf_counter() - start:.0f} s", flush=True)
     machine = _machine(args.threads)
     given = argv if argv is not None else sys.argv[1:]

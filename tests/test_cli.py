@@ -120,12 +120,12 @@ def _embed(adata, model):
 
 def _annotate(adata, model):
     cellular.tl.cellular_embed(adata, model)
-    cellular.tl.cellular_annotate(adata, model, use_rep="X_cellular", alpha=0.1, min_confidence=0.3)
+    cellular.tl.cellular_annotate(adata, model, alpha=0.1, min_confidence=0.3)
 
 
 def _novel(adata, model):
     cellular.tl.cellular_embed(adata, model)
-    cellular.tl.novel_types(adata, model, use_rep="X_cellular", fdr=True, alpha=0.2, group=True, min_group_size=3)
+    cellular.tl.novel_types(adata, model, fdr=True, alpha=0.2, group=True, min_group_size=3)
 
 
 def _map(adata, model):

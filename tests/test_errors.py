@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 import cellular
 from cellular import CELLULAR, NotTrainedError
@@ -228,6 +229,56 @@ def case_model_exists(ctx):
     path = ctx.tmp_path / "model"
     ctx.model.save(path, overwrite=True)
     ctx.model.save(path)
+
+
+def case_panel(ctx):
+    cellular.tl.cellular_annotate(_query(ctx.symphony), ctx.model, panel="refitted")
+
+
+def _saved_copy(ctx, name="saved"):
+    path = ctx.tmp_path / name
+    ctx.model.save(path, overwrite=True)
+    return path
+
+
+def _narrow_query(ctx, n_genes):
+    query = _query(ctx.symphony)
+    return query[:, [g for g in ctx.model.genes if g in set(query.var_names)][:n_genes]].copy()
+
+
+def case_panel_needs_training_data(ctx):
+    cellular.tl.cellular_annotate(_narrow_query(ctx, 100), CELLULAR.load(_saved_copy(ctx)))
+
+
+def case_refit_without_training_data(ctx):
+    CELLULAR.load(_saved_copy(ctx)).restrict_to_genes(_narrow_query(ctx, 100))
+
+
+def case_too_few_refit_genes(ctx):
+    ctx.model.restrict_to_genes(_narrow_query(ctx, 3))
+
+
+def case_refit_index_mismatch(ctx):
+    reference = _counts(ctx.symphony)
+    index = ctx.model.build_reference_index(reference)
+    try:
+        cellular.tl.cellular_map(_narrow_query(ctx, 100), ctx.model, index, panel="refit")
+    finally:
+        ctx.model.reference_index_ = None
+
+
+def case_augmentation_share(ctx):
+    adata = _counts(ctx.symphony)
+    CELLULAR.setup_anndata(adata, labels_key="cell_type")
+    CELLULAR(adata, panel_masking=1.5)
+
+
+def case_damaged_calibration_cells(ctx):
+    path = _saved_copy(ctx)
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    tensors["calibration.indptr"] = tensors["calibration.indptr"][:-5]
+    torch.save(tensors, path / "model.pt")
+    CELLULAR.load(path)
 
 
 CASES = {

@@ -157,7 +157,7 @@ def test_gene_order_and_missing_genes(atlas, pbmc3k, caplog):
 
     kept = rng.choice(present, int(0.1 * len(model.genes)), replace=False)
     with pytest.raises(ValueError, match=r"at least 50% are required. First missing genes: \['"):
-        cellular.tl.cellular_map(pbmc3k[:, kept].copy(), model)
+        cellular.tl.cellular_map(pbmc3k[:, kept].copy(), model, min_gene_overlap=0.5)
 
 
 def test_pynndescent_agrees_with_exact_and_model_carries_index(atlas, pbmc3k, tmp_path):

@@ -140,7 +140,7 @@ def test_counts_and_package_normalisation_give_same_embedding(trained, split):
     np.testing.assert_allclose(from_log, from_counts, rtol=1e-5, atol=1e-5)
 
 
-def test_missing_genes_are_zero_filled_with_warning(trained, split, caplog):
+def test_missing_genes_are_masked_with_warning(trained, split, caplog):
     _, test = split
     keep = np.random.default_rng(1).permutation(test.n_vars)[: int(0.7 * test.n_vars)]
     partial = test[:, np.sort(keep)].copy()

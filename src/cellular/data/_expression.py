@@ -134,7 +134,7 @@ def align_genes(
 
     Returns
     -------
-    The alignment; a warning is logged when some genes are missing.
+    The alignment (the callers warn about missing genes, saying how they are treated).
     """
     if gene_id_key is None:
         names = pd.Index(adata.var_names)
@@ -163,14 +163,6 @@ def align_genes(
             "see gene_id_key), or lower min_gene_overlap if embedding with fewer genes is intended."
         )
     logger.info("Matched %d of %d model genes in adata.%s.", n_matched, len(genes), source)
-    if missing:
-        logger.warning(
-            "%d of %d model genes are missing from the data and are set to zero after normalisation "
-            "(first missing: %s).",
-            len(missing),
-            len(genes),
-            missing[:5],
-        )
     return GeneAlignment(source_index=source_index, n_matched=n_matched, missing=missing)
 
 

@@ -569,7 +569,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         """Embed cells with the trained encoder.
 
         ``adata`` needs no labels or batches and is not modified. Genes are matched by name in any order; extra
-        genes are ignored and missing model genes are set to zero after normalisation (with a warning).
+        genes are ignored; missing model genes are masked as not measured by a panel-robust model (trained with
+        ``panel_masking > 0``), set to zero after normalisation otherwise, with a warning.
 
         Parameters
         ----------
@@ -597,6 +598,14 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         ``(n_cells, n_latent)`` float32 array.
         """
         expression, alignment = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
+        if alignment.missing:
+            logger.warning(
+                "%d of %d model genes are missing from the data (first missing: %s); they are %s.",
+                len(alignment.missing),
+                alignment.n_genes,
+                alignment.missing[:5],
+                "masked as not measured" if self.module.mask_aware else "set to zero after normalisation",
+            )
         device = resolve_device(accelerator, devices)
         return self._encode(expression, batch_size, device, progress_bar=progress_bar, gene_mask=alignment.present)
 

@@ -93,11 +93,21 @@ def serve_query(
     if panel == "auto":
         path = _auto_path(model, present, share, alignment.n_matched)
     record["panel_path"] = path
+    if alignment.missing:
+        logger.warning(
+            "%d of %d model genes are missing from the data (first missing: %s); the genes present carry %.0f%% of "
+            "the reference's expression. Serving the query %s.",
+            len(alignment.missing),
+            alignment.n_genes,
+            alignment.missing[:5],
+            100 * share,
+            "with a model refitted on the shared genes" if path == "refit" else "with the model itself",
+        )
     if path == "refit" and not present.all():
-        served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
-        served_index = None
         if index is not None:
-            served_index = _restricted_index(served_model, model, index)
+            _check_reindexable(model, index)
+        served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
+        served_index = None if index is None else _restricted_index(served_model, model, index)
         z = served_model.get_latent_representation(
             adata,
             batch_size=batch_size,
@@ -151,22 +161,27 @@ def _restricted_model(
     return cache[key]
 
 
-def _restricted_index(restricted: CELLULAR, model: CELLULAR, index: ReferenceIndex) -> ReferenceIndex:
-    """The reference index rebuilt with a refitted model: it must index the model's training data."""
+def _check_reindexable(model: CELLULAR, index: ReferenceIndex) -> None:
+    """A refitted model can re-index only the model's training data, with the index's label levels."""
     reference = model.adata
-    same_cells = index.n_cells == reference.n_obs and np.array_equal(
-        np.asarray(index.cell_names, dtype=str), np.asarray(reference.obs_names, dtype=str)
+    same_cells = (
+        reference is not None
+        and index.n_cells == reference.n_obs
+        and np.array_equal(np.asarray(index.cell_names, dtype=str), np.asarray(reference.obs_names, dtype=str))
     )
-    missing = [level for level in index.label_levels if level not in reference.obs]
-    if not same_cells or missing:
+    if not same_cells or any(level not in reference.obs for level in index.label_levels):
         raise ValueError(
             "The query lacks too many of the model's genes to use the model directly, and its refit on the shared "
             "genes can only re-index the model's training data, but the reference index holds other cells or label "
             "levels. Build the index on the training data, or pass panel='direct'."
         )
+
+
+def _restricted_index(restricted: CELLULAR, model: CELLULAR, index: ReferenceIndex) -> ReferenceIndex:
+    """The reference index rebuilt with a refitted model (built once, then kept by the refitted model)."""
     if restricted.reference_index_ is None:
         restricted.build_reference_index(
-            reference,
+            model.adata,
             label_keys=index.label_levels,
             unlabeled_category=index.unlabeled_category,
             backend=index.backend,

@@ -40,8 +40,8 @@ def cellular_map(
     """Map query cells onto a reference atlas: embed them, find their reference neighbours, transfer labels.
 
     The query needs no labels or batches; its genes are matched to the model's by name (or id), in any order,
-    with missing genes set to zero (a warning says how many) and an error below ``min_gene_overlap``. Each label
-    level of the index is transferred by a distance-weighted vote of the ``k`` nearest reference cells.
+    with missing genes served as ``panel`` says (a warning says how many) and an error below ``min_gene_overlap``.
+    Each label level of the index is transferred by a distance-weighted vote of the ``k`` nearest reference cells.
 
     Parameters
     ----------
