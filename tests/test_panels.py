@@ -235,3 +235,26 @@ def test_saved_model_calibrates_panels_without_its_training_data(full_reference,
         cellular.tl.cellular_map(tiny, loaded)
     with pytest.raises(ValueError, match="restrict_to_genes retrains"):
         loaded.restrict_to_genes(tiny)
+
+
+def test_a_version_2_model_file_loads_as_a_model_without_panel_masking(symphony_model, symphony_split, tmp_path):
+    import json
+
+    symphony_model.save(tmp_path / "model")
+    metadata = json.loads((tmp_path / "model" / "model.json").read_text())
+    metadata["format_version"] = 2
+    for key in ("panel_masking", "min_panel_fraction"):
+        del metadata["module_kwargs"][key]
+    for key in ("depth_thinning", "train_params", "calibration_cell_names"):
+        del metadata[key]
+    (tmp_path / "model" / "model.json").write_text(json.dumps(metadata))
+    old = cellular.CELLULAR.load(tmp_path / "model")
+    assert not old.module.mask_aware and old.calibration_cells_ is None
+    assert old.depth_thinning["probability"] == 0.0
+    query = _panel(old, symphony_split[1], 0.95)
+    assert (
+        cellular.tl.cellular_annotate(query, old, copy=True).uns["cellular"]["cellular_label"]["params"]["panel_path"]
+        == "direct"
+    )
+    with pytest.raises(ValueError, match="trained without panel masking"):
+        cellular.tl.cellular_annotate(_panel(old, symphony_split[1], 0.5), old)

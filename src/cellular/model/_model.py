@@ -45,7 +45,10 @@ from ._targets import pca_centroids
 logger = logging.getLogger(__name__)
 
 _FORMAT = "cellular-sc-model"
-_FORMAT_VERSION = 2
+# Version 3 adds panel masking (module settings), depth thinning, training settings and calibration cells; version 2
+# files load as models trained without them.
+_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
 _METADATA_FILE = "model.json"
 _WEIGHTS_FILE = "model.pt"
 _INDEX_FOLDER = "reference_index"
@@ -789,12 +792,12 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         if not metadata_path.exists():
             raise FileNotFoundError(f"No saved CELLULAR model in {dir_path} ({_METADATA_FILE} is missing).")
         metadata = _serialization.loads(metadata_path.read_text())
-        if metadata.get("format") != _FORMAT or metadata.get("format_version") != _FORMAT_VERSION:
+        if metadata.get("format") != _FORMAT or metadata.get("format_version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"{dir_path} holds a model file of format {metadata.get('format')!r} version "
                 f"{metadata.get('format_version')!r}, which this cellular-sc ({version('cellular-sc')}) cannot read "
-                f"(it reads {_FORMAT!r} version {_FORMAT_VERSION}). Install the cellular-sc version that wrote it "
-                f"({metadata.get('package_version')!r}) or retrain the model."
+                f"(it reads {_FORMAT!r} versions {list(_READABLE_VERSIONS)}). Install the cellular-sc version that "
+                f"wrote it ({metadata.get('package_version')!r}) or retrain the model."
             )
         tensors = torch.load(dir_path / _WEIGHTS_FILE, map_location="cpu", weights_only=True)
         registry = metadata["registry"]
