@@ -185,7 +185,7 @@ def cellular_classifier(fold: Fold, cache: FoldCache, settings: Settings) -> Met
 
     def predict():
         probabilities = model._probabilities(test_z)
-        novelty = model._novelty_frame(test_z, probabilities, fold.test.obs_names)["score"].to_numpy()
+        novelty = model.get_novelty_scores(fold.test, min_gene_overlap=0.0)["score"].to_numpy()
         frame = pd.DataFrame(probabilities, columns=model.cell_types)
         return aligned(frame, fold.classes), novelty
 

@@ -121,7 +121,7 @@ def lobo(name: str, data, seed: int, max_epochs: int | None) -> list[dict]:
                 0
             ],
         }
-        novelty = model._novelty_frame(z_test, calibrated, test.obs_names)
+        novelty = model.get_novelty_scores(test)
         false_novel = float((novelty["pvalue"].to_numpy()[known] <= ALPHA).mean())
         f1_line = []
         for method, probabilities in results.items():
@@ -151,9 +151,7 @@ def novel(name: str, data, seed: int, max_epochs: int | None, min_cells: int = 2
         if train.obs["cell_type"].nunique() < 2:
             continue
         model, _ = fit(train, seed, max_epochs)
-        z_test = model.get_latent_representation(test)
-        probabilities = model._probabilities(z_test)
-        frame = model._novelty_frame(z_test, probabilities, test.obs_names)
+        frame = model.get_novelty_scores(test)
         is_novel = (test.obs["cell_type"] == cell_type).to_numpy()
         pca_train, pca_test = pca_spaces(model, train, test)
         labelled = train.obs["cell_type"].astype(str).isin(model.cell_types).to_numpy()
@@ -162,6 +160,7 @@ def novel(name: str, data, seed: int, max_epochs: int | None, min_cells: int = 2
             "CELLULAR novelty score": frame["score"].to_numpy(),
             "CELLULAR prototype distance only": frame["distance"].to_numpy(),
             "CELLULAR 1 - max probability": frame["uncertainty"].to_numpy(),
+            "CELLULAR hidden-layer distance only": frame["hidden_distance"].to_numpy(),
             "PCA kNN distance": pca_distance,
         }
         flagged = frame["pvalue"].to_numpy() <= ALPHA

@@ -110,19 +110,26 @@ def run(seeds: list[int], data_dir: Path, out: Path) -> pd.DataFrame:
                     if path == "pca_knn" and model_name != "panel-robust (default)":
                         continue
                     sub = query[:, genes].copy()
+                    # Cells without a count over the panel cannot be normalised (the package refuses them).
+                    measured = np.asarray(sub.X.sum(axis=1)).ravel() > 0
+                    sub = sub[measured].copy()
+                    cell_truth, cell_known = truth[measured], known[measured]
                     start = time.perf_counter()
                     row = {"seed": seed, "model": model_name, "gene_share": share, "path": path}
                     row["n_genes"] = len(genes)
+                    row["n_cells"] = int(sub.n_obs)
                     if path == "pca_knn":
-                        row["macro_f1"] = _macro_f1(truth, known, _pca_knn(adata, sub, genes, model.target_sum))
+                        row["macro_f1"] = _macro_f1(
+                            cell_truth, cell_known, _pca_knn(adata, sub, genes, model.target_sum)
+                        )
                     else:
                         cellular.tl.cellular_map(sub, model, panel=path)
                         cellular.tl.cellular_annotate(sub, model, panel=path, novel_as_unknown=False)
                         uns = sub.uns["cellular"]
                         row["expression_share"] = uns["cellular_map"]["params"]["expression_share"]
                         scores = _scores(
-                            truth,
-                            known,
+                            cell_truth,
+                            cell_known,
                             sub.obsm["cellular_cell_type_probabilities"],
                             uns["cellular_map"]["levels"]["cell_type"]["classes"],
                             sub.obs["cellular_cell_type_uncertainty"].to_numpy(),
@@ -130,8 +137,8 @@ def run(seeds: list[int], data_dir: Path, out: Path) -> pd.DataFrame:
                         row.update({f"map_{k}": v for k, v in scores.items()})
                         confidence = sub.obs["cellular_label_confidence"].to_numpy()
                         scores = _scores(
-                            truth,
-                            known,
+                            cell_truth,
+                            cell_known,
                             sub.obsm["cellular_label_probabilities"],
                             uns["cellular_label"]["classes"],
                             1.0 - confidence,

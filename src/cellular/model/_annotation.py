@@ -17,7 +17,7 @@ from cellular.nn import CellTypeClassifier, fit_temperature
 from ._classifier_training import classifier_logits, fit_classifier
 from ._common import SAME_AS_TRAINING, NotTrainedError
 from ._device import resolve_device
-from ._novelty import NoveltyReference
+from ._novelty import MAX_HIDDEN_REFERENCE_CELLS, HiddenSpace, NoveltyReference
 from ._panels import CalibrationCells
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class AnnotationMixin:
         class_weighted: bool = True,
         early_stopping_patience: int = 10,
         novelty_uncertainty_weight: float = 0.1,
+        novelty_hidden_weight: float = 1.0,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
         seed: int | None = None,
@@ -94,6 +95,10 @@ class AnnotationMixin:
             Weight of the classifier uncertainty relative to the prototype distance in the novelty score. Small by
             default: on held-out cell types the distance separates novel cells far better (see the benchmarks
             page), while uncertainty mostly marks cells between two known types.
+        novelty_hidden_weight
+            Weight of the distance to the nearest training cells in the encoder's first hidden layer, which keeps
+            differences the contrastive embedding collapses (an unseen type resembling a trained one); ``0`` leaves
+            it out.
         accelerator, devices
             Where to embed and train.
         seed
@@ -111,9 +116,11 @@ class AnnotationMixin:
             "class_weighted": bool(class_weighted),
             "early_stopping_patience": int(early_stopping_patience),
             "novelty_uncertainty_weight": float(novelty_uncertainty_weight),
+            "novelty_hidden_weight": float(novelty_hidden_weight),
         }
-        if novelty_uncertainty_weight < 0:
-            raise ValueError(f"novelty_uncertainty_weight must be non-negative, got {novelty_uncertainty_weight}.")
+        for name in ("novelty_uncertainty_weight", "novelty_hidden_weight"):
+            if params[name] < 0:
+                raise ValueError(f"{name} must be non-negative, got {params[name]}.")
         split = self._classifier_data(accelerator, devices, seed)
         self._fit_and_calibrate(split, params, resolve_device(accelerator, devices), progress_bar)
 
@@ -167,7 +174,8 @@ class AnnotationMixin:
         device = resolve_device(accelerator, devices)
         defaults = inspect.signature(self.train_classifier).parameters
         base = {name: defaults[name].default for name in _FIT_SETTINGS}
-        base["novelty_uncertainty_weight"] = defaults["novelty_uncertainty_weight"].default
+        for name in ("novelty_uncertainty_weight", "novelty_hidden_weight"):
+            base[name] = defaults[name].default
         base.update(fixed)
         fit_settings = {name: base[name] for name in _FIT_SETTINGS}
 
@@ -261,6 +269,7 @@ class AnnotationMixin:
             self.adata, self.genes, setup["layer"], calibration_idx, labels, seed
         )
         self.calibration_temperature_ = temperature
+        hidden_space, hidden_calibration = self._novelty_hidden_space(train_idx, calibration_idx, device, seed)
         self.novelty_reference_ = NoveltyReference.fit(
             z[train_idx],
             labels[train_idx],
@@ -269,6 +278,9 @@ class AnnotationMixin:
             calibrated,
             source,
             params["novelty_uncertainty_weight"],
+            hidden=hidden_space,
+            hidden_calibration=hidden_calibration,
+            hidden_weight=params.get("novelty_hidden_weight", 1.0),
         )
         self.classifier_history_ = pd.DataFrame.from_records(fit.history).set_index("epoch")
         self.classifier_summary_ = {
@@ -284,6 +296,20 @@ class AnnotationMixin:
             "calibration_ece": expected_calibration_error(calibrated, labels[calibration_idx]),
             "seed": seed,
         }
+
+    def _novelty_hidden_space(self, train_idx, calibration_idx, device, seed):
+        """The encoder's hidden layer fitted on (a sample of) the training cells, and the calibration cells in it."""
+        rng = np.random.default_rng(seed)
+        sample = np.asarray(train_idx)
+        if sample.size > MAX_HIDDEN_REFERENCE_CELLS:
+            sample = np.sort(rng.choice(sample, MAX_HIDDEN_REFERENCE_CELLS, replace=False))
+
+        def encoded(rows, hidden):
+            expression, _ = self._read(self.adata[rows], SAME_AS_TRAINING, None, None, 1.0)
+            return self._encode(expression, 4096, device, hidden=hidden)[1]
+
+        space = HiddenSpace.fit(encoded(sample, "raw"), seed)
+        return space, encoded(np.asarray(calibration_idx), space)
 
     # ------------------------------------------------------------ inference
     def _require_classifier(self) -> None:
@@ -301,12 +327,15 @@ class AnnotationMixin:
             temperature = self.calibration_temperature_ if calibrated else 1.0
         return torch.softmax(logits / temperature, dim=1).numpy()
 
-    def _novelty_frame(self, z: np.ndarray, probabilities: np.ndarray, index, reference=None) -> pd.DataFrame:
+    def _novelty_frame(
+        self, z: np.ndarray, probabilities: np.ndarray, index, reference=None, hidden: np.ndarray | None = None
+    ) -> pd.DataFrame:
         reference = self.novelty_reference_ if reference is None else reference
         distance, nearest = reference.nearest_type(z)
         uncertainty = 1.0 - probabilities.max(axis=1)
-        scores = reference.combine(distance, uncertainty)
-        return pd.DataFrame(
+        hidden_distance = reference.hidden_distances(hidden)
+        scores = reference.combine(distance, uncertainty, hidden_distance)
+        frame = pd.DataFrame(
             {
                 "score": scores,
                 "pvalue": reference.pvalues(scores),
@@ -316,6 +345,9 @@ class AnnotationMixin:
             },
             index=index,
         )
+        if hidden_distance is not None:
+            frame["hidden_distance"] = hidden_distance
+        return frame
 
     def predict(
         self,
@@ -381,10 +413,12 @@ class AnnotationMixin:
     ) -> pd.DataFrame:
         """Per-cell novelty scores and their split-conformal p-values.
 
-        The score adds two parts, each divided by its 90 % quantile on the calibration cells: the cosine distance
+        The score adds three parts, each divided by its 90 % quantile on the calibration cells: the cosine distance
         of a cell to the nearest reference type prototype divided by that type's spread (the median distance of
-        the type's training cells to it), and the classifier's uncertainty ``1 - max probability`` weighted by
-        ``novelty_uncertainty_weight`` (0.1 by default, see :meth:`train_classifier`). The p-value of a
+        the type's training cells to it), the classifier's uncertainty ``1 - max probability`` weighted by
+        ``novelty_uncertainty_weight`` (0.1 by default, see :meth:`train_classifier`), and the mean distance to the
+        15 nearest training cells in the encoder's first hidden layer (PCA to 50 dimensions, up to 20,000 training
+        cells), weighted by ``novelty_hidden_weight`` (1.0). The p-value of a
         score is the fraction of calibration cells (held-out reference cells of known types) scoring at least as
         high, so flagging cells with ``pvalue <= alpha`` flags about ``alpha`` of cells of known types when the query
         resembles the reference; use :func:`cellular.tl.novel_types` for flags and FDR control.
@@ -397,21 +431,20 @@ class AnnotationMixin:
         Returns
         -------
         DataFrame indexed by ``obs_names`` with columns ``score``, ``pvalue``, ``nearest_type``, ``distance``
-        (spread-scaled distance to the nearest prototype) and ``uncertainty``.
+        (spread-scaled distance to the nearest prototype), ``uncertainty`` and ``hidden_distance``.
         """
         self._require_classifier()
-        z = self.get_latent_representation(
+        resolve_device(accelerator, devices)
+        embedded = self.embed_query(
             adata,
             batch_size=batch_size,
             layer=layer,
             log_normalized=log_normalized,
             gene_id_key=gene_id_key,
             min_gene_overlap=min_gene_overlap,
-            accelerator=accelerator,
-            devices=devices,
         )
         names = (self.adata if adata is None else adata).obs_names
-        return self._novelty_frame(z, self._probabilities(z), names)
+        return self._novelty_frame(embedded.z, self._probabilities(embedded.z), names, hidden=embedded.hidden)
 
     def get_cell_type_representations(
         self,

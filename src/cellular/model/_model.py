@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from cellular.data import (
     sequential_minibatches,
     stratified_split,
 )
-from cellular.data._expression import get_matrix, library_sizes
+from cellular.data._expression import GeneAlignment, get_matrix, library_sizes
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
 from cellular.nn import centroid_target_distances, inverse_frequency_weights
@@ -52,6 +53,15 @@ _READABLE_VERSIONS = (2, 3)
 _METADATA_FILE = "model.json"
 _WEIGHTS_FILE = "model.pt"
 _INDEX_FOLDER = "reference_index"
+
+
+@dataclass
+class QueryEmbedding:
+    """What :meth:`CELLULAR.embed_query` returns."""
+
+    z: np.ndarray
+    hidden: np.ndarray | None
+    alignment: GeneAlignment
 
 
 class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
@@ -612,6 +622,38 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         device = resolve_device(accelerator, devices)
         return self._encode(expression, batch_size, device, progress_bar=progress_bar, gene_mask=alignment.present)
 
+    def embed_query(
+        self,
+        adata: AnnData | None = None,
+        *,
+        batch_size: int = 4096,
+        layer: str | None = SAME_AS_TRAINING,
+        log_normalized: bool | None = None,
+        gene_id_key: str | None = None,
+        min_gene_overlap: float = 0.0,
+        progress_bar: bool = False,
+    ) -> QueryEmbedding:
+        """Embed cells and keep what annotation, novelty and panel handling need besides the embedding.
+
+        Parameters
+        ----------
+        adata, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
+            As in :meth:`get_latent_representation` (``min_gene_overlap`` defaults to 0 here).
+
+        Returns
+        -------
+        The embedding ``z``, the cells' projections into the novelty score's hidden-layer space (``hidden``; ``None``
+        for a model without a classifier head or saved before that space existed), and the gene ``alignment``.
+        """
+        expression, alignment = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
+        space = self.novelty_reference_.hidden if self.has_classifier else None
+        device = torch.device(self.device)
+        encoded = self._encode(
+            expression, batch_size, device, progress_bar=progress_bar, gene_mask=alignment.present, hidden=space
+        )
+        z, hidden = encoded if space is not None else (encoded, None)
+        return QueryEmbedding(z, hidden, alignment)
+
     def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap):
         self._require_trained()
         setup = self.setup_args
@@ -628,10 +670,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
                 "The model was trained on log-normalised values, so raw counts cannot be normalised the same way. "
                 "Normalise the counts as the training data was and pass log_normalized=True."
             )
-        match_ids = gene_id_key is not None and self.gene_ids is not None
         return read_expression(
             adata,
-            self.gene_ids if match_ids else self.genes,
+            self.gene_names_for(gene_id_key),
             layer=layer,
             log_normalized=log_normalized,
             target_sum=self.target_sum,
@@ -639,6 +680,10 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
             min_gene_overlap=min_gene_overlap,
             gene_count_fractions=self.gene_count_fractions,
         )
+
+    def gene_names_for(self, gene_id_key: str | None) -> list[str]:
+        """The names a query's genes are matched against: the model's gene ids with ``gene_id_key``, else its genes."""
+        return self.gene_ids if gene_id_key is not None and self.gene_ids is not None else self.genes
 
     @property
     def fingerprint(self) -> str:
@@ -679,7 +724,6 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         if not self.is_trained_:
             raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
 
-    @torch.no_grad()
     def _encode(
         self,
         expression,
@@ -687,19 +731,41 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         device: torch.device,
         progress_bar: bool = False,
         gene_mask: np.ndarray | None = None,
-    ) -> np.ndarray:
+        hidden=None,
+    ):
+        """Embedding of normalised expression; with ``hidden`` also the first hidden layer of each cell.
+
+        ``hidden="raw"`` returns ``(z, activations)``; a :class:`~cellular.model._novelty.HiddenSpace` returns
+        ``(z, projections)`` into it, computed minibatch by minibatch.
+        """
         module = self.module.to(device)
         module.eval()
-        mask = None if gene_mask is None or gene_mask.all() else torch.as_tensor(gene_mask, device=device)
+        use_mask = module.mask_aware and gene_mask is not None and not gene_mask.all()
+        mask = torch.as_tensor(gene_mask, device=device) if use_mask else None
         out = np.empty((expression.n_cells, module.n_latent), dtype=np.float32)
-        with tqdm(
-            total=expression.n_cells, desc="Embedding cells", unit="cell", unit_scale=True, disable=not progress_bar
-        ) as progress:
+        hidden_out = None
+        with (
+            torch.no_grad(),
+            tqdm(
+                total=expression.n_cells, desc="Embedding cells", unit="cell", unit_scale=True, disable=not progress_bar
+            ) as progress,
+        ):
             for index in sequential_minibatches(expression.n_cells, batch_size):
                 x = torch.from_numpy(expression.rows(index)).to(device)
-                out[index] = module.inference(x, mask)["z"].cpu().numpy()
+                activations = module.encoder.hidden(x, mask)
+                out[index] = module.encoder.layers[4:](activations).cpu().numpy()
+                if hidden is not None:
+                    activations = activations.cpu().numpy()
+                    values = activations if isinstance(hidden, str) else hidden.project(activations)
+                    if hidden_out is None:
+                        hidden_out = np.empty((expression.n_cells, values.shape[1]), dtype=np.float32)
+                    hidden_out[index] = values
                 progress.update(index.size)
-        return out
+        if hidden is None:
+            return out
+        if hidden_out is None:
+            hidden_out = np.empty((0, 0), dtype=np.float32)
+        return out, hidden_out
 
     # -------------------------------------------------------------- save/load
     def save(self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False) -> None:

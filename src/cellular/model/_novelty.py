@@ -5,18 +5,66 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
+from cellular.index import exact_knn
 from cellular.metrics import conformal_pvalues
 
 # Quantile of the held-out reference cells that puts the two score components on one scale.
 _SPREAD_PRIOR_CELLS = 10.0
 _SCALE_QUANTILE = 0.9
+# The hidden-layer part of the score: PCA components kept, training cells compared against, neighbours averaged.
+HIDDEN_COMPONENTS = 50
+MAX_HIDDEN_REFERENCE_CELLS = 20_000
+HIDDEN_NEIGHBORS = 15
 
 
 def unit_rows(z: np.ndarray) -> np.ndarray:
     """Rows of ``z`` scaled to unit length (the CELLULAR loss compares cells by cosine similarity)."""
     z = np.asarray(z, dtype=np.float32)
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class HiddenSpace:
+    """The encoder's first hidden layer, reduced by PCA, with a sample of training cells to measure distances to.
+
+    Attributes
+    ----------
+    mean, components
+        PCA of the hidden activations of training cells: ``(n_hidden,)`` and ``(n_hidden, n_components)``.
+    reference
+        ``(n_cells, n_components)`` unit-length projections of up to :data:`MAX_HIDDEN_REFERENCE_CELLS` training
+        cells.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    reference: np.ndarray
+
+    @classmethod
+    def fit(cls, hidden: np.ndarray, seed: int, n_components: int = HIDDEN_COMPONENTS) -> HiddenSpace:
+        """PCA of training cells' hidden activations (a sample of them when there are many)."""
+        rng = np.random.default_rng(seed)
+        if hidden.shape[0] > MAX_HIDDEN_REFERENCE_CELLS:
+            hidden = hidden[np.sort(rng.choice(hidden.shape[0], MAX_HIDDEN_REFERENCE_CELLS, replace=False))]
+        mean = hidden.mean(axis=0)
+        n_components = max(1, min(n_components, hidden.shape[0] - 1, hidden.shape[1]))
+        _, _, right = torch.pca_lowrank(torch.from_numpy(hidden - mean), q=n_components, center=False, niter=4)
+        space = cls(mean.astype(np.float32), right.numpy().astype(np.float32), np.zeros((0, n_components), np.float32))
+        space.reference = space.project(hidden)
+        return space
+
+    def project(self, hidden: np.ndarray) -> np.ndarray:
+        """Unit-length PCA projections of hidden activations."""
+        return unit_rows((np.asarray(hidden, dtype=np.float32) - self.mean) @ self.components)
+
+    def distances(self, projected: np.ndarray, k: int = HIDDEN_NEIGHBORS) -> np.ndarray:
+        """Mean distance of projected cells to their ``k`` nearest reference cells."""
+        reference = torch.from_numpy(np.ascontiguousarray(self.reference))
+        k = min(k, self.reference.shape[0])
+        _, distances = exact_knn(reference, projected.astype(np.float32), k, metric="euclidean")
+        return distances.mean(axis=1).astype(np.float64)
 
 
 @dataclass
@@ -37,6 +85,11 @@ class NoveltyReference:
         Sorted novelty scores of the calibration cells (held-out reference cells of known types).
     calibration_source
         ``"validation"`` when the calibration cells were held out of encoder training, ``"training"`` otherwise.
+    hidden
+        The encoder's first hidden layer and training cells in it; the score then adds the mean distance to the
+        nearest training cells there (``None``: a model saved before this part existed).
+    hidden_scale, hidden_weight
+        90 % quantile of that distance on the calibration cells, and its weight in the score.
     """
 
     prototypes: np.ndarray
@@ -46,6 +99,9 @@ class NoveltyReference:
     uncertainty_weight: float
     calibration_scores: np.ndarray
     calibration_source: str
+    hidden: HiddenSpace | None = None
+    hidden_scale: float = 1.0
+    hidden_weight: float = 1.0
 
     @classmethod
     def fit(
@@ -57,8 +113,15 @@ class NoveltyReference:
         probabilities_calibration: np.ndarray,
         calibration_source: str,
         uncertainty_weight: float = 0.1,
+        hidden: HiddenSpace | None = None,
+        hidden_calibration: np.ndarray | None = None,
+        hidden_weight: float = 1.0,
     ) -> NoveltyReference:
-        """Prototypes and spreads from training cells, score scales and calibration scores from held-out cells."""
+        """Prototypes and spreads from training cells, score scales and calibration scores from held-out cells.
+
+        With ``hidden`` (fitted on training cells) and the calibration cells' projections in it
+        (``hidden_calibration``), the score adds the hidden-layer distance with weight ``hidden_weight``.
+        """
         unit = unit_rows(z_train)
         counts = np.bincount(labels_train, minlength=n_types)
         sums = np.zeros((n_types, unit.shape[1]), dtype=np.float64)
@@ -79,10 +142,14 @@ class NoveltyReference:
             uncertainty_weight=float(uncertainty_weight),
             calibration_scores=np.zeros(0),
             calibration_source=calibration_source,
+            hidden=hidden,
+            hidden_weight=float(hidden_weight),
         )
-        return reference.recalibrated(z_calibration, probabilities_calibration)
+        return reference.recalibrated(z_calibration, probabilities_calibration, hidden_calibration)
 
-    def recalibrated(self, z_calibration: np.ndarray, probabilities_calibration: np.ndarray) -> NoveltyReference:
+    def recalibrated(
+        self, z_calibration: np.ndarray, probabilities_calibration: np.ndarray, hidden_calibration=None
+    ) -> NoveltyReference:
         """A copy with score scales and conformal scores taken from these calibration cells (prototypes kept)."""
         distance, _ = self.nearest_type(z_calibration)
         uncertainty = 1.0 - probabilities_calibration.max(axis=1)
@@ -91,7 +158,11 @@ class NoveltyReference:
             distance_scale=max(float(np.quantile(distance, _SCALE_QUANTILE)), 1e-6),
             uncertainty_scale=max(float(np.quantile(uncertainty, _SCALE_QUANTILE)), 1e-3),
         )
-        reference.calibration_scores = np.sort(reference.scores(z_calibration, probabilities_calibration))
+        hidden_distance = None
+        if self.hidden is not None:
+            hidden_distance = self.hidden.distances(hidden_calibration)
+            reference.hidden_scale = max(float(np.quantile(hidden_distance, _SCALE_QUANTILE)), 1e-6)
+        reference.calibration_scores = np.sort(reference.combine(distance, uncertainty, hidden_distance))
         return reference
 
     def nearest_type(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,14 +171,27 @@ class NoveltyReference:
         nearest = scaled.argmin(axis=1)
         return scaled[np.arange(scaled.shape[0]), nearest], nearest
 
-    def scores(self, z: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """Novelty score of embedded cells given their class probabilities."""
-        distance, _ = self.nearest_type(z)
-        return self.combine(distance, 1.0 - probabilities.max(axis=1))
+    def hidden_distances(self, hidden: np.ndarray | None) -> np.ndarray | None:
+        """Hidden-layer distances of cells given their projections (``None`` when the score has no such part)."""
+        if self.hidden is None:
+            return None
+        if hidden is None:
+            raise ValueError("This novelty score needs the cells' hidden-layer projections.")
+        return self.hidden.distances(hidden)
 
-    def combine(self, distance: np.ndarray, uncertainty: np.ndarray) -> np.ndarray:
-        """Scaled prototype distance plus weighted uncertainty, each on its calibration scale."""
-        return distance / self.distance_scale + self.uncertainty_weight * uncertainty / self.uncertainty_scale
+    def scores(self, z: np.ndarray, probabilities: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray:
+        """Novelty score of embedded cells given their class probabilities (and hidden-layer projections)."""
+        distance, _ = self.nearest_type(z)
+        return self.combine(distance, 1.0 - probabilities.max(axis=1), self.hidden_distances(hidden))
+
+    def combine(
+        self, distance: np.ndarray, uncertainty: np.ndarray, hidden_distance: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Scaled prototype distance plus weighted uncertainty and hidden-layer distance, each on its own scale."""
+        score = distance / self.distance_scale + self.uncertainty_weight * uncertainty / self.uncertainty_scale
+        if hidden_distance is not None:
+            score = score + self.hidden_weight * hidden_distance / self.hidden_scale
+        return score
 
     def pvalues(self, scores: np.ndarray) -> np.ndarray:
         """Split-conformal p-values of novelty scores."""
@@ -125,11 +209,18 @@ class NoveltyReference:
         return float(np.nextafter(self.calibration_scores[n - allowed - 1], np.inf))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {
+        arrays = {
             "prototypes": self.prototypes,
             "spreads": self.spreads,
             "calibration_scores": self.calibration_scores,
         }
+        if self.hidden is not None:
+            arrays.update(
+                hidden_mean=self.hidden.mean,
+                hidden_components=self.hidden.components,
+                hidden_reference=self.hidden.reference,
+            )
+        return arrays
 
     def to_metadata(self) -> dict:
         return {
@@ -137,10 +228,20 @@ class NoveltyReference:
             "uncertainty_scale": self.uncertainty_scale,
             "uncertainty_weight": self.uncertainty_weight,
             "calibration_source": self.calibration_source,
+            "hidden_scale": self.hidden_scale,
+            "hidden_weight": self.hidden_weight,
         }
 
     @classmethod
     def from_saved(cls, arrays: dict[str, np.ndarray], metadata: dict) -> NoveltyReference:
+        hidden = None
+        if "hidden_components" in arrays:
+            components = np.asarray(arrays["hidden_components"], dtype=np.float32)
+            mean = np.asarray(arrays["hidden_mean"], dtype=np.float32)
+            reference = np.asarray(arrays["hidden_reference"], dtype=np.float32)
+            if mean.shape != components.shape[:1] or reference.shape[1:] != components.shape[1:]:
+                raise ValueError("The saved novelty hidden-layer space is inconsistent; the model file is damaged.")
+            hidden = HiddenSpace(mean, components, reference)
         return cls(
             prototypes=np.asarray(arrays["prototypes"], dtype=np.float32),
             spreads=np.asarray(arrays["spreads"], dtype=np.float64),
@@ -149,6 +250,9 @@ class NoveltyReference:
             uncertainty_weight=float(metadata["uncertainty_weight"]),
             calibration_scores=np.asarray(arrays["calibration_scores"], dtype=np.float64),
             calibration_source=str(metadata["calibration_source"]),
+            hidden=hidden,
+            hidden_scale=float(metadata.get("hidden_scale", 1.0)),
+            hidden_weight=float(metadata.get("hidden_weight", 1.0)),
         )
 
 

@@ -163,8 +163,10 @@ class PanelMixin:
         if cells is None:
             return None
         calibration = PanelCalibration(int(present.sum()), self.expression_share(present))
-        query = cells.as_query(self.genes, present)
-        z = self.get_latent_representation(query, layer=None, min_gene_overlap=0.0)
+        expression, alignment = self._read(cells.as_query(self.genes, present), None, None, None, 0.0)
+        space = self.novelty_reference_.hidden if self.has_classifier else None
+        encoded = self._encode(expression, 4096, torch.device(self.device), gene_mask=alignment.present, hidden=space)
+        z, hidden = encoded if space is not None else (encoded, None)
         labels = cells.labels
         labelled = labels >= 0
         if self.has_classifier and labelled.any():
@@ -172,7 +174,9 @@ class PanelMixin:
             temperature_ = fit_temperature(logits[labelled], torch.as_tensor(labels[labelled]))
             probabilities = torch.softmax(logits / temperature_, dim=1).numpy()
             calibration.classifier_temperature = temperature_
-            calibration.novelty_reference = self.novelty_reference_.recalibrated(z[labelled], probabilities[labelled])
+            calibration.novelty_reference = self.novelty_reference_.recalibrated(
+                z[labelled], probabilities[labelled], None if hidden is None else hidden[labelled]
+            )
             calibration.summary["classifier_accuracy"] = float(
                 (probabilities[labelled].argmax(1) == labels[labelled]).mean()
             )
@@ -230,8 +234,7 @@ class PanelMixin:
                 "with CELLULAR.load(path, adata=reference_adata)."
             )
         if isinstance(genes, AnnData):
-            match_ids = gene_id_key is not None and self.gene_ids is not None
-            names = self.gene_ids if match_ids else self.genes
+            names = self.gene_names_for(gene_id_key)
             present = align_genes(genes, names, gene_id_key=gene_id_key, min_gene_overlap=0.0).present
         else:
             present = np.isin(np.asarray(self.genes), np.asarray([str(g) for g in genes]))

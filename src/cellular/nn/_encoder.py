@@ -54,11 +54,19 @@ class CellularEncoder(nn.Module):
             ``True`` where a gene is measured: ``(n_input,)`` for one panel shared by all cells, or
             ``(n_cells, n_input)``. Every gene is measured when ``None``.
         """
+        return self.layers[4:](self.hidden(x, gene_mask))
+
+    def hidden(self, x: Tensor, gene_mask: Tensor | None = None) -> Tensor:
+        """Output of the first hidden block (``LayerNorm -> Linear -> LayerNorm -> ReLU``), before dropout.
+
+        Closer to the genes than the embedding, it keeps differences the contrastive loss collapses (an unseen
+        type that resembles a trained one); novelty scores use it. Arguments as in :meth:`forward`.
+        """
         if gene_mask is None:
-            return self.layers(x)
+            return self.layers[:4](x)
         first_norm = self.layers[0]
         normalized = masked_layer_norm(x, gene_mask, first_norm.weight, first_norm.bias, first_norm.eps)
-        return self.layers[1:](normalized)
+        return self.layers[1:4](normalized)
 
 
 def masked_layer_norm(x: Tensor, gene_mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:

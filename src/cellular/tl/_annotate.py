@@ -105,6 +105,7 @@ def cellular_annotate(
         gene_id_key=gene_id_key,
         min_gene_overlap=min_gene_overlap,
         panel=panel,
+        novelty=novel_as_unknown,
         progress_bar=progress_bar,
     )
     probabilities = served.probabilities()

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
-import torch
 from anndata import AnnData
 
+from cellular.data import align_genes
 from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR
 from cellular.model._panels import PanelCalibration
@@ -35,6 +35,7 @@ class ServedQuery:
     record: dict
     index: ReferenceIndex | None = None
     calibration: PanelCalibration | None = None
+    hidden: np.ndarray | None = None
 
     @property
     def classifier_temperature(self) -> float:
@@ -66,21 +67,32 @@ def serve_query(
     panel: str = "auto",
     index: ReferenceIndex | None = None,
     transfer: dict | None = None,
+    novelty: bool = False,
     progress_bar: bool = False,
 ) -> ServedQuery:
     """Embed a query with the model, or with a model refitted on its genes, and calibrate for its gene panel.
 
     ``panel="auto"`` follows the rule above :data:`DIRECT_PREFERRED_SHARE`; ``"direct"`` and ``"refit"`` force one
     path (a refit is :meth:`~cellular.CELLULAR.restrict_to_genes`, cached on the model). A directly served query that
-    lacks genes is calibrated under its panel (:meth:`~cellular.CELLULAR.calibrate_for_panel`).
+    lacks genes is calibrated under its panel (:meth:`~cellular.CELLULAR.calibrate_for_panel`). ``novelty=True``
+    also keeps the cells' hidden-layer projections the novelty score needs.
     """
     if panel not in PANEL_PATHS:
         raise ValueError(f"panel must be one of {PANEL_PATHS}, got {panel!r}.")
+    reading = {
+        "batch_size": batch_size,
+        "layer": layer,
+        "log_normalized": log_normalized,
+        "gene_id_key": gene_id_key,
+        "progress_bar": progress_bar,
+    }
     if use_rep is not None:
-        return ServedQuery(
-            model, _stored_embedding(adata, model, use_rep), {"use_rep": use_rep, "panel_path": "stored"}, index
-        )
-    expression, alignment = model._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
+        z = _stored_embedding(adata, model, use_rep)
+        hidden = model.embed_query(adata, **reading).hidden if novelty else None
+        return ServedQuery(model, z, {"use_rep": use_rep, "panel_path": "stored"}, index, hidden=hidden)
+    alignment = align_genes(
+        adata, model.gene_names_for(gene_id_key), gene_id_key=gene_id_key, min_gene_overlap=min_gene_overlap
+    )
     present = alignment.present
     share = model.expression_share(present)
     record = {
@@ -108,25 +120,17 @@ def serve_query(
             _check_reindexable(model, index)
         served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
         served_index = None if index is None else _restricted_index(served_model, model, index)
-        z = served_model.get_latent_representation(
-            adata,
-            batch_size=batch_size,
-            layer=layer,
-            log_normalized=log_normalized,
-            gene_id_key=gene_id_key,
-            min_gene_overlap=0.0,
-            progress_bar=progress_bar,
-        )
+        embedded = served_model.embed_query(adata, **reading)
         record["n_refit_genes"] = len(served_model.genes)
-        return ServedQuery(served_model, z, record, served_index)
-    z = model._encode(expression, batch_size, torch.device(model.device), progress_bar=progress_bar, gene_mask=present)
+        return ServedQuery(served_model, embedded.z, record, served_index, hidden=embedded.hidden)
+    embedded = model.embed_query(adata, min_gene_overlap=min_gene_overlap, **reading)
     calibration = None
     if not present.all():
         calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
         record["panel_calibrated"] = calibration is not None
         if calibration is not None:
             record["panel_calibration"] = dict(calibration.summary)
-    return ServedQuery(model, z, record, index, calibration)
+    return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden)
 
 
 def _auto_path(model: CELLULAR, present: np.ndarray, share: float, n_matched: int) -> str:

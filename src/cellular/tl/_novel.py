@@ -22,7 +22,7 @@ def novelty_flags(
     served: ServedQuery, index: pd.Index, probabilities: np.ndarray, alpha: float, fdr: bool
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Novelty table of :meth:`~cellular.CELLULAR.get_novelty_scores` plus ``qvalue``, and the flags at ``alpha``."""
-    frame = served.model._novelty_frame(served.z, probabilities, index, served.novelty_reference)
+    frame = served.model._novelty_frame(served.z, probabilities, index, served.novelty_reference, served.hidden)
     frame["qvalue"] = benjamini_hochberg(frame["pvalue"].to_numpy())
     flags = (frame["qvalue"] if fdr else frame["pvalue"]).to_numpy() <= alpha
     return frame, flags
@@ -126,6 +126,7 @@ def novel_types(
         gene_id_key=gene_id_key,
         min_gene_overlap=min_gene_overlap,
         panel=panel,
+        novelty=True,
         progress_bar=progress_bar,
     )
     probabilities = served.probabilities()
