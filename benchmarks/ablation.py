@@ -4,7 +4,7 @@ Each variant changes the model's settings (``CELLULAR(**model_kwargs)``); every 
 classifier head and of the reference-index kNN vote, exactly as ``python -m benchmarks.run`` scores them.
 
     python -m benchmarks.ablation --seeds 0 1 2 --out benchmarks/results            # all variants
-    python -m benchmarks.ablation --variants default "no augmentation" --seeds 0    # quicker
+    python -m benchmarks.ablation --variants "default (no augmentation)" "panel masking 0.2" --seeds 0  # quicker
 
 Writes ``ablation.csv`` (one row per variant, fold, seed and path; resumable: finished (variant, dataset, seed)
 groups are skipped) and ``ablation.md`` (per dataset, mean ± sd over seeds of the fold means).
@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 VARIANTS = {
-    "default": {},
-    "no augmentation": {"panel_masking": 0.0, "depth_thinning": 0.0},
-    "no panel masking": {"panel_masking": 0.0},
-    "no depth thinning": {"depth_thinning": 0.0},
+    "default (no augmentation)": {},
+    "panel masking 0.5 + depth thinning 0.5": {"panel_masking": 0.5, "depth_thinning": 0.5},
+    "panel masking 0.5": {"panel_masking": 0.5},
+    "depth thinning 0.5": {"depth_thinning": 0.5},
+    "panel masking 0.2": {"panel_masking": 0.2},
 }
 KEYS = ["variant", "spec", "seed"]
 
@@ -129,7 +130,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=LOBO_DATASETS)
-    parser.add_argument("--map-pairs", nargs="+", default=[f"{q}:{r}" for q, r in MAP_PAIRS])
+    parser.add_argument("--map-pairs", nargs="*", default=[f"{q}:{r}" for q, r in MAP_PAIRS])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CELLULAR_DATA_DIR", "../shared/data")))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--report-only", action="store_true")

@@ -251,7 +251,7 @@ def _bad_query(test, kind: str):
         query.X = query.X.copy()
         query.X.data[0] = {"nan": np.nan, "negative": -1.0, "fraction": 0.5}[kind]
     elif kind == "few genes":
-        query = query[:, :100].copy()
+        query = query[:, :10].copy()
     elif kind == "empty":
         query = query[:0].copy()
     return query
@@ -352,3 +352,31 @@ def test_demo_runs_and_saves_model(tmp_path, capsys):
     assert "pbmc68k_reduced" in out and "kNN label accuracy" in out and "trained: 3 epochs" in out
     model = CELLULAR.load(tmp_path / "demo")
     assert model.is_trained and model.n_latent == 32 and model.classifier_summary_["epochs_run"] <= 5
+
+
+def test_query_lacking_most_model_genes_is_served_by_a_refit_on_the_recorded_reference(cli, tmp_path):
+    import json
+    import shutil
+
+    model = CELLULAR.load(cli.model)
+    query = ad.read_h5ad(cli.query)
+    kept = [gene for gene in model.genes if gene in set(query.var_names)][::5]
+    path = _write(query[:, kept].copy(), tmp_path / "panel.h5ad")
+    code, out, err = run("map", path, "-m", cli.model, "-o", tmp_path / "mapped.h5ad")
+    assert code == 0, err
+    assert "refitting on the shared genes" in out
+    params = ad.read_h5ad(tmp_path / "mapped.h5ad").uns["cellular"]["cellular_map"]["params"]
+    assert params["panel_path"] == "refit" and params["n_refit_genes"] == len(kept)
+
+    # Without the recorded reference the same query is refused with the fix, or served with --reference.
+    moved = tmp_path / "model"
+    shutil.copytree(cli.model, moved)
+    record = json.loads((moved / "training_data.json").read_text())
+    (moved / "training_data.json").write_text(json.dumps({**record, "size": record["size"] + 1}))
+    code, _, err = run("annotate", path, "-m", moved, "-o", tmp_path / "refused.h5ad")
+    assert code == 1 and "Attach the training data" in err and "--reference" in err
+    code, _, err = run("annotate", path, "-m", moved, "-o", tmp_path / "annotated.h5ad", "--reference", cli.reference)
+    assert code == 0, err
+    assert (
+        ad.read_h5ad(tmp_path / "annotated.h5ad").uns["cellular"]["cellular_label"]["params"]["panel_path"] == "refit"
+    )

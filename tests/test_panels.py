@@ -85,15 +85,26 @@ def test_calibrated_votes_flatten_with_temperature_and_keep_the_winner():
 
 
 # ------------------------------------------------------------------------------------------- real data
-@pytest.fixture(scope="module")
-def full_reference(symphony):
+def _indexed_model(symphony, **settings):
     reference = symphony.copy()
     mark_singletons_unlabelled(reference)
     cellular.CELLULAR.setup_anndata(reference, labels_key="cell_type", batch_key="batch")
-    model = cellular.CELLULAR(reference)
+    model = cellular.CELLULAR(reference, **settings)
     model.train(progress_bar=False)
     model.build_reference_index(reference)
     return model, reference
+
+
+@pytest.fixture(scope="module")
+def full_reference(symphony):
+    """A model with default settings on every gene of pbmc_symphony_3tech, indexed."""
+    return _indexed_model(symphony)
+
+
+@pytest.fixture(scope="module")
+def robust_reference(symphony):
+    """The same with panel-robust training: it serves queries lacking genes directly, without its training data."""
+    return _indexed_model(symphony, panel_masking=0.5, depth_thinning=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +159,8 @@ def test_twenty_percent_panel_maps_with_defaults_and_beats_pca_knn(full_referenc
     assert f1 >= _pca_knn_f1(reference, query, model.target_sum, truth, known)
 
 
-def test_uncertainty_grows_as_genes_are_removed_and_flags_the_wrong_labels(full_reference, pbmc3k):
-    model, _ = full_reference
+def test_uncertainty_grows_as_genes_are_removed_and_flags_the_wrong_labels(robust_reference, pbmc3k):
+    model, _ = robust_reference
     uncertainty, confident_wrong, uncertain_wrong = [], [], []
     for share in (1.0, 0.5, 0.2):
         query = _panel(model, pbmc3k, share)
@@ -171,8 +182,8 @@ def test_uncertainty_grows_as_genes_are_removed_and_flags_the_wrong_labels(full_
     assert np.concatenate(confident_wrong).mean() < uncertain_wrong.mean()
 
 
-def test_panel_calibration_makes_the_classifier_less_confident_on_a_small_panel(full_reference, pbmc3k):
-    model, _ = full_reference
+def test_panel_calibration_makes_the_classifier_less_confident_on_a_small_panel(robust_reference, pbmc3k):
+    model, _ = robust_reference
     query = _panel(model, pbmc3k, 0.2)
     calibration = model.calibrate_for_panel(np.isin(model.genes, query.var_names), index=model.reference_index_)
     assert calibration.classifier_temperature > model.calibration_temperature_
@@ -184,14 +195,15 @@ def test_panel_calibration_makes_the_classifier_less_confident_on_a_small_panel(
 
 def test_mask_aware_model_serves_a_half_panel_better_than_one_trained_without_masks(symphony_split, symphony_model):
     train, test = symphony_split
-    plain_train = train.copy()
-    cellular.CELLULAR.setup_anndata(plain_train, labels_key="cell_type", batch_key="batch")
-    plain = cellular.CELLULAR(plain_train, panel_masking=0.0, depth_thinning=0.0)
-    plain.train(progress_bar=False, classifier=False)
+    masked_train = train.copy()
+    cellular.CELLULAR.setup_anndata(masked_train, labels_key="cell_type", batch_key="batch")
+    masked = cellular.CELLULAR(masked_train, panel_masking=0.5)
+    masked.train(progress_bar=False, classifier=False)
+    assert masked.module.mask_aware and not symphony_model.module.mask_aware
     truth = test.obs["cell_type"].astype(str).to_numpy()
     known = np.isin(truth, symphony_model.cell_types)
     scores = {}
-    for name, model in (("masked", symphony_model), ("plain", plain)):
+    for name, model in (("masked", masked), ("plain", symphony_model)):
         query = _panel(model, test, 0.3, seed=1)
         z_ref = model.get_latent_representation()
         z = model.get_latent_representation(query, min_gene_overlap=0)
@@ -221,8 +233,8 @@ def test_refit_model_saves_loads_and_maps_identically(full_reference, pbmc3k, tm
     np.testing.assert_array_equal(first.obs["cellular_label"], second.obs["cellular_label"])
 
 
-def test_saved_model_calibrates_panels_without_its_training_data(full_reference, pbmc3k, tmp_path):
-    model, _ = full_reference
+def test_saved_model_calibrates_panels_without_its_training_data(robust_reference, full_reference, pbmc3k, tmp_path):
+    model, _ = robust_reference
     model.save(tmp_path / "model")
     loaded = cellular.CELLULAR.load(tmp_path / "model")
     assert loaded.adata is None
@@ -235,6 +247,10 @@ def test_saved_model_calibrates_panels_without_its_training_data(full_reference,
         cellular.tl.cellular_map(tiny, loaded)
     with pytest.raises(ValueError, match="restrict_to_genes retrains"):
         loaded.restrict_to_genes(tiny)
+    # A model trained without panel masking serves such a query only with its training data.
+    full_reference[0].save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="trained without panel masking"):
+        cellular.tl.cellular_map(half, cellular.CELLULAR.load(tmp_path / "plain"))
 
 
 def test_a_version_2_model_file_loads_as_a_model_without_panel_masking(symphony_model, symphony_split, tmp_path):

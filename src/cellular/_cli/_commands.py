@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 from ._common import (
     EXIT_OK,
+    TRAINING_DATA_FILE,
     CommandError,
     UsageError,
     counts_line,
@@ -69,6 +71,10 @@ def train(args: argparse.Namespace) -> int:
             progress_bar=show_progress,
         )
     model.save(output, overwrite=args.overwrite)
+    # Query commands refit the model on a query's genes when it lacks many of them; they find the reference here.
+    (output / TRAINING_DATA_FILE).write_text(
+        json.dumps({"path": str(reference.resolve()), "size": reference.stat().st_size})
+    )
 
     labels = model._registered_labels()
     n_unlabelled = int((labels < 0).sum())
@@ -126,6 +132,36 @@ def _served(reading: dict, args: argparse.Namespace) -> dict:
     return {**reading, "panel": args.panel}
 
 
+def _with_training_data(model, adata, args: argparse.Namespace, reading: dict):
+    """The model, reloaded with its training data when the query would be served by a refit and that data is known.
+
+    The data is ``--reference``, else the reference ``cellular train`` recorded in the model folder (when that file
+    is still there, unchanged in size).
+    """
+    from cellular.data import align_genes
+    from cellular.tl._common import DIRECT_PREFERRED_SHARE
+
+    if model.adata is not None or args.panel == "direct":
+        return model
+    present = align_genes(
+        adata, model.gene_names_for(reading["gene_id_key"]), gene_id_key=reading["gene_id_key"]
+    ).present
+    if present.all() or (args.panel == "auto" and model.expression_share(present) >= DIRECT_PREFERRED_SHARE):
+        return model
+    record_path = args.model / TRAINING_DATA_FILE
+    if not record_path.exists():
+        return model
+    record = json.loads(record_path.read_text())
+    reference = Path(record["path"])
+    if not reference.exists() or reference.stat().st_size != record["size"]:
+        logger.warning(
+            "The model's training data %s is gone or changed; it cannot be refitted on the query's genes.", reference
+        )
+        return model
+    say(args, f"  the query lacks many of the model's genes: refitting on the shared genes with {reference}")
+    return load_model(args.model, args.accelerator, read_h5ad(reference))
+
+
 def _require_classifier(model, args: argparse.Namespace) -> None:
     if not model.has_classifier:
         raise CommandError(
@@ -168,6 +204,7 @@ def annotate(args: argparse.Namespace) -> int:
     _require_classifier(model, args)
     adata = read_h5ad(args.query)
     _embed_first(adata, model, args, reading)
+    model = _with_training_data(model, adata, args, reading)
     cellular.tl.cellular_annotate(
         adata,
         model,
@@ -197,6 +234,7 @@ def novel(args: argparse.Namespace) -> int:
     _require_classifier(model, args)
     adata = read_h5ad(args.query)
     _embed_first(adata, model, args, reading)
+    model = _with_training_data(model, adata, args, reading)
     cellular.tl.novel_types(
         adata,
         model,
@@ -237,6 +275,7 @@ def map_(args: argparse.Namespace) -> int:
             "model.build_reference_index(adata_ref) and save the model again (model.save(MODEL_DIR, overwrite=True))."
         )
     adata = read_h5ad(args.query)
+    model = _with_training_data(model, adata, args, reading)
     cellular.tl.cellular_map(
         adata,
         model,

@@ -82,6 +82,9 @@ def write_h5ad(adata, path: Path) -> None:
         raise CommandError(f"could not write {str(path)!r}: {error_message(error)}") from error
 
 
+TRAINING_DATA_FILE = "training_data.json"
+
+
 def load_model(path: Path, accelerator: str, reference=None):
     """The CELLULAR model saved in ``path``, or a :class:`CommandError` saying why it cannot be loaded.
 
