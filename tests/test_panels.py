@@ -204,13 +204,13 @@ def test_mask_aware_model_serves_a_half_panel_better_than_one_trained_without_ma
     known = np.isin(truth, symphony_model.cell_types)
     scores = {}
     for name, model in (("masked", masked), ("plain", symphony_model)):
-        query = _panel(model, test, 0.3, seed=1)
+        query = _panel(model, test, 0.2, seed=1)
         z_ref = model.get_latent_representation()
         z = model.get_latent_representation(query, min_gene_overlap=0)
         labels = model.adata.obs["cell_type"].astype(str).to_numpy()
         knn = KNeighborsClassifier(n_neighbors=15, metric="cosine").fit(z_ref, labels)
         scores[name] = f1_score(truth[known], knn.predict(z[known]), average="macro")
-    assert scores["masked"] > scores["plain"] + 0.05, scores
+    assert scores["masked"] > scores["plain"] + 0.1, scores
 
 
 def test_refit_model_saves_loads_and_maps_identically(full_reference, pbmc3k, tmp_path):

@@ -143,8 +143,9 @@ def _with_training_data(model, adata, args: argparse.Namespace, reading: dict):
 
     if model.adata is not None or args.panel == "direct":
         return model
+    gene_id_key = reading["gene_id_key"]
     present = align_genes(
-        adata, model.gene_names_for(reading["gene_id_key"]), gene_id_key=reading["gene_id_key"]
+        adata, model.gene_names_for(gene_id_key), gene_id_key=gene_id_key, min_gene_overlap=0.0
     ).present
     if present.all() or (args.panel == "auto" and model.expression_share(present) >= DIRECT_PREFERRED_SHARE):
         return model
