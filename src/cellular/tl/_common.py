@@ -105,6 +105,27 @@ def serve_query(
     if panel == "auto":
         path = _auto_path(model, present, share, alignment.n_matched)
     record["panel_path"] = path
+    if path == "refit" and not present.all():
+        if index is not None:
+            _check_reindexable(model, index)
+        served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
+        _warn_missing(alignment, share, path)
+        served_index = None if index is None else _restricted_index(served_model, model, index)
+        embedded = served_model.embed_query(adata, **reading)
+        record["n_refit_genes"] = len(served_model.genes)
+        return ServedQuery(served_model, embedded.z, record, served_index, hidden=embedded.hidden)
+    embedded = model.embed_query(adata, min_gene_overlap=min_gene_overlap, **reading)
+    _warn_missing(alignment, share, path)
+    calibration = None
+    if not present.all():
+        calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
+        record["panel_calibrated"] = calibration is not None
+        if calibration is not None:
+            record["panel_calibration"] = dict(calibration.summary)
+    return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden)
+
+
+def _warn_missing(alignment, share: float, path: str) -> None:
     if alignment.missing:
         logger.warning(
             "%d of %d model genes are missing from the data (first missing: %s); the genes present carry %.0f%% of "
@@ -115,22 +136,6 @@ def serve_query(
             100 * share,
             "with a model refitted on the shared genes" if path == "refit" else "with the model itself",
         )
-    if path == "refit" and not present.all():
-        if index is not None:
-            _check_reindexable(model, index)
-        served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
-        served_index = None if index is None else _restricted_index(served_model, model, index)
-        embedded = served_model.embed_query(adata, **reading)
-        record["n_refit_genes"] = len(served_model.genes)
-        return ServedQuery(served_model, embedded.z, record, served_index, hidden=embedded.hidden)
-    embedded = model.embed_query(adata, min_gene_overlap=min_gene_overlap, **reading)
-    calibration = None
-    if not present.all():
-        calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
-        record["panel_calibrated"] = calibration is not None
-        if calibration is not None:
-            record["panel_calibration"] = dict(calibration.summary)
-    return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden)
 
 
 def _auto_path(model: CELLULAR, present: np.ndarray, share: float, n_matched: int) -> str:
