@@ -281,6 +281,10 @@ def case_damaged_calibration_cells(ctx):
     CELLULAR.load(path)
 
 
+def case_panel_mask(ctx):
+    ctx.model.calibrate_for_panel(np.ones(10, dtype=bool))
+
+
 CASES = {
     name.removeprefix("case_").replace("_", "-"): case for name, case in globals().items() if name.startswith("case_")
 }

@@ -123,10 +123,19 @@ class PanelMixin:
 
     def expression_share(self, present: np.ndarray) -> float:
         """Share of the reference's expression carried by the genes marked ``present`` (boolean over ``genes``)."""
-        present = np.asarray(present, dtype=bool)
+        present = self._gene_mask(present)
         if self.gene_count_fractions is None:
             return float(present.mean())
         return float(np.asarray(self.gene_count_fractions)[present].sum() / self.gene_count_fractions.sum())
+
+    def _gene_mask(self, present) -> np.ndarray:
+        present = np.asarray(present)
+        if present.dtype != bool or present.shape != (len(self.genes),):
+            raise ValueError(
+                f"present must be a boolean array over the model's {len(self.genes)} genes (model.genes order), got "
+                f"dtype {present.dtype} and shape {present.shape}; e.g. np.isin(model.genes, query.var_names)."
+            )
+        return present
 
     def calibrate_for_panel(
         self,
@@ -159,7 +168,7 @@ class PanelMixin:
         The calibration, or ``None`` when the model keeps no held-out cells (a model saved by an older version).
         """
         cells = self.calibration_cells_
-        present = np.asarray(present, dtype=bool)
+        present = self._gene_mask(present)
         if cells is None:
             return None
         calibration = PanelCalibration(int(present.sum()), self.expression_share(present))
