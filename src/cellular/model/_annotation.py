@@ -434,7 +434,10 @@ class AnnotationMixin:
         (spread-scaled distance to the nearest prototype), ``uncertainty`` and ``hidden_distance``.
         """
         self._require_classifier()
-        resolve_device(accelerator, devices)
+        # embed_query runs where the model is: put it where the caller asked.
+        device = resolve_device(accelerator, devices)
+        self.module.to(device)
+        self.classifier_.to(device)
         embedded = self.embed_query(
             adata,
             batch_size=batch_size,

@@ -755,7 +755,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
             for index in sequential_minibatches(expression.n_cells, batch_size):
                 x = torch.from_numpy(expression.rows(index)).to(device)
                 activations = module.encoder.hidden(x, mask)
-                out[index] = module.encoder.layers[4:](activations).cpu().numpy()
+                out[index] = module.encoder.from_hidden(activations).cpu().numpy()
                 if hidden is not None:
                     activations = activations.cpu().numpy()
                     values = activations if isinstance(hidden, str) else hidden.project(activations)

@@ -54,7 +54,11 @@ class CellularEncoder(nn.Module):
             ``True`` where a gene is measured: ``(n_input,)`` for one panel shared by all cells, or
             ``(n_cells, n_input)``. Every gene is measured when ``None``.
         """
-        return self.layers[4:](self.hidden(x, gene_mask))
+        return self.from_hidden(self.hidden(x, gene_mask))
+
+    def from_hidden(self, hidden: Tensor) -> Tensor:
+        """The rest of the network: the embedding of first-hidden-block outputs (see :meth:`hidden`)."""
+        return self.layers[4:](hidden)
 
     def hidden(self, x: Tensor, gene_mask: Tensor | None = None) -> Tensor:
         """Output of the first hidden block (``LayerNorm -> Linear -> LayerNorm -> ReLU``), before dropout.
