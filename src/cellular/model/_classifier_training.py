@@ -1,18 +1,17 @@
-"""Training loop of the cell-type classifier head on a fixed embedding."""
+"""Training of the cell-type classifier head on a fixed embedding, on scvi-tools' Lightning machinery."""
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from scvi.train import Trainer
 
-from cellular.data import epoch_minibatches, stratified_split
+from cellular.dataloaders import EmbeddingDataModule
 from cellular.nn import CellTypeClassifier, inverse_frequency_weights
+from cellular.train import ClassifierTrainingPlan, RestoreBestWeights, quiet_lightning
 
 
 @dataclass
@@ -75,56 +74,45 @@ def fit_classifier(
     progress_bar
         Show a progress bar over epochs.
     """
-    rng = np.random.default_rng(seed)
-    fit_idx, stop_idx = stratified_split(labels, 0.9, rng)
-    if stop_idx.size == 0:
-        stop_idx = fit_idx
-    steps_per_epoch = max(1, math.ceil(fit_idx.size / batch_size))
+    data = EmbeddingDataModule(z, labels, batch_size=batch_size, seed=seed)
+    steps_per_epoch = max(1, math.ceil(data.train_idx.size / batch_size))
     if max_epochs is None:
         max_epochs = int(np.clip(math.ceil(1500 / steps_per_epoch), 20, 200))
-
-    z_t = torch.as_tensor(z, dtype=torch.float32, device=device)
-    y_t = torch.as_tensor(labels, dtype=torch.long, device=device)
     weights = None
     if class_weighted:
-        weights = inverse_frequency_weights(torch.as_tensor(labels[fit_idx]), n_types)
-        weights = (weights * int((weights > 0).sum())).to(device)
+        weights = inverse_frequency_weights(torch.as_tensor(labels[data.train_idx]), n_types)
+        weights = weights * int((weights > 0).sum())
 
+    best_weights = RestoreBestWeights("stopping_loss", min_delta=1e-6)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        classifier = CellTypeClassifier(z.shape[1], n_types, hidden_sizes, dropout_rate).to(device)
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-        stop_t = torch.as_tensor(stop_idx, device=device)
-        best_loss, best_state, best_epoch, stale = math.inf, None, 0, 0
-        history: list[dict[str, float]] = []
-        progress = tqdm(range(max_epochs), desc="Training classifier", disable=not progress_bar, unit="epoch")
-        for epoch in progress:
-            classifier.train()
-            total, seen = 0.0, 0
-            for index in epoch_minibatches(fit_idx, batch_size, rng):
-                index_t = torch.as_tensor(index, device=device)
-                loss = F.cross_entropy(classifier(z_t[index_t]), y_t[index_t], weight=weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * index.size
-                seen += index.size
-            classifier.eval()
-            with torch.no_grad():
-                stop_loss = float(F.cross_entropy(classifier(z_t[stop_t]), y_t[stop_t], weight=weights))
-            history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "stopping_loss": stop_loss})
-            progress.set_postfix(loss=f"{stop_loss:.3f}")
-            if stop_loss < best_loss - 1e-6:
-                best_loss, best_epoch, stale = stop_loss, epoch, 0
-                best_state = copy.deepcopy(classifier.state_dict())
-            else:
-                stale += 1
-                if stale >= early_stopping_patience:
-                    break
-        progress.close()
-    classifier.load_state_dict(best_state)
+        classifier = CellTypeClassifier(z.shape[1], n_types, hidden_sizes, dropout_rate)
+        plan = ClassifierTrainingPlan(classifier, lr=lr, weight_decay=weight_decay, class_weights=weights)
+        with quiet_lightning(quiet_stdout=not progress_bar):
+            trainer = Trainer(
+                max_epochs=max_epochs,
+                accelerator="gpu" if device.type == "cuda" else device.type,
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+                early_stopping=True,
+                early_stopping_monitor="stopping_loss",
+                early_stopping_patience=early_stopping_patience,
+                early_stopping_min_delta=1e-6,
+                check_val_every_n_epoch=1,
+                enable_progress_bar=progress_bar,
+                use_distributed_sampler=False,
+                callbacks=[best_weights],
+            )
+            trainer.fit(plan, data)
     classifier.eval()
-    return ClassifierFit(classifier, best_loss, best_epoch, len(history), history)
+    history = [
+        {"epoch": int(epoch), "train_loss": float(train), "stopping_loss": float(stop)}
+        for (epoch, train), stop in zip(
+            trainer.logger.history["train_loss"]["train_loss"].items(),
+            trainer.logger.history["stopping_loss"]["stopping_loss"],
+            strict=True,
+        )
+    ]
+    return ClassifierFit(classifier, best_weights.best_value, best_weights.best_epoch, len(history), history)
 
 
 @torch.no_grad()

@@ -13,7 +13,9 @@ def resolve_device(accelerator: str = "auto", devices: int | str | list[int] = "
     accelerator
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"gpu"``/``"cuda"`` or ``"mps"``.
     devices
-        ``"auto"``, a device index, a one-element list of indices, or ``1`` for the first device.
+        ``"auto"``, a device index, a list of indices, or a number of devices. Inference and the classifier head run
+        in one process: with several devices, on this process's own device (its rank's under distributed training,
+        else the first listed).
     """
     accelerator = accelerator.lower()
     if accelerator == "auto":
@@ -29,14 +31,14 @@ def resolve_device(accelerator: str = "auto", devices: int | str | list[int] = "
         raise ValueError(f"accelerator={accelerator!r} was requested but is not available; use accelerator='cpu'.")
     if accelerator == "mps":
         return torch.device("mps")
-    if devices in ("auto", 1, -1):
-        index = torch.cuda.current_device()
-    elif isinstance(devices, list | tuple):
-        if len(devices) != 1:
-            raise ValueError(f"CELLULAR trains on one device; got devices={devices}. Pass a single device index.")
-        index = int(devices[0])
-    elif isinstance(devices, str) and devices.startswith("cuda"):
+    if isinstance(devices, str) and devices.startswith("cuda"):
         return torch.device(devices)
-    else:
-        raise ValueError(f"CELLULAR trains on one device; got devices={devices!r}. Pass 'auto' or [index].")
-    return torch.device("cuda", index)
+    if isinstance(devices, list | tuple) and devices and not _distributed():
+        return torch.device("cuda", int(devices[0]))
+    if devices == "auto" or isinstance(devices, int | list | tuple):
+        return torch.device("cuda", torch.cuda.current_device())
+    raise ValueError(f"devices must be 'auto', a number of devices or a list of indices; got devices={devices!r}.")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

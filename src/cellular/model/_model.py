@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -21,20 +20,17 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
 from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
 from tqdm.auto import tqdm
 
-from cellular.data import (
-    DepthThinning,
-    epoch_minibatches,
-    read_expression,
-    sequential_minibatches,
-    stratified_split,
-)
+from cellular.data import read_expression, sequential_minibatches
 from cellular.data._expression import GeneAlignment, get_matrix, library_sizes
+from cellular.dataloaders import CellularDataModule
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
 from cellular.nn import centroid_target_distances, inverse_frequency_weights
 from cellular.pp import highly_variable_genes
+from cellular.train import CellularTrainingPlan, EpochProgressBar, RestoreBestWeights, quiet_lightning
 
 from . import _serialization
 from ._annotation import AnnotationMixin
@@ -382,11 +378,16 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         progress_bar: bool = True,
         classifier: bool = True,
         classifier_kwargs: dict | None = None,
+        **trainer_kwargs,
     ) -> None:
         """Train the encoder with the CELLULAR loss, then the classifier head.
 
-        Adam with a linear warm-up and cosine decay of the learning rate, a stratified validation split, early
-        stopping on the validation loss (the weights of the best epoch are kept), and a progress bar.
+        Runs on scvi-tools' training machinery (:class:`scvi.train.TrainRunner`, a Lightning ``Trainer``) with
+        :class:`cellular.train.CellularTrainingPlan` and :class:`cellular.dataloaders.CellularDataModule`: Adam
+        with a linear warm-up and cosine decay of the learning rate, a stratified validation split, early stopping
+        on the validation loss with the weights of the best epoch restored, scvi-tools' ``history`` and progress
+        bar. ``devices=N`` with ``strategy="ddp"`` trains on ``N`` devices; the contrastive terms then see the
+        global minibatch gathered from every device (see the training page of the documentation).
 
         Parameters
         ----------
@@ -415,9 +416,11 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
             frequency, so rare types appear in every minibatch; ``False`` gives plain shuffled epochs as in the
             paper.
         accelerator, devices
-            Where to train (scvi-tools convention): ``accelerator="auto"`` uses a GPU when one is available.
+            Where to train (scvi-tools convention): ``accelerator="auto"`` uses a GPU when one is available;
+            ``devices`` may name several devices for distributed training (with ``strategy``).
         seed
-            Seed of the split, minibatch order and dropout; the model's ``seed`` when ``None``.
+            Seed of the split, minibatch order and dropout; the model's ``seed`` when ``None``. The same seed gives
+            the same model on CPU.
         progress_bar
             Show a progress bar over epochs.
         classifier
@@ -425,19 +428,21 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
             :meth:`predict`, :func:`cellular.tl.cellular_annotate` and :func:`cellular.tl.novel_types`.
         classifier_kwargs
             Arguments of :meth:`train_classifier`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (and on to Lightning's ``Trainer``): e.g. ``strategy="ddp"``,
+            ``callbacks=[...]``, ``logger=...``, ``precision=...``. Under a distributed strategy scvi-tools turns
+            early stopping off; the best epoch's weights are still restored when a validation split exists.
         """
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 for contrastive training, got {batch_size}.")
         train_params = {
             key: value
             for key, value in locals().items()
-            if key not in ("self", "progress_bar", "classifier", "classifier_kwargs")
+            if key not in ("self", "progress_bar", "classifier", "classifier_kwargs", "trainer_kwargs")
         }
         if self.adata is None:
             raise ValueError("This model has no training data attached; load it with CELLULAR.load(path, adata=...).")
         seed = self.seed if seed is None else seed
-        device = resolve_device(accelerator, devices)
-        rng = np.random.default_rng(seed)
 
         setup = self.setup_args
         expression, _ = read_expression(
@@ -448,98 +453,95 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
             target_sum=self.target_sum,
             gene_count_fractions=self.gene_count_fractions,
         )
-        labels = self._registered_labels()
-        batches = self._registered_batches()
-        train_idx, val_idx = stratified_split(labels, train_size, rng)
-        if val_idx.size < 2 and early_stopping:
+        data_module = CellularDataModule(
+            expression,
+            self._registered_labels(),
+            self._registered_batches(),
+            train_size=train_size,
+            batch_size=batch_size,
+            seed=seed,
+            balanced_sampling=balanced_sampling,
+            thinning_probability=self.depth_thinning["probability"],
+            thinning_min_fraction=self.depth_thinning["min_fraction"],
+        )
+        if not data_module.has_validation and early_stopping:
             logger.warning("No validation cells (train_size=%s): early stopping is off.", train_size)
             early_stopping = False
 
-        steps_per_epoch = max(1, math.ceil(train_idx.size / batch_size))
+        steps_per_epoch = max(1, math.ceil(data_module.n_train / batch_size))
         if max_epochs is None:
             max_epochs = int(np.clip(math.ceil(2000 / steps_per_epoch), 30, 400))
         total_steps = max_epochs * steps_per_epoch
-        warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps // 2)
-
-        module = self.module.to(device)
-        optimizer = torch.optim.Adam(
-            module.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda")
+        training_plan = CellularTrainingPlan(
+            self.module,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=min(warmup_epochs * steps_per_epoch, total_steps // 2),
+            total_steps=total_steps,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup_steps, total_steps))
-        labels_t = torch.from_numpy(labels)
-        batches_t = torch.from_numpy(batches)
+        best_weights = RestoreBestWeights("validation_loss", early_stopping_min_delta)
+        trainer_kwargs = {
+            "early_stopping": early_stopping,
+            "early_stopping_monitor": "validation_loss",
+            "early_stopping_patience": early_stopping_patience,
+            "early_stopping_min_delta": early_stopping_min_delta,
+            "check_val_every_n_epoch": 1 if data_module.has_validation else None,
+            "limit_val_batches": None if data_module.has_validation else 0,
+            "enable_progress_bar": progress_bar,
+            "simple_progress_bar": False,
+            "use_distributed_sampler": False,
+            "callbacks": [
+                *trainer_kwargs.pop("callbacks", []),
+                *([best_weights] if early_stopping else []),
+                *([EpochProgressBar("Training CELLULAR")] if progress_bar else []),
+            ],
+            **trainer_kwargs,
+        }
+        trainer_kwargs = {key: value for key, value in trainer_kwargs.items() if value is not None}
+        quiet = quiet_lightning(quiet_stdout=not progress_bar)
+        quiet.__enter__()
+        runner = TrainRunner(
+            self,
+            training_plan=training_plan,
+            data_splitter=data_module,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **trainer_kwargs,
+        )
+        # A new training run starts a new history (scvi-tools would append to it).
+        self.history_, self.is_trained_ = None, False
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                runner()
+        finally:
+            quiet.__exit__(None, None, None)
+        self.module.eval()
+        self.history_ = _history_frames(self.history_ or {})
 
-        thinning = DepthThinning(rng=rng, **self.depth_thinning) if self.depth_thinning["probability"] > 0 else None
-
-        def tensors_for(index: np.ndarray, augment: bool = False) -> dict[str, torch.Tensor]:
-            x = expression.rows(index, thinning if augment else None)
-            return {
-                REGISTRY_KEYS.X_KEY: torch.from_numpy(x).to(device, non_blocking=True),
-                REGISTRY_KEYS.LABELS_KEY: labels_t[index].to(device),
-                REGISTRY_KEYS.BATCH_KEY: batches_t[index].to(device),
-            }
-
-        validation_batches = sequential_minibatches(val_idx.size, batch_size)
-        if len(validation_batches) > 1 and validation_batches[-1].size < 2:
-            validation_batches.pop()
-        validation_batches = [val_idx[b] for b in validation_batches]
-
-        records: list[dict[str, float]] = []
-        best_loss, best_state, best_epoch, epochs_without_improvement = math.inf, None, -1, 0
-        balance = labels[train_idx] if balanced_sampling else None
-        progress = tqdm(range(max_epochs), desc="Training CELLULAR", disable=not progress_bar, unit="epoch")
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for epoch in progress:
-                module.train()
-                sums: dict[str, float] = {}
-                n_seen = 0
-                for index in epoch_minibatches(train_idx, batch_size, rng, balance):
-                    _, _, output = module(tensors_for(index, augment=True))
-                    optimizer.zero_grad(set_to_none=True)
-                    output.loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    module.clamp_temperature_()
-                    _accumulate(sums, output, index.size)
-                    n_seen += index.size
-                record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-                record.update({f"train_{k}": v / n_seen for k, v in sums.items()})
-                record["temperature"] = float(module.temperature.detach())
-                if validation_batches:
-                    record.update(self._validation_losses(module, validation_batches, tensors_for))
-                records.append(record)
-                progress.set_postfix(
-                    loss=f"{record['train_loss']:.3f}",
-                    val=f"{record.get('validation_loss', float('nan')):.3f}",
-                    T=f"{record['temperature']:.3f}",
-                )
-                if validation_batches:
-                    if record["validation_loss"] < best_loss - early_stopping_min_delta:
-                        best_loss, best_epoch, epochs_without_improvement = record["validation_loss"], epoch, 0
-                        if early_stopping:
-                            best_state = copy.deepcopy(module.state_dict())
-                    else:
-                        epochs_without_improvement += 1
-                    if early_stopping and epochs_without_improvement >= early_stopping_patience:
-                        logger.info(
-                            "Early stopping after epoch %d; best validation loss at epoch %d.", epoch, best_epoch
-                        )
-                        break
-        progress.close()
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        module.eval()
-
-        self.history_ = _history_frames(records)
-        self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, np.array([], int)
+        self.train_indices_, self.validation_indices_ = data_module.train_idx, data_module.val_idx
+        self.test_indices_ = data_module.test_idx
+        history = self.history_ or {}
+        epochs_run = len(history["train_loss"]) if "train_loss" in history else 0
+        best_epoch = best_weights.best_epoch if best_weights.best_epoch >= 0 else epochs_run - 1
+        if not early_stopping and "validation_loss" in history and len(history["validation_loss"]):
+            validation = history["validation_loss"]["validation_loss"].astype(float)
+            best_epoch = int(validation.idxmin())
+        best_loss = None
+        if "validation_loss" in history and len(history["validation_loss"]):
+            best_loss = float(history["validation_loss"]["validation_loss"].astype(float).min())
         self.training_summary_ = {
-            "epochs_run": len(records),
+            "epochs_run": epochs_run,
             "max_epochs": max_epochs,
-            "best_epoch": int(best_epoch) if best_epoch >= 0 else len(records) - 1,
-            "best_validation_loss": None if math.isinf(best_loss) else float(best_loss),
+            "best_epoch": int(best_epoch),
+            "best_validation_loss": best_loss,
             "batch_size": batch_size,
-            "device": str(device),
+            "device": str(runner.device),
+            "devices": runner.lightning_devices
+            if isinstance(runner.lightning_devices, int | str)
+            else list(runner.lightning_devices),
+            "strategy": str(trainer_kwargs.get("strategy", "auto")),
             "seed": seed,
         }
         self.is_trained_ = True
@@ -554,18 +556,6 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
                 **{"accelerator": accelerator, "devices": devices, "seed": seed, **(classifier_kwargs or {})}
             )
         self._model_summary_string = self._summary()
-
-    @staticmethod
-    @torch.no_grad()
-    def _validation_losses(module, validation_batches, tensors_for) -> dict[str, float]:
-        module.eval()
-        sums: dict[str, float] = {}
-        n_seen = 0
-        for index in validation_batches:
-            _, _, output = module(tensors_for(index))
-            _accumulate(sums, output, index.size)
-            n_seen += index.size
-        return {f"validation_{k}": v / n_seen for k, v in sums.items()}
 
     # -------------------------------------------------------------- inference
     def get_latent_representation(
@@ -960,23 +950,12 @@ def _check_label_counts(labels: np.ndarray, cell_types: list[str], labels_key: s
         )
 
 
-def _warmup_cosine(warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def _accumulate(sums: dict[str, float], output, n_cells: int) -> None:
-    values = {"loss": output.loss, **output.extra_metrics}
-    values.pop("temperature")
-    for key, value in values.items():
-        sums[key] = sums.get(key, 0.0) + float(value.detach()) * n_cells
-
-
-def _history_frames(records: list[dict[str, float]]) -> dict[str, pd.DataFrame]:
-    table = pd.DataFrame.from_records(records).set_index("epoch")
-    return {column: table[[column]] for column in table.columns}
+def _history_frames(history: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """scvi-tools' logger history as float frames indexed by integer epoch."""
+    frames = {}
+    for key, frame in history.items():
+        frame = frame.astype(float)
+        frame.index = frame.index.astype(int)
+        frame.index.name = "epoch"
+        frames[key] = frame
+    return frames
