@@ -184,7 +184,7 @@ def cellular_classifier(fold: Fold, cache: FoldCache, settings: Settings) -> Met
     (train_z, test_z), embed_seconds = _cellular_embedding(fold, cache, model)
 
     def predict():
-        probabilities = model._probabilities(test_z)
+        probabilities = model.probabilities_from_embedding(test_z)
         novelty = model.get_novelty_scores(fold.test, min_gene_overlap=0.0)["score"].to_numpy()
         frame = pd.DataFrame(probabilities, columns=model.cell_types)
         return aligned(frame, fold.classes), novelty

@@ -43,7 +43,7 @@ def _fold_rows(fold, variant: str, model_kwargs: dict, seed: int) -> list[dict]:
     model.train(progress_bar=False)
     fit_seconds = time.perf_counter() - start
     test_z = model.get_latent_representation(fold.test, min_gene_overlap=0.0)
-    classifier = pd.DataFrame(model._probabilities(test_z), columns=model.cell_types)
+    classifier = pd.DataFrame(model.probabilities_from_embedding(test_z), columns=model.cell_types)
     index = cellular.ReferenceIndex.from_embedding(
         model.get_latent_representation(),
         labels={LABELS: train.obs[LABELS].to_numpy()},

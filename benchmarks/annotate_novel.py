@@ -110,10 +110,10 @@ def lobo(name: str, data, seed: int, max_epochs: int | None) -> list[dict]:
 
         z_train, z_test = model.get_latent_representation(), model.get_latent_representation(test)
         pca_train, pca_test = pca_spaces(model, train, test)
-        calibrated = model._probabilities(z_test)
+        calibrated = model.probabilities_from_embedding(z_test)
         results = {
             "CELLULAR classifier (calibrated)": calibrated[known],
-            "CELLULAR classifier (raw softmax)": model._probabilities(z_test, calibrated=False)[known],
+            "CELLULAR classifier (raw softmax)": model.probabilities_from_embedding(z_test, calibrated=False)[known],
             "CELLULAR embedding + kNN": knn_vote(
                 z_train[labelled], train_codes[labelled], z_test[known], len(types), "cosine"
             )[0],

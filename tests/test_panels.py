@@ -189,7 +189,7 @@ def test_panel_calibration_makes_the_classifier_less_confident_on_a_small_panel(
     assert calibration.classifier_temperature > model.calibration_temperature_
     cellular.tl.cellular_annotate(query, model, panel="direct", novel_as_unknown=False)
     direct = query.obs["cellular_label_confidence"].to_numpy()
-    uncalibrated = model._probabilities(model.get_latent_representation(query, min_gene_overlap=0)).max(1)
+    uncalibrated = model.probabilities_from_embedding(model.get_latent_representation(query, min_gene_overlap=0)).max(1)
     assert direct.mean() < uncalibrated.mean()
 
 

@@ -95,7 +95,7 @@ def test_early_stopping_restores_the_best_epoch(symphony):
         gene_count_fractions=model.gene_count_fractions,
     )
     data = CellularDataModule(
-        expression, model._registered_labels(), model._registered_batches(), train_size=0.9, batch_size=256, seed=0
+        expression, model.registered_labels(), model.registered_batches(), train_size=0.9, batch_size=256, seed=0
     )
     np.testing.assert_array_equal(data.val_idx, model.validation_indices_)
     assert data.n_val <= 256  # one validation minibatch: its loss is the logged epoch value

@@ -2,7 +2,7 @@
 
 from importlib.metadata import version
 
-from . import data, index, metrics, nn, pl, pp, tl
+from . import data, dataloaders, index, metrics, nn, pl, pp, tl, train
 from .index import ReferenceIndex
 from .model import CELLULAR, NotTrainedError
 
@@ -14,10 +14,12 @@ __all__ = [
     "ReferenceIndex",
     "__version__",
     "data",
+    "dataloaders",
     "index",
     "metrics",
     "nn",
     "pl",
     "pp",
     "tl",
+    "train",
 ]

@@ -76,7 +76,7 @@ def train(args: argparse.Namespace) -> int:
         json.dumps({"path": str(reference.resolve()), "size": reference.stat().st_size})
     )
 
-    labels = model._registered_labels()
+    labels = model.registered_labels()
     n_unlabelled = int((labels < 0).sum())
     summary = model.training_summary_
     say(
@@ -163,7 +163,7 @@ def _with_training_data(model, adata, args: argparse.Namespace, reading: dict):
     return load_model(args.model, args.accelerator, read_h5ad(reference))
 
 
-def _require_classifier(model, args: argparse.Namespace) -> None:
+def require_classifier(model, args: argparse.Namespace) -> None:
     if not model.has_classifier:
         raise CommandError(
             f"the model in {str(args.model)!r} has no classifier head (it was trained with --no-classifier), which "
@@ -202,7 +202,7 @@ def annotate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
-    _require_classifier(model, args)
+    require_classifier(model, args)
     adata = read_h5ad(args.query)
     _embed_first(adata, model, args, reading)
     model = _with_training_data(model, adata, args, reading)
@@ -232,7 +232,7 @@ def novel(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
-    _require_classifier(model, args)
+    require_classifier(model, args)
     adata = read_h5ad(args.query)
     _embed_first(adata, model, args, reading)
     model = _with_training_data(model, adata, args, reading)

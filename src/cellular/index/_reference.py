@@ -238,7 +238,7 @@ class ReferenceIndex:
         **kwargs
             Options of :class:`ReferenceIndex` (``metric``, ``backend``, ``device``, ``n_neighbors``, ``seed``, ...).
         """
-        model._require_trained()
+        model.require_trained()
         label_keys = _label_keys(label_keys, adata_ref, model.setup_args["labels_key"])
         labels = {key: adata_ref.obs[key].to_numpy() for key in label_keys}
         if use_rep is not None:

@@ -211,7 +211,7 @@ class AnnotationMixin:
         return best
 
     def _classifier_data(self, accelerator, devices, seed):
-        self._require_trained()
+        self.require_trained()
         if self.adata is None:
             raise ValueError(
                 "Training the classifier needs the model's training data; load the model with "
@@ -219,7 +219,7 @@ class AnnotationMixin:
             )
         seed = self.seed if seed is None else seed
         z = self.get_latent_representation(accelerator=accelerator, devices=devices)
-        labels = self._registered_labels()
+        labels = self.registered_labels()
         labelled = labels >= 0
         train_idx = np.arange(labels.size) if self.train_indices_ is None else np.asarray(self.train_indices_)
         held_out = np.zeros(0, int) if self.validation_indices_ is None else np.asarray(self.validation_indices_)
@@ -312,24 +312,57 @@ class AnnotationMixin:
         return space, encoded(np.asarray(calibration_idx), space)
 
     # ------------------------------------------------------------ inference
-    def _require_classifier(self) -> None:
-        self._require_trained()
+    def require_classifier(self) -> None:
+        """Raise :class:`~cellular.NotTrainedError` (saying how to fix it) unless the classifier head is trained."""
+        self.require_trained()
         if not self.has_classifier:
             raise NotTrainedError(
                 "This CELLULAR model has no trained classifier; call model.train_classifier() (or train the model "
                 "with model.train(classifier=True), the default)."
             )
 
-    def _probabilities(self, z: np.ndarray, calibrated: bool = True, temperature: float | None = None) -> np.ndarray:
-        self._require_classifier()
+    def probabilities_from_embedding(
+        self, z: np.ndarray, *, calibrated: bool = True, temperature: float | None = None
+    ) -> np.ndarray:
+        """Classifier-head probabilities of already embedded cells.
+
+        Parameters
+        ----------
+        z
+            ``(n_cells, n_latent)`` embedding from this model.
+        calibrated
+            Divide the logits by the calibrated temperature (``False``: raw softmax).
+        temperature
+            Use this temperature instead (e.g. a panel calibration's).
+
+        Returns
+        -------
+        ``(n_cells, n_types)`` array, columns in :attr:`cell_types` order.
+        """
+        self.require_classifier()
         logits = classifier_logits(self.classifier_, z)
         if temperature is None:
             temperature = self.calibration_temperature_ if calibrated else 1.0
         return torch.softmax(logits / temperature, dim=1).numpy()
 
-    def _novelty_frame(
+    def novelty_scores_from_embedding(
         self, z: np.ndarray, probabilities: np.ndarray, index, reference=None, hidden: np.ndarray | None = None
     ) -> pd.DataFrame:
+        """The table of :meth:`get_novelty_scores` for already embedded cells.
+
+        Parameters
+        ----------
+        z
+            ``(n_cells, n_latent)`` embedding from this model.
+        probabilities
+            The cells' classifier probabilities (:meth:`probabilities_from_embedding`).
+        index
+            Row index of the table (the cells' names).
+        reference
+            Novelty reference to score against (e.g. a panel-recalibrated one); the model's when ``None``.
+        hidden
+            The cells' projections into the hidden-layer space (:meth:`embed_query`), or ``None``.
+        """
         reference = self.novelty_reference_ if reference is None else reference
         distance, nearest = reference.nearest_type(z)
         uncertainty = 1.0 - probabilities.max(axis=1)
@@ -382,7 +415,7 @@ class AnnotationMixin:
         Array of predicted type names, or a :class:`~pandas.DataFrame` indexed by ``obs_names`` with one column
         per type in :attr:`cell_types` order.
         """
-        self._require_classifier()
+        self.require_classifier()
         z = self.get_latent_representation(
             adata,
             batch_size=batch_size,
@@ -393,7 +426,7 @@ class AnnotationMixin:
             accelerator=accelerator,
             devices=devices,
         )
-        probabilities = self._probabilities(z, calibrated)
+        probabilities = self.probabilities_from_embedding(z, calibrated=calibrated)
         if soft:
             names = (self.adata if adata is None else adata).obs_names
             return pd.DataFrame(probabilities, index=names, columns=pd.Index(self.cell_types))
@@ -433,7 +466,7 @@ class AnnotationMixin:
         DataFrame indexed by ``obs_names`` with columns ``score``, ``pvalue``, ``nearest_type``, ``distance``
         (spread-scaled distance to the nearest prototype), ``uncertainty`` and ``hidden_distance``.
         """
-        self._require_classifier()
+        self.require_classifier()
         # embed_query runs where the model is: put it where the caller asked.
         device = resolve_device(accelerator, devices)
         self.module.to(device)
@@ -447,7 +480,9 @@ class AnnotationMixin:
             min_gene_overlap=min_gene_overlap,
         )
         names = (self.adata if adata is None else adata).obs_names
-        return self._novelty_frame(embedded.z, self._probabilities(embedded.z), names, hidden=embedded.hidden)
+        return self.novelty_scores_from_embedding(
+            embedded.z, self.probabilities_from_embedding(embedded.z), names, hidden=embedded.hidden
+        )
 
     def get_cell_type_representations(
         self,
@@ -489,7 +524,7 @@ class AnnotationMixin:
         -------
         DataFrame with one row per type and columns ``latent_0 .. latent_{n_latent - 1}``.
         """
-        labels = self._representation_labels(adata, labels_key)
+        labels = self.representation_labels(adata, labels_key)
         z = self.get_latent_representation(
             adata,
             batch_size=batch_size,
@@ -502,9 +537,10 @@ class AnnotationMixin:
         )
         return cell_type_representations(z, labels, method, max_medoid_cells=max_medoid_cells, seed=seed)
 
-    def _representation_labels(self, adata: AnnData | None, labels_key: str | None) -> pd.Categorical:
+    def representation_labels(self, adata: AnnData | None, labels_key: str | None) -> pd.Categorical:
+        """Cell-type labels of ``adata`` (the training data's registered labels when both arguments are ``None``)."""
         if adata is None and labels_key is None:
-            codes = self._registered_labels()
+            codes = self.registered_labels()
             return pd.Categorical.from_codes(codes, categories=self.cell_types)
         source = self.adata if adata is None else adata
         if source is None:

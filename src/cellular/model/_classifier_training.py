@@ -11,7 +11,7 @@ from scvi.train import Trainer
 
 from cellular.dataloaders import EmbeddingDataModule
 from cellular.nn import CellTypeClassifier, inverse_frequency_weights
-from cellular.train import ClassifierTrainingPlan, RestoreBestWeights, quiet_lightning
+from cellular.train import ClassifierTrainingPlan, EpochProgressBar, RestoreBestWeights, quiet_lightning
 
 
 @dataclass
@@ -99,8 +99,9 @@ def fit_classifier(
                 early_stopping_min_delta=1e-6,
                 check_val_every_n_epoch=1,
                 enable_progress_bar=progress_bar,
+                simple_progress_bar=False,
                 use_distributed_sampler=False,
-                callbacks=[best_weights],
+                callbacks=[best_weights, *([EpochProgressBar("Training classifier")] if progress_bar else [])],
             )
             trainer.fit(plan, data)
     classifier.eval()

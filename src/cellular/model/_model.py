@@ -151,8 +151,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         _check_augmentation(depth_thinning, min_depth_fraction, "depth_thinning", "min_depth_fraction")
         layer = self.adata_manager.registry["setup_args"]["layer"]
         log_normalized = self.adata_manager.registry["setup_args"]["log_normalized"]
-        labels = self._registered_labels()
-        batches = self._registered_batches()
+        labels = self.registered_labels()
+        batches = self.registered_batches()
         cell_types = self.cell_types
         _check_label_counts(labels, cell_types, self.adata_manager.registry["setup_args"]["labels_key"])
 
@@ -334,12 +334,13 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         """Arguments given to :meth:`setup_anndata`."""
         return dict(self.registry_["setup_args"])
 
-    def _registered_labels(self) -> np.ndarray:
+    def registered_labels(self) -> np.ndarray:
         """Label codes of the registered cells, ``-1`` for unlabelled."""
         codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY)).reshape(-1).astype(np.int64)
         return np.where(codes < len(self.cell_types), codes, -1)
 
-    def _registered_batches(self) -> np.ndarray:
+    def registered_batches(self) -> np.ndarray:
+        """Batch codes of the registered cells."""
         return np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY)).reshape(-1).astype(np.int64)
 
     def _summary(self) -> str:
@@ -455,8 +456,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         )
         data_module = CellularDataModule(
             expression,
-            self._registered_labels(),
-            self._registered_batches(),
+            self.registered_labels(),
+            self.registered_batches(),
             train_size=train_size,
             batch_size=batch_size,
             seed=seed,
@@ -624,6 +625,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         gene_id_key: str | None = None,
         min_gene_overlap: float = 0.0,
         progress_bar: bool = False,
+        with_hidden: bool = True,
     ) -> QueryEmbedding:
         """Embed cells and keep what annotation, novelty and panel handling need besides the embedding.
 
@@ -631,6 +633,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         ----------
         adata, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
             As in :meth:`get_latent_representation` (``min_gene_overlap`` defaults to 0 here).
+        with_hidden
+            Also project the cells into the novelty score's hidden-layer space (when the model has one).
 
         Returns
         -------
@@ -638,7 +642,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         for a model without a classifier head or saved before that space existed), and the gene ``alignment``.
         """
         expression, alignment = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
-        space = self.novelty_reference_.hidden if self.has_classifier else None
+        space = self.novelty_reference_.hidden if self.has_classifier and with_hidden else None
         device = torch.device(self.device)
         encoded = self._encode(
             expression, batch_size, device, progress_bar=progress_bar, gene_mask=alignment.present, hidden=space
@@ -647,7 +651,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         return QueryEmbedding(z, hidden, alignment)
 
     def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap):
-        self._require_trained()
+        self.require_trained()
         setup = self.setup_args
         if adata is None:
             if self.adata is None:
@@ -712,7 +716,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
         self.reference_index_ = ReferenceIndex.build(self, adata_ref, label_keys, **kwargs)
         return self.reference_index_
 
-    def _require_trained(self) -> None:
+    def require_trained(self) -> None:
+        """Raise :class:`~cellular.NotTrainedError` (saying how to fix it) unless the model is trained."""
         if not self.is_trained_:
             raise NotTrainedError("This CELLULAR model has not been trained yet; call model.train() first.")
 

@@ -236,7 +236,7 @@ class PanelMixin:
         -------
         The trained model on the shared genes (the model itself is not changed).
         """
-        self._require_trained()
+        self.require_trained()
         if self.adata is None:
             raise ValueError(
                 "restrict_to_genes retrains on the model's training data, which is not attached; load the model "

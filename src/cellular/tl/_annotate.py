@@ -6,8 +6,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from cellular.model import CELLULAR
-from cellular.model._common import SAME_AS_TRAINING
+from cellular.model import CELLULAR, SAME_AS_TRAINING
 
 from ._common import check_alpha, check_model, model_record, package_uns, serve_query
 from ._novel import novelty_flags

@@ -11,8 +11,7 @@ from anndata import AnnData
 
 from cellular.data import align_genes
 from cellular.index import ReferenceIndex
-from cellular.model import CELLULAR
-from cellular.model._panels import PanelCalibration
+from cellular.model import CELLULAR, PanelCalibration
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ class ServedQuery:
 
     def probabilities(self) -> np.ndarray:
         """Calibrated classifier probabilities of the query cells."""
-        return self.model._probabilities(self.z, temperature=self.classifier_temperature)
+        return self.model.probabilities_from_embedding(self.z, temperature=self.classifier_temperature)
 
 
 def serve_query(
@@ -219,9 +218,9 @@ def check_model(model: CELLULAR, *, classifier: bool) -> None:
     if not isinstance(model, CELLULAR):
         raise TypeError(f"model must be a trained cellular.CELLULAR, got {type(model).__name__}.")
     if classifier:
-        model._require_classifier()
+        model.require_classifier()
     else:
-        model._require_trained()
+        model.require_trained()
 
 
 def check_alpha(alpha: float) -> float:

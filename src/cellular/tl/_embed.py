@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib.metadata import version
 
 import anndata as ad
-import torch
 from anndata import AnnData
 
 from cellular.data._expression import get_matrix
@@ -90,10 +89,17 @@ def cellular_embed(
         raise ValueError("labels_key, batch_key and max_epochs only apply when training a new model (model=None).")
 
     read_layer = model.setup_args["layer"] if trained_here else layer
-    expression, alignment = model._read(adata, read_layer, log_normalized, gene_id_key, min_gene_overlap)
-    adata.obsm[key_added] = model._encode(
-        expression, batch_size, torch.device(model.device), progress_bar=progress_bar, gene_mask=alignment.present
+    embedded = model.embed_query(
+        adata,
+        batch_size=batch_size,
+        layer=read_layer,
+        log_normalized=log_normalized,
+        gene_id_key=gene_id_key,
+        min_gene_overlap=min_gene_overlap,
+        progress_bar=progress_bar,
+        with_hidden=False,
     )
+    adata.obsm[key_added], alignment = embedded.z, embedded.alignment
 
     uns = adata.uns.setdefault("cellular", {})
     uns["params"] = {

@@ -7,8 +7,7 @@ import pandas as pd
 from anndata import AnnData
 
 from cellular.index import ReferenceIndex
-from cellular.model import CELLULAR
-from cellular.model._common import SAME_AS_TRAINING
+from cellular.model import CELLULAR, SAME_AS_TRAINING
 
 from ._common import check_model, model_record, package_uns, serve_query
 

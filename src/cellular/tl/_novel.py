@@ -9,8 +9,7 @@ from anndata import AnnData
 
 from cellular.data import read_expression
 from cellular.metrics import benjamini_hochberg
-from cellular.model import CELLULAR
-from cellular.model._common import SAME_AS_TRAINING
+from cellular.model import CELLULAR, SAME_AS_TRAINING
 
 from ._common import ServedQuery, check_alpha, check_model, model_record, package_uns, serve_query
 
@@ -22,7 +21,9 @@ def novelty_flags(
     served: ServedQuery, index: pd.Index, probabilities: np.ndarray, alpha: float, fdr: bool
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Novelty table of :meth:`~cellular.CELLULAR.get_novelty_scores` plus ``qvalue``, and the flags at ``alpha``."""
-    frame = served.model._novelty_frame(served.z, probabilities, index, served.novelty_reference, served.hidden)
+    frame = served.model.novelty_scores_from_embedding(
+        served.z, probabilities, index, served.novelty_reference, served.hidden
+    )
     frame["qvalue"] = benjamini_hochberg(frame["pvalue"].to_numpy())
     flags = (frame["qvalue"] if fdr else frame["pvalue"]).to_numpy() <= alpha
     return frame, flags

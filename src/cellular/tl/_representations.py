@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from cellular.model import CELLULAR
-from cellular.model._annotation import cell_type_representations as _representations
-from cellular.model._common import SAME_AS_TRAINING
+from cellular.model import CELLULAR, SAME_AS_TRAINING
+from cellular.model import cell_type_representations as _representations
 
 from ._common import check_model, model_record, package_uns, serve_query
 
@@ -77,7 +76,7 @@ def cell_type_representations(
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric must be one of {DISTANCE_METRICS}, got {metric!r}.")
     check_model(model, classifier=False)
-    labels = model._representation_labels(adata, labels_key)
+    labels = model.representation_labels(adata, labels_key)
     if copy:
         adata = adata.copy()
     served = serve_query(

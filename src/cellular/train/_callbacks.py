@@ -81,7 +81,11 @@ class EpochProgressBar(ProgressBar):
         if self._bar is None:
             return
         self._bar.update()
-        metrics = {key: f"{float(value):.3f}" for key, value in trainer.callback_metrics.items() if "loss" in key}
+        metrics = {
+            key: f"{float(value):.3f}"
+            for key, value in trainer.callback_metrics.items()
+            if key in ("train_loss", "validation_loss", "stopping_loss")
+        }
         self._bar.set_postfix(metrics, refresh=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
