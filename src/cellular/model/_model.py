@@ -510,8 +510,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, BaseModelClass):
             devices=devices,
             **trainer_kwargs,
         )
-        # A new training run starts a new history (scvi-tools would append to it).
+        # A new training run starts a new history (scvi-tools would append to it) and makes refitted models stale.
         self.history_, self.is_trained_ = None, False
+        self._restricted_models = {}
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

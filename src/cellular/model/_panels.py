@@ -234,7 +234,8 @@ class PanelMixin:
 
         Returns
         -------
-        The trained model on the shared genes (the model itself is not changed).
+        The trained model on the shared genes (the model itself is not changed). It is kept with the model, so
+        asking again for the same shared genes returns it without training (until the model is trained again).
         """
         self.require_trained()
         if self.adata is None:
@@ -254,6 +255,9 @@ class PanelMixin:
                 f"at least {MIN_REFIT_GENES}. Check the gene naming convention (symbols vs Ensembl ids: see "
                 "gene_id_key) or use a reference measured on the query's genes."
             )
+        cache = self.__dict__.setdefault("_restricted_models", {})
+        if tuple(shared) in cache:
+            return cache[tuple(shared)]
         settings = dict(self.init_params_["non_kwargs"])
         # The refitted model reads every gene of the query it serves; panel augmentation only costs it quality there
         # (benchmarks/panel_robustness.py).
@@ -269,6 +273,7 @@ class PanelMixin:
                 "progress_bar": progress_bar,
             }
         restricted.train(**train_settings)
+        cache[tuple(shared)] = restricted
         return restricted
 
 

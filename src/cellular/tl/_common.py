@@ -107,7 +107,7 @@ def serve_query(
     if path == "refit" and not present.all():
         if index is not None:
             _check_reindexable(model, index)
-        served_model = _restricted_model(model, adata, present, gene_id_key, progress_bar)
+        served_model = model.restrict_to_genes(adata, gene_id_key=gene_id_key, progress_bar=progress_bar)
         _warn_missing(alignment, share, path)
         served_index = None if index is None else _restricted_index(served_model, model, index)
         embedded = served_model.embed_query(adata, **reading)
@@ -156,17 +156,6 @@ def _auto_path(model: CELLULAR, present: np.ndarray, share: float, n_matched: in
         "training data so the model is refitted on the shared genes (CELLULAR.load(path, adata=reference), or "
         "--reference on the command line), or pass panel='direct' to use the model as it is."
     )
-
-
-def _restricted_model(
-    model: CELLULAR, adata: AnnData, present: np.ndarray, gene_id_key: str | None, progress_bar: bool
-) -> CELLULAR:
-    """``model.restrict_to_genes(adata)``, cached on the model for the same set of shared genes."""
-    cache = model.__dict__.setdefault("_restricted_models", {})
-    key = tuple(np.flatnonzero(present).tolist())
-    if key not in cache:
-        cache[key] = model.restrict_to_genes(adata, gene_id_key=gene_id_key, progress_bar=progress_bar)
-    return cache[key]
 
 
 def _check_reindexable(model: CELLULAR, index: ReferenceIndex) -> None:
