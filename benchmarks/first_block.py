@@ -123,7 +123,8 @@ def main() -> None:
     table.to_csv(RESULTS / "first_block.csv", index=False)
     header = (
         f"First block forward + backward, {args.cells} cells x {args.genes} genes, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}\n\n"
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}\n\n"
     )
     (RESULTS / "first_block.md").write_text(header + table.to_markdown(index=False) + "\n")
     print(header + table.to_markdown(index=False))

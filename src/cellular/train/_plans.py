@@ -29,6 +29,28 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+class _EpochMeans:
+    """Cell-weighted means of per-minibatch values over an epoch, accumulated on the device without synchronising.
+
+    Cheaper than ``LightningModule.log`` at every step, which matters for small networks (the classifier head).
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n_cells = 0
+
+    def add(self, values: dict[str, torch.Tensor], n_cells: int) -> None:
+        for name, value in values.items():
+            weighted = value.detach() * n_cells
+            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
+        self.n_cells += n_cells
+
+    def pop(self) -> dict[str, float]:
+        means = {name: float(total) / self.n_cells for name, total in self.sums.items()} if self.n_cells else {}
+        self.sums, self.n_cells = {}, 0
+        return means
+
+
 class CellularTrainingPlan(LightningModule):
     """Trains a :class:`~cellular.module.CellularModule` with the CELLULAR loss.
 
@@ -58,6 +80,7 @@ class CellularTrainingPlan(LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
+        self._epoch_terms = {"train": _EpochMeans(), "validation": _EpochMeans()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         """The CELLULAR loss of a minibatch, computed on the global minibatch under distributed training."""
@@ -67,29 +90,34 @@ class CellularTrainingPlan(LightningModule):
         )
         return self.module.loss({REGISTRY_KEYS.LABELS_KEY: labels, REGISTRY_KEYS.BATCH_KEY: batches}, {"z": z})
 
-    def _log_terms(self, output: LossOutput, prefix: str) -> None:
+    def _record(self, output: LossOutput, split: str) -> None:
         terms = {"loss": output.loss, **output.extra_metrics}
         terms.pop("temperature")
-        for name, value in terms.items():
-            # Every rank holds the loss of the same global minibatch: no synchronisation is needed.
-            self.log(
-                f"{prefix}_{name}", value.detach(), on_step=False, on_epoch=True, batch_size=output.n_obs_minibatch
-            )
+        self._epoch_terms[split].add(terms, output.n_obs_minibatch)
+
+    def _log_epoch(self, split: str) -> None:
+        # Every rank holds the loss of the same global minibatches: no synchronisation is needed.
+        for name, value in self._epoch_terms[split].pop().items():
+            self.log(f"{split}_{name}", value, on_step=False, on_epoch=True)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         output = self(batch)
-        self._log_terms(output, "train")
+        self._record(output, "train")
         return output.loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.module.clamp_temperature_()
 
     def on_train_epoch_end(self) -> None:
-        self.log("temperature", self.module.temperature.detach(), on_step=False, on_epoch=True)
+        self._log_epoch("train")
+        self.log("temperature", float(self.module.temperature), on_step=False, on_epoch=True)
         self.log("lr", float(self.optimizers().param_groups[0]["lr"]), on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._log_terms(self(batch), "validation")
+        self._record(self(batch), "validation")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("validation")
 
     def configure_optimizers(self):
         device_type = next(self.module.parameters()).device.type
@@ -128,6 +156,7 @@ class ClassifierTrainingPlan(LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.register_buffer("class_weights", class_weights)
+        self._epoch_losses = {"train": _EpochMeans(), "stopping": _EpochMeans()}
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.classifier(batch[REGISTRY_KEYS.X_KEY])
@@ -135,13 +164,17 @@ class ClassifierTrainingPlan(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        n = batch[REGISTRY_KEYS.LABELS_KEY].shape[0]
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=n)
+        self._epoch_losses["train"].add({"loss": loss}, batch[REGISTRY_KEYS.LABELS_KEY].shape[0])
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        self.log("train_loss", self._epoch_losses["train"].pop()["loss"], on_step=False, on_epoch=True)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        n = batch[REGISTRY_KEYS.LABELS_KEY].shape[0]
-        self.log("stopping_loss", self._loss(batch), on_step=False, on_epoch=True, batch_size=n)
+        self._epoch_losses["stopping"].add({"loss": self._loss(batch)}, batch[REGISTRY_KEYS.LABELS_KEY].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("stopping_loss", self._epoch_losses["stopping"].pop()["loss"], on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.classifier.parameters(), lr=self.lr, weight_decay=self.weight_decay)
