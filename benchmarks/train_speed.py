@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--library-size", type=float, default=3000.0, help="mean counts per cell (sets the density)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results as they are")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -130,7 +131,7 @@ def main() -> None:
         + "\n"
     )
     print("\n" + text)
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.no_write:
         RESULTS.mkdir(exist_ok=True)
         table.to_csv(RESULTS / "train_speed.csv", index=False)
         (RESULTS / "train_speed.md").write_text(text)
