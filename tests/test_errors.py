@@ -13,6 +13,7 @@ import torch
 
 import cellular
 from cellular import CELLULAR, NotTrainedError
+from cellular.dataloaders import MinibatchSampler
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 _HEADING = re.compile(r"^### `(?P<id>[a-z0-9-]+)`", re.MULTILINE)
@@ -283,6 +284,10 @@ def case_damaged_calibration_cells(ctx):
 
 def case_panel_mask(ctx):
     ctx.model.calibrate_for_panel(np.ones(10, dtype=bool))
+
+
+def case_sampler_rng(ctx):
+    MinibatchSampler(np.arange(10), 4)
 
 
 CASES = {

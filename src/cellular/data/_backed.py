@@ -1,0 +1,58 @@
+"""Rows of an expression matrix that may live on disk (a backed AnnData), read in chunks or by index."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+from anndata.abc import CSCDataset, CSRDataset
+
+# Cells per chunk when a backed matrix is streamed (about 100 MB of a 3,000-gene, 10 %-dense float32 CSR block).
+ROW_CHUNK = 20_000
+
+
+def is_backed(matrix) -> bool:
+    """Whether ``matrix`` is read from disk (``read_h5ad(..., backed="r")``) rather than held in memory."""
+    return isinstance(matrix, CSRDataset | CSCDataset | h5py.Dataset)
+
+
+def check_row_readable(matrix, where: str) -> None:
+    """A clear error for a backed matrix whose rows cannot be read without loading it all (CSC on disk)."""
+    if isinstance(matrix, CSCDataset):
+        raise ValueError(
+            f"{where} is stored on disk column by column (CSC), so cells cannot be read without loading the whole "
+            "matrix. Rewrite the file with a CSR matrix (e.g. adata = anndata.read_h5ad(path); "
+            "adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path)), or load it into memory."
+        )
+
+
+def row_chunks(matrix, chunk_size: int = ROW_CHUNK) -> Iterator[tuple[int, int, sp.csr_matrix | np.ndarray]]:
+    """``(start, stop, rows)`` for consecutive blocks of rows; each block is read into memory on its own."""
+    n_rows = matrix.shape[0]
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        yield start, stop, _in_memory(matrix[start:stop])
+
+
+def read_rows(matrix, index: np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """Rows ``index`` (any order, repeats allowed) of an in-memory or backed matrix, in that order.
+
+    A backed matrix is read once per distinct row, in increasing order (what HDF5 reads cheaply); a contiguous
+    range is read as one slice.
+    """
+    index = np.asarray(index)
+    if not is_backed(matrix):
+        return matrix[index]
+    if index.size and index[-1] - index[0] + 1 == index.size and np.all(np.diff(index) == 1):
+        return _in_memory(matrix[int(index[0]) : int(index[-1]) + 1])
+    distinct, inverse = np.unique(index, return_inverse=True)
+    rows = _in_memory(matrix[distinct])
+    return rows if distinct.size == index.size and np.array_equal(distinct, index) else rows[inverse]
+
+
+def _in_memory(block) -> sp.csr_matrix | np.ndarray:
+    if sp.issparse(block):
+        return sp.csr_matrix(block)
+    return np.asarray(block)
