@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -284,6 +285,13 @@ def case_damaged_calibration_cells(ctx):
 
 def case_panel_mask(ctx):
     ctx.model.calibrate_for_panel(np.ones(10, dtype=bool))
+
+
+def case_csc_on_disk(ctx):
+    adata = _counts(ctx.symphony)
+    adata.X = sp.csc_matrix(adata.X)
+    adata.write_h5ad(ctx.tmp_path / "csc.h5ad")
+    ctx.model.get_latent_representation(ad.read_h5ad(ctx.tmp_path / "csc.h5ad", backed="r"))
 
 
 def case_sampler_rng(ctx):

@@ -81,3 +81,27 @@ def test_normalize_log1p_matches_formula(small):
     np.testing.assert_allclose(log.X.toarray(), np.log1p(small.X.toarray() / totals[:, None] * 1e4), rtol=1e-5)
     with pytest.raises(ValueError, match="non-integer"):
         cellular.pp.normalize_log1p(log)
+
+
+@pytest.mark.parametrize("n_top_genes", [300, 1000])
+def test_gene_selection_equals_scanpy_seurat_flavour_and_reads_in_chunks(symphony, n_top_genes, monkeypatch):
+    """The model's gene choice is computed from per-gene moments (so backed files are read once, in chunks); it
+    must be scanpy's Seurat-flavour selection exactly."""
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    from cellular.data import read_expression
+
+    adata = symphony.copy()
+    expression, _ = read_expression(adata, list(adata.var_names), layer=None, log_normalized=False, target_sum=1e4)
+    log_expression = expression.normalized_sparse()
+    expressed = np.asarray((log_expression != 0).sum(axis=0)).reshape(-1) > 0
+    names = np.asarray(adata.var_names)
+    frame = ad.AnnData(X=log_expression[:, expressed], var=pd.DataFrame(index=pd.Index(names[expressed])))
+    table = sc.pp.highly_variable_genes(frame, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
+    expected = [g for g in names if g in set(frame.var_names[np.asarray(table["highly_variable"], dtype=bool)])]
+
+    assert cellular.pp.highly_variable_genes(log_expression, names, n_top_genes) == expected
+    monkeypatch.setattr("cellular.data._backed.ROW_CHUNK", 97)  # many chunks
+    assert cellular.pp.highly_variable_genes(expression, names, n_top_genes) == expected

@@ -38,7 +38,7 @@ def train(args: argparse.Namespace) -> int:
     from cellular import CELLULAR
 
     start = time.perf_counter()
-    adata = read_h5ad(reference)
+    adata = read_h5ad(reference, backed=args.backed)
     show_progress = not args.quiet
     CELLULAR.setup_anndata(
         adata,
@@ -111,7 +111,9 @@ def _prepare_query(args: argparse.Namespace):
     query = existing_file(args.query, "query file")
     model_dir = existing_model_folder(args.model)
     output = new_output_file(args.output, query, args.overwrite)
-    reference = None if args.reference is None else read_h5ad(existing_file(args.reference, "reference file"))
+    reference = None
+    if args.reference is not None:
+        reference = read_h5ad(existing_file(args.reference, "reference file"), backed=args.backed)
     model = load_model(model_dir, args.accelerator, reference)
     if args.layer is None:
         layer = model.setup_args["layer"]
@@ -160,7 +162,7 @@ def _with_training_data(model, adata, args: argparse.Namespace, reading: dict):
         )
         return model
     say(args, f"  the query lacks many of the model's genes: refitting on the shared genes with {reference}")
-    return load_model(args.model, args.accelerator, read_h5ad(reference))
+    return load_model(args.model, args.accelerator, read_h5ad(reference, backed=args.backed))
 
 
 def require_classifier(model, args: argparse.Namespace) -> None:
@@ -184,7 +186,7 @@ def embed(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
-    adata = read_h5ad(args.query)
+    adata = read_h5ad(args.query, backed=args.backed)
     cellular.tl.cellular_embed(adata, model, key_added=args.key_added, progress_bar=not args.quiet, **reading)
     write_h5ad(adata, output)
     params = adata.uns["cellular"]["params"]
@@ -203,7 +205,7 @@ def annotate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
     require_classifier(model, args)
-    adata = read_h5ad(args.query)
+    adata = read_h5ad(args.query, backed=args.backed)
     _embed_first(adata, model, args, reading)
     model = _with_training_data(model, adata, args, reading)
     cellular.tl.cellular_annotate(
@@ -233,7 +235,7 @@ def novel(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
     require_classifier(model, args)
-    adata = read_h5ad(args.query)
+    adata = read_h5ad(args.query, backed=args.backed)
     _embed_first(adata, model, args, reading)
     model = _with_training_data(model, adata, args, reading)
     cellular.tl.novel_types(
@@ -275,7 +277,7 @@ def map_(args: argparse.Namespace) -> int:
             "(`cellular train REF.h5ad ... -o MODEL_DIR`), or build one in Python with "
             "model.build_reference_index(adata_ref) and save the model again (model.save(MODEL_DIR, overwrite=True))."
         )
-    adata = read_h5ad(args.query)
+    adata = read_h5ad(args.query, backed=args.backed)
     model = _with_training_data(model, adata, args, reading)
     cellular.tl.cellular_map(
         adata,

@@ -58,13 +58,22 @@ def new_output_file(output: Path, query: Path, overwrite: bool) -> Path:
     return output
 
 
-def read_h5ad(path: Path):
-    """The AnnData in ``path``, or a :class:`CommandError` saying why it cannot be read."""
+# Files larger than this are opened backed (read from disk in chunks) unless --backed says otherwise.
+BACKED_ABOVE_BYTES = 2 * 1024**3
+
+
+def read_h5ad(path: Path, backed: bool = False):
+    """The AnnData in ``path``, or a :class:`CommandError` saying why it cannot be read.
+
+    With ``backed`` (or a file above :data:`BACKED_ABOVE_BYTES`) the expression stays on disk: cells are read in
+    chunks as they are needed and the file is opened read-only.
+    """
     import anndata
 
-    logger.info("Reading %s.", path)
+    backed = backed or path.stat().st_size > BACKED_ABOVE_BYTES
+    logger.info("Reading %s%s.", path, " (backed: expression stays on disk)" if backed else "")
     try:
-        return anndata.read_h5ad(path)
+        return anndata.read_h5ad(path, backed="r" if backed else None)
     except Exception as error:  # h5py and anndata raise many types for files that are not h5ad
         raise CommandError(f"cannot read {str(path)!r} as an h5ad file: {error_message(error)}") from error
 

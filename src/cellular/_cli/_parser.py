@@ -146,6 +146,11 @@ def _add_query_options(parser: argparse.ArgumentParser, key_added: str, key_help
     )
     reading.add_argument("--gene-id-key", metavar="COLUMN", help="match genes on this column of var, not var_names")
     reading.add_argument(
+        "--backed",
+        action="store_true",
+        help="keep the query's expression on disk and read it in chunks (automatic above 2 GiB)",
+    )
+    reading.add_argument(
         "--min-gene-overlap",
         type=_fraction,
         default=0.0,
@@ -221,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="label of unlabelled cells, left out of the supervised loss and of the index vote (default: Unknown)",
     )
     data.add_argument("--gene-id-key", metavar="COLUMN", help="var column of stable gene ids to record (e.g. Ensembl)")
+    data.add_argument(
+        "--backed",
+        action="store_true",
+        help="keep the reference's expression on disk and read it in chunks (automatic above 2 GiB)",
+    )
     model = train.add_argument_group("model and training")
     model.add_argument(
         "--n-top-genes", type=_positive_int, default=2000, metavar="N", help="highly variable genes (default: 2000)"

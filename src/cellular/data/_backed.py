@@ -28,9 +28,10 @@ def check_row_readable(matrix, where: str) -> None:
         )
 
 
-def row_chunks(matrix, chunk_size: int = ROW_CHUNK) -> Iterator[tuple[int, int, sp.csr_matrix | np.ndarray]]:
-    """``(start, stop, rows)`` for consecutive blocks of rows; each block is read into memory on its own."""
+def row_chunks(matrix, chunk_size: int | None = None) -> Iterator[tuple[int, int, sp.csr_matrix | np.ndarray]]:
+    """``(start, stop, rows)`` for consecutive blocks of rows (:data:`ROW_CHUNK` by default), read one at a time."""
     n_rows = matrix.shape[0]
+    chunk_size = chunk_size or ROW_CHUNK
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
         yield start, stop, _in_memory(matrix[start:stop])

@@ -6,13 +6,16 @@ The matrix stays sparse; only the rows of one minibatch are ever made dense.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+
+from . import _backed
+from ._backed import check_row_readable, is_backed, read_rows, row_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +44,24 @@ def _stored_values(matrix) -> np.ndarray:
     return np.asarray(matrix)
 
 
+def _value_blocks(matrix) -> Iterator[np.ndarray]:
+    """The stored values in flat blocks of bounded size; a backed matrix is streamed from disk once."""
+    blocks = (block for _, _, block in row_chunks(matrix)) if is_backed(matrix) else (matrix,)
+    for block in blocks:
+        values = _stored_values(block).reshape(-1)
+        for start in range(0, values.size, _CHECK_CHUNK):
+            yield values[start : start + _CHECK_CHUNK]
+
+
 def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> None:
     """Raise a ``ValueError`` naming the problem if the values cannot be used.
+
+    One pass over the values, in blocks (streamed from disk for a backed matrix), without full-size copies.
 
     Parameters
     ----------
     matrix
-        Dense or sparse expression matrix.
+        Dense or sparse expression matrix, in memory or backed.
     counts
         Whether raw counts are expected (non-negative integers) or log1p-normalised values (non-negative).
     where
@@ -55,18 +69,20 @@ def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> 
     """
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(f"{where} is empty (shape {matrix.shape}); CELLULAR needs at least one cell and one gene.")
-    values = _stored_values(matrix).reshape(-1)
-    if values.size == 0:
-        return
-    # Checked in chunks so that no full-size temporary copies are made.
-    chunks = [values[start : start + _CHECK_CHUNK] for start in range(0, values.size, _CHECK_CHUNK)]
-    n_bad = sum(int((~np.isfinite(chunk)).sum()) for chunk in chunks)
+    check_row_readable(matrix, where)
+    n_bad, minimum, non_integer = 0, np.inf, False
+    for values in _value_blocks(matrix):
+        if values.size == 0:
+            continue
+        finite = np.isfinite(values)
+        n_bad += int(values.size - finite.sum())
+        minimum = min(minimum, float(values[finite].min())) if finite.any() else minimum
+        non_integer = non_integer or (counts and not np.array_equal(values[finite], np.round(values[finite])))
     if n_bad:
         raise ValueError(
             f"{where} contains {n_bad} NaN or infinite values. Remove or repair those cells/genes "
             "(e.g. adata = adata[np.isfinite(...)] or recompute the matrix) before using CELLULAR."
         )
-    minimum = min(float(chunk.min()) for chunk in chunks)
     if minimum < 0:
         kind = "raw counts" if counts else "log1p-normalised values"
         raise ValueError(
@@ -74,12 +90,15 @@ def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> 
             "Scaled or centred data (e.g. after sc.pp.scale) cannot be used: pass the unscaled matrix, for example "
             "adata.raw.to_adata() or a layer holding counts."
         )
-    if counts and not all(np.array_equal(chunk, np.round(chunk)) for chunk in chunks):
+    if non_integer:
         raise ValueError(f"{where} holds non-integer values, but raw counts were expected. {COUNTS_FIX}")
 
 
 def library_sizes(matrix) -> np.ndarray:
-    """Total counts per cell as float64."""
+    """Total counts per cell as float64 (streamed in chunks for a backed matrix or :class:`BackedColumns`)."""
+    if isinstance(matrix, BackedColumns) or is_backed(matrix):
+        chunks = matrix.chunks() if isinstance(matrix, BackedColumns) else row_chunks(matrix)
+        return np.concatenate([library_sizes(block) for _, _, block in chunks]) if matrix.shape[0] else np.zeros(0)
     return np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
 
 
@@ -166,8 +185,39 @@ def align_genes(
     return GeneAlignment(source_index=source_index, n_matched=n_matched, missing=missing)
 
 
-def select_columns(matrix, alignment: GeneAlignment) -> sp.csr_matrix:
-    """Cells x model genes CSR matrix: reordered columns, zeros for missing genes."""
+class BackedColumns:
+    """The model's genes of a backed matrix, read from disk only when rows are asked for.
+
+    Parameters
+    ----------
+    matrix
+        Backed cells x genes matrix (``adata.X`` of ``read_h5ad(..., backed="r")``).
+    alignment
+        Where the model's genes are in ``matrix``.
+    """
+
+    def __init__(self, matrix, alignment: GeneAlignment):
+        self.matrix = matrix
+        self.alignment = alignment
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_cells, n_model_genes)``."""
+        return self.matrix.shape[0], self.alignment.n_genes
+
+    def __getitem__(self, index: np.ndarray) -> sp.csr_matrix:
+        return select_columns(read_rows(self.matrix, np.asarray(index)), self.alignment)
+
+    def chunks(self) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """``(start, stop, rows)`` over consecutive blocks of cells, each a CSR matrix of the model's genes."""
+        for start, stop, block in row_chunks(self.matrix):
+            yield start, stop, select_columns(block, self.alignment)
+
+
+def select_columns(matrix, alignment: GeneAlignment) -> sp.csr_matrix | BackedColumns:
+    """Cells x model genes CSR matrix: reordered columns, zeros for missing genes (lazy for a backed matrix)."""
+    if is_backed(matrix):
+        return BackedColumns(matrix, alignment)
     n_source = matrix.shape[1]
     if n_source == alignment.n_genes and np.array_equal(alignment.source_index, np.arange(n_source)):
         if sp.isspmatrix_csr(matrix) and matrix.dtype == np.float32:
@@ -256,11 +306,34 @@ class NormalizedExpression:
             block.data = np.log1p(block.data * factors)
         return block.toarray()
 
+    @property
+    def is_backed(self) -> bool:
+        """Whether the cells are read from disk minibatch by minibatch."""
+        return isinstance(self.matrix, BackedColumns)
+
     def normalized_sparse(self) -> sp.csr_matrix:
-        """The whole log-normalised matrix, still sparse (``log1p(0) = 0``)."""
-        if self.size_factors is None:
-            return self.matrix.copy()
-        out = sp.csr_matrix(sp.diags(self.size_factors.astype(np.float32)) @ self.matrix, dtype=np.float32)
+        """The whole log-normalised matrix, still sparse (``log1p(0) = 0``); read into memory when backed."""
+        if self.is_backed:
+            return sp.vstack([block for _, _, block in self.normalized_chunks()], format="csr")
+        return self._normalize(self.matrix, self.size_factors)
+
+    def normalized_chunks(self) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """``(start, stop, rows)``: the log-normalised matrix in consecutive blocks of cells (bounded memory)."""
+        if not self.is_backed:
+            for start in range(0, self.n_cells, _backed.ROW_CHUNK):
+                stop = min(start + _backed.ROW_CHUNK, self.n_cells)
+                factors = None if self.size_factors is None else self.size_factors[start:stop]
+                yield start, stop, self._normalize(self.matrix[start:stop], factors)
+            return
+        for start, stop, block in self.matrix.chunks():
+            factors = None if self.size_factors is None else self.size_factors[start:stop]
+            yield start, stop, self._normalize(block, factors)
+
+    @staticmethod
+    def _normalize(block: sp.csr_matrix, size_factors: np.ndarray | None) -> sp.csr_matrix:
+        if size_factors is None:
+            return sp.csr_matrix(block, dtype=np.float32, copy=True)
+        out = sp.csr_matrix(sp.diags(size_factors.astype(np.float32)) @ block, dtype=np.float32)
         np.log1p(out.data, out=out.data)
         return out
 

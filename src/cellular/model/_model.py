@@ -20,7 +20,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from tqdm.auto import tqdm
 
-from cellular.data import read_expression, sequential_minibatches
+from cellular.data import _backed, read_expression, sequential_minibatches
 from cellular.data._expression import GeneAlignment, get_matrix, library_sizes
 from cellular.dataloaders import CellularDataModule
 from cellular.index import ReferenceIndex
@@ -152,7 +152,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             everything, _ = read_expression(
                 adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=selection_scale
             )
-            genes = highly_variable_genes(everything.normalized_sparse(), all_genes, n_top_genes)
+            genes = highly_variable_genes(everything, all_genes, n_top_genes)
             del everything
         genes = [str(g) for g in genes]
         if len(genes) < 2:
@@ -166,7 +166,6 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         self.gene_ids: list[str] | None = (
             None if gene_id_key is None else [str(g) for g in adata.var[gene_id_key].to_numpy()[gene_index]]
         )
-        self.gene_count_fractions: np.ndarray | None = None
         # One read of the model's genes: with target_sum=1 the size factors are 1 / (total over the model's genes).
         expression, _ = read_expression(
             adata, genes, layer=layer, log_normalized=log_normalized, target_sum=None if log_normalized else 1.0
@@ -178,19 +177,13 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             inverse_library = expression.size_factors
             if target_sum is None:
                 target_sum = float(np.median(1.0 / inverse_library))
-            shares = sp.diags(inverse_library) @ expression.matrix
-            self.gene_count_fractions = np.asarray(shares.mean(axis=0), dtype=np.float64).reshape(-1)
-            del shares
+            self.gene_count_fractions = _mean_count_shares(expression)
             expression.size_factors = inverse_library * target_sum
         self.target_sum: float | None = target_sum
         self.reference_index_: ReferenceIndex | None = None
-        log_expression = expression.normalized_sparse()
-        del expression
 
-        centroids, present = pca_centroids(
-            log_expression, labels, batches, len(cell_types), self.n_batches, n_latent, seed
-        )
-        del log_expression
+        centroids, present = pca_centroids(expression, labels, batches, len(cell_types), self.n_batches, n_latent, seed)
+        del expression
         centroid_targets = centroid_target_distances(torch.from_numpy(centroids), torch.from_numpy(present))
 
         class_weights = batch_weights = None
@@ -792,6 +785,16 @@ def _check_label_counts(labels: np.ndarray, cell_types: list[str], labels_key: s
             "two cells to form positive pairs. Remove those cells, merge the type into a broader one, or set their "
             "label to the unlabeled_category."
         )
+
+
+def _mean_count_shares(expression) -> np.ndarray:
+    """Mean over cells of each gene's share of the cell's counts (``expression`` read with ``target_sum=1``)."""
+    totals = np.zeros(expression.matrix.shape[1])
+    for start in range(0, expression.n_cells, _backed.ROW_CHUNK):
+        stop = min(start + _backed.ROW_CHUNK, expression.n_cells)
+        block = expression.matrix[np.arange(start, stop)]
+        totals += np.asarray((sp.diags(expression.size_factors[start:stop]) @ block).sum(axis=0)).reshape(-1)
+    return totals / max(expression.n_cells, 1)
 
 
 def _history_frames(history: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

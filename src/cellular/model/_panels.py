@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from cellular.data import align_genes
+from cellular.data._backed import read_rows
 from cellular.data._expression import get_matrix, select_columns
 from cellular.index import smoothed_vote_logits
 from cellular.metrics import expected_calibration_error
@@ -52,7 +53,7 @@ class CalibrationCells:
             rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CALIBRATION_CELLS, replace=False))
         alignment = align_genes(adata, genes)
         matrix = get_matrix(adata, layer)
-        selected = select_columns(matrix[rows] if sp.issparse(matrix) else np.asarray(matrix)[rows], alignment)
+        selected = select_columns(read_rows(matrix, rows), alignment)
         return cls(
             sp.csr_matrix(selected, dtype=np.float32), labels[rows].astype(np.int64), list(adata.obs_names[rows])
         )

@@ -6,11 +6,13 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
+from cellular.data import NormalizedExpression
+
 MAX_PCA_CELLS = 20_000
 
 
 def pca_centroids(
-    log_expression: sp.csr_matrix,
+    expression: NormalizedExpression,
     labels: np.ndarray,
     batches: np.ndarray,
     n_types: int,
@@ -21,13 +23,13 @@ def pca_centroids(
     """Centroid of every (batch, cell type) group in the PCA space of the labelled cells.
 
     PCA is linear, so the centroid of a group's PCA scores is the projection of the group's mean expression: the
-    means are taken on the sparse matrix and only they are projected. The principal axes are fitted on at most
-    20,000 labelled cells drawn at random.
+    means are accumulated over chunks of cells of the sparse matrix (streamed from disk when backed) and only they
+    are projected. The principal axes are fitted on at most 20,000 labelled cells drawn at random.
 
     Parameters
     ----------
-    log_expression
-        Cells x genes log-normalised matrix.
+    expression
+        The cells' expression over the model's genes (log-normalised on reading).
     labels
         Type code per cell, ``-1`` for unlabelled cells (left out).
     batches
@@ -48,16 +50,20 @@ def pca_centroids(
     fit_cells = (
         labelled if labelled.size <= MAX_PCA_CELLS else np.sort(rng.choice(labelled, MAX_PCA_CELLS, replace=False))
     )
-    n_components = int(min(n_components, fit_cells.size - 1, log_expression.shape[1]))
+    n_genes = expression.matrix.shape[1]
+    n_components = int(min(n_components, fit_cells.size - 1, n_genes))
     pca = PCA(n_components=max(n_components, 1), random_state=seed)
-    pca.fit(log_expression[fit_cells].toarray())
+    pca.fit(expression.rows(fit_cells))
 
     group = batches[labelled] * n_types + labels[labelled]
     indicator = sp.csr_matrix(
         (np.ones(labelled.size, dtype=np.float64), (group, labelled)),
-        shape=(n_batches * n_types, log_expression.shape[0]),
+        shape=(n_batches * n_types, expression.n_cells),
     )
     counts = np.asarray(indicator.sum(axis=1)).reshape(-1)
-    means = np.asarray((indicator @ log_expression).todense()) / np.maximum(counts, 1.0)[:, None]
+    sums = np.zeros((n_batches * n_types, n_genes))
+    for start, stop, block in expression.normalized_chunks():
+        sums += (indicator[:, start:stop] @ block).toarray()
+    means = sums / np.maximum(counts, 1.0)[:, None]
     centroids = pca.transform(means).astype(np.float32)
     return centroids.reshape(n_batches, n_types, -1), (counts > 0).reshape(n_batches, n_types)

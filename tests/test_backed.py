@@ -1,0 +1,164 @@
+"""Backed (on-disk) AnnData in every entry point: identical results to in-memory data, the file left unchanged."""
+
+import hashlib
+import tracemalloc
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import data_dir
+from helpers import SYMPHONY_HELD_OUT, mark_singletons_unlabelled, pca_knn_macro_f1
+
+import cellular
+from cellular import CELLULAR
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def files(symphony, tmp_path_factory):
+    """The Symphony split written to disk: a training file and a held-out-technology query file."""
+    folder = tmp_path_factory.mktemp("backed")
+    train = symphony[symphony.obs["batch"] != SYMPHONY_HELD_OUT].copy()
+    mark_singletons_unlabelled(train)
+    query = symphony[symphony.obs["batch"] == SYMPHONY_HELD_OUT].copy()
+    query.obs = query.obs[["batch"]].copy()  # a query from another lab carries no labels
+    paths = {"train": folder / "train.h5ad", "query": folder / "query.h5ad", "narrow": folder / "narrow.h5ad"}
+    train.write_h5ad(paths["train"])
+    query.write_h5ad(paths["query"])
+    # a query measuring fewer genes: 60 % of the genes, drawn at random, are missing from it
+    missing = np.random.default_rng(0).random(query.n_vars) < 0.6
+    query[:, ~missing].copy().write_h5ad(paths["narrow"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def models(files):
+    """The same model trained from the in-memory and from the backed training file."""
+    digest = _digest(files["train"])
+    trained = {}
+    for mode in ("memory", "backed"):
+        adata = ad.read_h5ad(files["train"], backed="r" if mode == "backed" else None)
+        CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+        model = CELLULAR(adata, n_top_genes=800)
+        model.train(max_epochs=20, progress_bar=False)
+        trained[mode] = model
+    assert _digest(files["train"]) == digest
+    return trained
+
+
+def _query(files, mode, name="query"):
+    return ad.read_h5ad(files[name], backed="r" if mode == "backed" else None)
+
+
+def test_backed_training_gives_the_in_memory_model(models, files):
+    memory, backed = models["memory"], models["backed"]
+    assert isinstance(backed.adata.X, ad.abc.CSRDataset)
+    assert memory.genes == backed.genes and memory.target_sum == backed.target_sum
+    np.testing.assert_array_equal(memory.get_latent_representation(), backed.get_latent_representation())
+    np.testing.assert_array_equal(
+        memory.calibration_cells_.matrix.toarray(), backed.calibration_cells_.matrix.toarray()
+    )
+
+
+def test_backed_training_reaches_the_in_memory_quality(models, symphony):
+    train = symphony[symphony.obs["batch"] != SYMPHONY_HELD_OUT].copy()
+    test = symphony[symphony.obs["batch"] == SYMPHONY_HELD_OUT].copy()
+    mark_singletons_unlabelled(train)
+    model = models["backed"]
+    z_train, z_test = model.get_latent_representation(train), model.get_latent_representation(test)
+    labels = train.obs["cell_type"].astype(str).to_numpy()
+    labelled = np.isin(labels, model.cell_types)
+    truth = test.obs["cell_type"].astype(str).to_numpy()
+    known = np.isin(truth, model.cell_types)
+    from sklearn.metrics import f1_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=15, metric="cosine").fit(z_train[labelled], labels[labelled])
+    f1 = f1_score(truth[known], knn.predict(z_test[known]), average="macro")
+    assert f1 >= pca_knn_macro_f1(model, train, test)
+
+
+@pytest.mark.parametrize("panel", ["auto", "refit"])
+def test_every_tl_function_gives_the_same_result_on_a_backed_query(models, files, panel):
+    model = models["memory"]
+    index = model.build_reference_index(model.adata)
+    name = "narrow" if panel == "refit" else "query"  # the narrow query is served by a refitted model
+    digest = _digest(files[name])
+    results = {}
+    for mode in ("memory", "backed"):
+        query = _query(files, mode, name)
+        cellular.tl.cellular_embed(query, model, min_gene_overlap=0)
+        cellular.tl.cellular_annotate(query, model, panel=panel)
+        cellular.tl.novel_types(query, model, key_added="novel", panel=panel)
+        cellular.tl.cellular_map(query, model, index, key_added="mapped", panel=panel)
+        joined = cellular.tl.join_reference_query(query, index, key_added="mapped")
+        results[mode] = (query.obs.copy(), {k: np.asarray(v) for k, v in query.obsm.items()}, joined)
+    assert _digest(files[name]) == digest
+    if panel == "refit":
+        assert query.uns["cellular"]["mapped_map"]["params"]["panel_path"] == "refit"
+    (obs_m, obsm_m, joined_m), (obs_b, obsm_b, joined_b) = results["memory"], results["backed"]
+    pd.testing.assert_frame_equal(obs_m, obs_b)
+    assert set(obsm_m) == set(obsm_b)
+    for key in obsm_m:
+        np.testing.assert_array_equal(obsm_m[key], obsm_b[key], err_msg=key)
+    np.testing.assert_array_equal(joined_m.obsm["X_mapped"], joined_b.obsm["X_mapped"])
+    model.reference_index_ = None
+
+
+def test_cli_reads_backed_files(models, files, tmp_path):
+    from cellular._cli import main
+
+    model_dir = tmp_path / "model"
+    models["memory"].save(model_dir)
+    digest = _digest(files["query"])
+    outputs = {}
+    for flag in ([], ["--backed"]):
+        out = tmp_path / f"annotated{len(flag)}.h5ad"
+        assert main(["annotate", str(files["query"]), "-m", str(model_dir), "-o", str(out), "--quiet", *flag]) == 0
+        outputs[bool(flag)] = ad.read_h5ad(out)
+    assert _digest(files["query"]) == digest
+    pd.testing.assert_frame_equal(outputs[False].obs, outputs[True].obs)
+    np.testing.assert_array_equal(outputs[False].obsm["X_cellular"], outputs[True].obsm["X_cellular"])
+
+
+def _synthetic_file(path, n_cells):
+    adata = cellular.data.synthetic_counts(n_cells, 600, n_types=5, n_batches=2, seed=1)
+    adata.write_h5ad(path)
+
+
+def test_embedding_memory_grows_with_the_output_only(models, tmp_path, monkeypatch):
+    """Peak Python-side memory of embedding a backed file: chunk-bound plus the n x n_latent output."""
+    monkeypatch.setattr("cellular.data._backed.ROW_CHUNK", 4_000)  # several chunks at test sizes
+    model = models["memory"]
+    peaks = {}
+    for n_cells in (20_000, 60_000):
+        path = tmp_path / f"cells{n_cells}.h5ad"
+        adata = cellular.data.synthetic_counts(n_cells, 400, n_types=5, n_batches=2, seed=1)
+        adata.var_names = list(model.genes[:400])
+        adata.write_h5ad(path)
+        matrix_bytes = adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes
+        del adata
+        backed = ad.read_h5ad(path, backed="r")
+        tracemalloc.start()
+        z = model.get_latent_representation(backed, min_gene_overlap=0, batch_size=1024)
+        peaks[n_cells] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert z.shape == (n_cells, model.n_latent)
+        # far below the matrix itself: it is never loaded whole
+        assert peaks[n_cells] < 0.5 * matrix_bytes + z.nbytes, (peaks, matrix_bytes)
+    output_growth = 40_000 * model.n_latent * 4
+    assert peaks[60_000] - peaks[20_000] < 4 * output_growth + 8_000_000, peaks
+
+
+def test_csc_on_disk_is_refused_with_the_fix(models, tmp_path):
+    adata = ad.read_h5ad(data_dir() / "pbmc_symphony_3tech.h5ad")
+    adata.X = sp.csc_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
+    with pytest.raises(ValueError, match="column by column"):
+        models["memory"].get_latent_representation(backed)
