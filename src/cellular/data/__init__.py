@@ -8,7 +8,7 @@ from ._expression import (
     read_expression,
 )
 from ._sampling import epoch_minibatches, sequential_minibatches, stratified_split
-from ._synthetic import synthetic_counts, synthetic_embedding
+from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
 __all__ = [
     "DepthThinning",
@@ -25,4 +25,5 @@ __all__ = [
     "stratified_split",
     "synthetic_counts",
     "synthetic_embedding",
+    "write_synthetic_h5ad",
 ]

@@ -59,6 +59,91 @@ def synthetic_counts(
     return AnnData(X=sp.vstack(chunks, format="csr"), obs=obs, var=var)
 
 
+def write_synthetic_h5ad(
+    path,
+    n_cells: int,
+    n_genes: int = 3_000,
+    *,
+    n_types: int = 20,
+    n_batches: int = 8,
+    mean_library_size: float = 600.0,
+    batch_effect: float = 0.5,
+    seed: int = 0,
+    cell_seed: int = 0,
+    chunk_size: int = 20_000,
+) -> None:
+    """Write synthetic counts straight to an h5ad file, ``chunk_size`` cells at a time (CSR ``X``).
+
+    The cells follow :func:`synthetic_counts` (type profiles and batch effects from ``seed``); the cells themselves
+    are drawn from ``cell_seed`` and the chunk number, so files written with the same ``seed`` and different
+    ``cell_seed`` share their types and batches (a reference and a query) without sharing cells. Memory stays at
+    one chunk whatever ``n_cells`` is.
+    """
+    import h5py
+    from anndata.io import write_elem
+
+    template = synthetic_counts(
+        2,
+        n_genes,
+        n_types=n_types,
+        n_batches=n_batches,
+        mean_library_size=mean_library_size,
+        batch_effect=batch_effect,
+        seed=seed,
+    )
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(mean=-1.0, sigma=1.5, size=n_genes)
+    profiles = np.tile(base, (n_types, 1))
+    n_markers = max(1, n_genes // 50)
+    for t in range(n_types):
+        markers = rng.choice(n_genes, n_markers, replace=False)
+        profiles[t, markers] *= rng.uniform(4.0, 12.0, n_markers)
+    profiles /= profiles.sum(1, keepdims=True)
+    batch_scale = rng.lognormal(0.0, batch_effect, size=(n_batches, n_genes))
+
+    types_all = np.empty(n_cells, dtype=np.int64)
+    batches_all = np.empty(n_cells, dtype=np.int64)
+    with h5py.File(path, "w") as file:
+        file.attrs["encoding-type"] = "anndata"
+        file.attrs["encoding-version"] = "0.1.0"
+        group = file.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        group.attrs["shape"] = (n_cells, n_genes)
+        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
+        indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        indptr = group.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
+        indptr[0] = 0
+        stored = 0
+        for number, start in enumerate(range(0, n_cells, chunk_size)):
+            stop = min(start + chunk_size, n_cells)
+            cell_rng = np.random.default_rng([cell_seed, number])
+            types = cell_rng.integers(0, n_types, stop - start)
+            batches = cell_rng.integers(0, n_batches, stop - start)
+            libraries = cell_rng.lognormal(np.log(mean_library_size), 0.4, stop - start)
+            rates = profiles[types] * batch_scale[batches]
+            rates *= (libraries / rates.sum(1))[:, None]
+            block = sp.csr_matrix(cell_rng.poisson(rates).astype(np.float32))
+            data.resize((stored + block.nnz,))
+            indices.resize((stored + block.nnz,))
+            data[stored:] = block.data
+            indices[stored:] = block.indices
+            indptr[start + 1 : stop + 1] = stored + block.indptr[1:]
+            stored += block.nnz
+            types_all[start:stop], batches_all[start:stop] = types, batches
+        obs = pd.DataFrame(
+            {
+                "cell_type": pd.Categorical.from_codes(types_all, [f"type_{t}" for t in range(n_types)]),
+                "batch": pd.Categorical.from_codes(batches_all, [f"batch_{b}" for b in range(n_batches)]),
+            },
+            index=[f"cell_{cell_seed}_{i}" for i in range(n_cells)],
+        )
+        write_elem(file, "obs", obs)
+        write_elem(file, "var", template.var)
+        for name in ("obsm", "varm", "layers", "obsp", "varp", "uns"):
+            write_elem(file, name, {})
+
+
 def synthetic_embedding(
     n_cells: int,
     n_latent: int = 100,
