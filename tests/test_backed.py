@@ -162,3 +162,17 @@ def test_csc_on_disk_is_refused_with_the_fix(models, tmp_path):
     backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
     with pytest.raises(ValueError, match="column by column"):
         models["memory"].get_latent_representation(backed)
+
+
+def test_two_files_joined_on_disk_embed_like_one_concatenated_file(models, files, tmp_path):
+    """Several files are served as one by joining them on disk (no matrix in memory), then reading backed."""
+    from anndata.experimental import concat_on_disk
+
+    query = ad.read_h5ad(files["query"])
+    halves = [tmp_path / "first.h5ad", tmp_path / "second.h5ad"]
+    query[:200].copy().write_h5ad(halves[0])
+    query[200:].copy().write_h5ad(halves[1])
+    concat_on_disk([str(p) for p in halves], str(tmp_path / "joined.h5ad"))
+    joined = ad.read_h5ad(tmp_path / "joined.h5ad", backed="r")
+    model = models["memory"]
+    np.testing.assert_array_equal(model.get_latent_representation(joined), model.get_latent_representation(query))

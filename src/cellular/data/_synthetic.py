@@ -110,8 +110,8 @@ def write_synthetic_h5ad(
         group.attrs["encoding-type"] = "csr_matrix"
         group.attrs["encoding-version"] = "0.1.0"
         group.attrs["shape"] = (n_cells, n_genes)
-        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
-        indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 14,))
+        indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 14,))
         indptr = group.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
         indptr[0] = 0
         stored = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
@@ -53,7 +55,39 @@ class _EmbeddingMinibatches(Dataset):
         return {REGISTRY_KEYS.X_KEY: self.z[index_t], REGISTRY_KEYS.LABELS_KEY: self.labels[index_t]}
 
 
-def _loader(dataset: Dataset, sampler: MinibatchSampler) -> DataLoader:
+class _PrefetchingLoader:
+    """Minibatches read one step ahead in a background thread (for expression read from disk).
+
+    Reading a backed file's rows is mostly waiting on HDF5, and torch releases the GIL while it computes, so the
+    next minibatch is read while the current one trains. Reads happen in the sampler's order, one at a time, so
+    depth thinning draws its random numbers in the same order as without prefetching.
+    """
+
+    # Read by Lightning on anything it iterates, as on a DataLoader.
+    batch_sampler = None
+
+    def __init__(self, dataset: Dataset, sampler: MinibatchSampler):
+        self.dataset = dataset
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellular-prefetch") as reader:
+            pending = None
+            for index in self.sampler:
+                upcoming = reader.submit(self.dataset.__getitem__, index)
+                if pending is not None:
+                    yield pending.result()
+                pending = upcoming
+            if pending is not None:
+                yield pending.result()
+
+
+def _loader(dataset: Dataset, sampler: MinibatchSampler) -> DataLoader | _PrefetchingLoader:
+    if isinstance(dataset, _ExpressionMinibatches) and dataset.expression.is_backed:
+        return _PrefetchingLoader(dataset, sampler)
     # batch_size=None: the sampler yields whole minibatches and the dataset builds them in one vectorised read. The
     # loader's own generator keeps it from drawing from torch's global stream, which dropout uses.
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator())
