@@ -134,7 +134,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cellular_atlas"))
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--write-files", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_files:
+        _files(args.workdir, args.write_files, args.genes)
+        return
     if args.single:
         row = run_one(int(args.single[0]), args.single[1], args.genes, args.steps, args.workdir)
         print(json.dumps(row))
@@ -151,7 +155,9 @@ def main() -> None:
                 continue
             if ((done["cells"] == n_cells) & (done["mode"] == mode)).any():
                 continue
-            _files(args.workdir, n_cells, args.genes)
+            # Written by a process of its own: Linux carries a parent's peak RSS over into its children.
+            writer = [sys.executable, __file__, "--write-files", str(n_cells), "--genes", str(args.genes)]
+            subprocess.run([*writer, "--workdir", str(args.workdir)], check=True)
             command = [sys.executable, __file__, "--single", str(n_cells), mode, "--genes", str(args.genes)]
             command += ["--steps", str(args.steps), "--workdir", str(args.workdir)]
             result = subprocess.run(command, capture_output=True, text=True)
