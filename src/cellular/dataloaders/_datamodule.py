@@ -143,6 +143,7 @@ class CellularDataModule(LightningDataModule):
         self.thinning = None
         if thinning_probability > 0:
             self.thinning = DepthThinning(thinning_probability, thinning_min_fraction, self.rng)
+        self._datasets: list[_ExpressionMinibatches] = []
         self.test_idx = np.zeros(0, dtype=int)
 
     @property
@@ -164,7 +165,9 @@ class CellularDataModule(LightningDataModule):
         """Class-balanced (or shuffled) minibatches of the training cells, with depth thinning when configured."""
         balance = self.labels[self.train_idx] if self.balanced_sampling else None
         sampler = MinibatchSampler(self.train_idx, self.batch_size, rng=self.rng, balance_by=balance)
-        return _loader(_ExpressionMinibatches(self.expression, self.labels, self.batches, self.thinning), sampler)
+        dataset = _ExpressionMinibatches(self.expression, self.labels, self.batches, self.thinning)
+        self._datasets.append(dataset)
+        return _loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         """Consecutive minibatches of the validation cells (none when there are fewer than two)."""
@@ -175,7 +178,16 @@ class CellularDataModule(LightningDataModule):
         # A last minibatch of a single cell has no pairs for the contrastive terms: fold it into the previous one.
         batch_size = self.batch_size + 1 if n_full and indices.size - n_full * self.batch_size == 1 else self.batch_size
         sampler = MinibatchSampler(indices, batch_size, shuffle=False)
-        return _loader(_ExpressionMinibatches(self.expression, self.labels, self.batches), sampler)
+        dataset = _ExpressionMinibatches(self.expression, self.labels, self.batches)
+        self._datasets.append(dataset)
+        return _loader(dataset, sampler)
+
+    def teardown(self, stage: str) -> None:
+        """Let go of the expression after training: ``model.trainer`` keeps this module, not the data."""
+        for dataset in self._datasets:
+            dataset.expression = None
+        self._datasets.clear()
+        self.expression = None
 
 
 class EmbeddingDataModule(LightningDataModule):
