@@ -7,7 +7,7 @@ from ._expression import (
     check_expression_values,
     read_expression,
 )
-from ._sampling import epoch_minibatches, sequential_minibatches, stratified_split
+from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "check_expression_values",
     "data_dir",
     "epoch_minibatches",
+    "n_epoch_minibatches",
     "pbmc68k_reduced_lognorm",
     "read_expression",
     "read_shared_dataset",

@@ -317,15 +317,18 @@ class NormalizedExpression:
             return sp.vstack([block for _, _, block in self.normalized_chunks()], format="csr")
         return self._normalize(self.matrix, self.size_factors)
 
+    def stored_chunks(self) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """``(start, stop, rows)``: the matrix as stored (model genes), in consecutive blocks of cells."""
+        if self.is_backed:
+            yield from self.matrix.chunks()
+            return
+        for start in range(0, self.n_cells, _backed.ROW_CHUNK):
+            stop = min(start + _backed.ROW_CHUNK, self.n_cells)
+            yield start, stop, self.matrix[start:stop]
+
     def normalized_chunks(self) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         """``(start, stop, rows)``: the log-normalised matrix in consecutive blocks of cells (bounded memory)."""
-        if not self.is_backed:
-            for start in range(0, self.n_cells, _backed.ROW_CHUNK):
-                stop = min(start + _backed.ROW_CHUNK, self.n_cells)
-                factors = None if self.size_factors is None else self.size_factors[start:stop]
-                yield start, stop, self._normalize(self.matrix[start:stop], factors)
-            return
-        for start, stop, block in self.matrix.chunks():
+        for start, stop, block in self.stored_chunks():
             factors = None if self.size_factors is None else self.size_factors[start:stop]
             yield start, stop, self._normalize(block, factors)
 
@@ -348,6 +351,7 @@ def read_expression(
     gene_id_key: str | None = None,
     min_gene_overlap: float = 1.0,
     gene_count_fractions: np.ndarray | None = None,
+    check_values: bool = True,
 ) -> tuple[NormalizedExpression, GeneAlignment]:
     """Check, align and prepare an AnnData's expression for the model's genes.
 
@@ -373,10 +377,14 @@ def read_expression(
     gene_count_fractions
         Mean share of each gene in a reference cell's total over ``genes``; without it, the total over the present
         genes is used as it is.
+    check_values
+        Check the values (:func:`check_expression_values`; a full pass over a backed file). Only skip it when the
+        same matrix was checked already.
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     matrix = get_matrix(adata, layer)
-    check_expression_values(matrix, counts=not log_normalized, where=where)
+    if check_values:
+        check_expression_values(matrix, counts=not log_normalized, where=where)
     alignment = align_genes(adata, genes, gene_id_key=gene_id_key, min_gene_overlap=min_gene_overlap)
     selected = select_columns(matrix, alignment)
     if log_normalized:

@@ -71,10 +71,14 @@ def epoch_minibatches(
         _, inverse, counts = np.unique(balance_by, return_inverse=True, return_counts=True)
         probabilities = 1.0 / counts[inverse]
         drawn = rng.choice(indices, size=indices.size, replace=True, p=probabilities / probabilities.sum())
-    batches = [drawn[start : start + batch_size] for start in range(0, drawn.size, batch_size)]
-    if len(batches) > 1 and batches[-1].size < batch_size / 2:
-        batches.pop()
-    return batches
+    return [drawn[i * batch_size : (i + 1) * batch_size] for i in range(n_epoch_minibatches(drawn.size, batch_size))]
+
+
+def n_epoch_minibatches(n_cells: int, batch_size: int) -> int:
+    """Number of minibatches :func:`epoch_minibatches` gives for ``n_cells`` (a small last one is dropped)."""
+    n_batches = -(-n_cells // batch_size)
+    last = n_cells - (n_batches - 1) * batch_size
+    return n_batches - 1 if n_batches > 1 and last < batch_size / 2 else n_batches
 
 
 def sequential_minibatches(n_cells: int, batch_size: int) -> list[np.ndarray]:

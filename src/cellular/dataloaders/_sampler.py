@@ -8,7 +8,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from cellular.data import epoch_minibatches, sequential_minibatches
+from cellular.data import epoch_minibatches, n_epoch_minibatches, sequential_minibatches
 
 
 def distributed_world() -> tuple[int, int]:
@@ -74,9 +74,6 @@ class MinibatchSampler(Sampler[np.ndarray]):
                 yield batch[rank * share : (rank + 1) * share]
 
     def __len__(self) -> int:
-        n = self.indices.size
         if not self.shuffle:
-            return -(-n // self.batch_size) if n else 0
-        n_batches = -(-n // self.batch_size)
-        last = n - (n_batches - 1) * self.batch_size
-        return n_batches - 1 if n_batches > 1 and last < self.batch_size / 2 else n_batches
+            return -(-self.indices.size // self.batch_size)
+        return n_epoch_minibatches(self.indices.size, self.batch_size)

@@ -20,8 +20,8 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from tqdm.auto import tqdm
 
-from cellular.data import _backed, read_expression, sequential_minibatches
-from cellular.data._expression import GeneAlignment, get_matrix, library_sizes
+from cellular.data import read_expression, sequential_minibatches
+from cellular.data._expression import GeneAlignment, get_matrix
 from cellular.dataloaders import CellularDataModule
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
@@ -145,13 +145,14 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         _check_label_counts(labels, cell_types, self.adata_manager.registry["setup_args"]["labels_key"])
 
         all_genes = [str(g) for g in adata.var_names]
+        values_checked = genes is None
         if genes is None:
             # Genes are chosen on every gene, each cell scaled to the median total count.
-            matrix = get_matrix(adata, layer)
-            selection_scale = None if log_normalized else float(np.median(library_sizes(matrix)))
             everything, _ = read_expression(
-                adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=selection_scale
+                adata, all_genes, layer=layer, log_normalized=log_normalized, target_sum=None if log_normalized else 1.0
             )
+            if not log_normalized:
+                everything.size_factors *= float(np.median(1.0 / everything.size_factors))
             genes = highly_variable_genes(everything, all_genes, n_top_genes)
             del everything
         genes = [str(g) for g in genes]
@@ -168,7 +169,12 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         )
         # One read of the model's genes: with target_sum=1 the size factors are 1 / (total over the model's genes).
         expression, _ = read_expression(
-            adata, genes, layer=layer, log_normalized=log_normalized, target_sum=None if log_normalized else 1.0
+            adata,
+            genes,
+            layer=layer,
+            log_normalized=log_normalized,
+            target_sum=None if log_normalized else 1.0,
+            check_values=not values_checked,
         )
         self.gene_count_fractions: np.ndarray | None = None
         if log_normalized:
@@ -480,40 +486,37 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             **trainer_kwargs,
         }
         trainer_kwargs = {key: value for key, value in trainer_kwargs.items() if value is not None}
-        quiet = quiet_lightning(quiet_stdout=not progress_bar)
-        quiet.__enter__()
-        runner = TrainRunner(
-            self,
-            training_plan=training_plan,
-            data_splitter=data_module,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            **trainer_kwargs,
-        )
         # A new training run starts a new history (scvi-tools would append to it) and makes refitted models stale.
         self.history_, self.is_trained_ = None, False
         self._restricted_models = {}
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                runner()
-        finally:
-            quiet.__exit__(None, None, None)
+        with quiet_lightning(quiet_stdout=not progress_bar), torch.random.fork_rng(devices=[]):
+            runner = TrainRunner(
+                self,
+                training_plan=training_plan,
+                data_splitter=data_module,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )
+            torch.manual_seed(seed)
+            runner()
         self.module.eval()
         self.history_ = _history_frames(self.history_ or {})
 
         self.train_indices_, self.validation_indices_ = data_module.train_idx, data_module.val_idx
         self.test_indices_ = data_module.test_idx
-        history = self.history_ or {}
+        history = self.history_
         epochs_run = len(history["train_loss"]) if "train_loss" in history else 0
-        best_epoch = best_weights.best_epoch if best_weights.best_epoch >= 0 else epochs_run - 1
-        if not early_stopping and "validation_loss" in history and len(history["validation_loss"]):
-            validation = history["validation_loss"]["validation_loss"].astype(float)
+        validation = history["validation_loss"]["validation_loss"] if "validation_loss" in history else None
+        has_validation = validation is not None and len(validation) > 0
+        if best_weights.best_epoch >= 0:
+            best_epoch = best_weights.best_epoch
+        elif has_validation:
             best_epoch = int(validation.idxmin())
-        best_loss = None
-        if "validation_loss" in history and len(history["validation_loss"]):
-            best_loss = float(history["validation_loss"]["validation_loss"].astype(float).min())
+        else:
+            best_epoch = epochs_run - 1
+        best_loss = float(validation.min()) if has_validation else None
         self.training_summary_ = {
             "epochs_run": epochs_run,
             "max_epochs": max_epochs,
@@ -790,9 +793,7 @@ def _check_label_counts(labels: np.ndarray, cell_types: list[str], labels_key: s
 def _mean_count_shares(expression) -> np.ndarray:
     """Mean over cells of each gene's share of the cell's counts (``expression`` read with ``target_sum=1``)."""
     totals = np.zeros(expression.matrix.shape[1])
-    for start in range(0, expression.n_cells, _backed.ROW_CHUNK):
-        stop = min(start + _backed.ROW_CHUNK, expression.n_cells)
-        block = expression.matrix[np.arange(start, stop)]
+    for start, stop, block in expression.stored_chunks():
         totals += np.asarray((sp.diags(expression.size_factors[start:stop]) @ block).sum(axis=0)).reshape(-1)
     return totals / max(expression.n_cells, 1)
 
