@@ -470,6 +470,114 @@ def gbdt(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
     )
 
 
+def _tree_annotator(fold: Fold, settings: Settings, method: str) -> MethodOutput:
+    """The package's TreeAnnotator: its own HVGs and normalisation, temperature-calibrated probabilities."""
+    from cellular.trees import TreeAnnotator
+
+    labelled = labelled_mask(fold)
+    train = fold.train[labelled]
+    annotator, fit_seconds = timed(
+        lambda: TreeAnnotator(method, n_top_genes=N_HVG, seed=settings.seed, n_jobs=settings.threads).fit(train, LABELS)
+    )
+    frame, predict_seconds = timed(
+        lambda: pd.DataFrame(annotator.predict_proba(fold.test, min_gene_overlap=0.0), columns=annotator.classes_)
+    )
+    probabilities = aligned(frame, fold.classes)
+    return MethodOutput(probabilities, 1.0 - probabilities.max(axis=1), None, fit_seconds, predict_seconds)
+
+
+def tree_random_forest(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
+    """cellular.trees.TreeAnnotator('random_forest'): 200 balanced trees, temperature-calibrated (CellClassifier)."""
+    return _tree_annotator(fold, settings, "random_forest")
+
+
+def tree_gradient_boosting(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
+    """cellular.trees.TreeAnnotator('hist_gradient_boosting'), temperature-calibrated."""
+    return _tree_annotator(fold, settings, "hist_gradient_boosting")
+
+
+CELLAMA_GENES = 15  # genes per sentence: short sentences keep CPU inference and fine-tuning affordable
+CELLAMA_PAIRS = 2000
+
+
+def _cellama_sentences(fold: Fold, cache: FoldCache):
+    """Sentences of each cell's top training HVGs (train and test)."""
+
+    def fit():
+        import cellular
+
+        genes = fold.train.var_names[training_hvgs(fold, log_normalize(fold.train))]
+        sentences = []
+        for part in (fold.train, fold.test):
+            frame = ad.AnnData(part.X, obs=pd.DataFrame(index=part.obs_names), var=pd.DataFrame(index=part.var_names))
+            frame.var["highly_variable"] = frame.var_names.isin(genes)
+            cellular.tl.cell_sentences(frame, n_genes=CELLAMA_GENES)
+            sentences.append(frame.obs["cell_sentence"].to_numpy())
+        return sentences
+
+    return cache.fitted("cellama_sentences", fit)
+
+
+def _cellama(fold: Fold, cache: FoldCache, settings: Settings, fine_tuned: bool) -> MethodOutput:
+    """CELLama: sentence-transformer embedding of the sentences, then the package's reference index (15-NN vote)."""
+    from cellular import ReferenceIndex
+    from cellular.lm import CellSentenceEncoder
+
+    (train_sentences, test_sentences), sentence_seconds = _cellama_sentences(fold, cache)
+
+    def fit():
+        encoder = CellSentenceEncoder.pretrained(device="cpu")
+        if fine_tuned:
+            labels = fold.train.obs[LABELS].astype(str)
+            obs = pd.DataFrame(
+                {
+                    "sentence": train_sentences,
+                    LABELS: labels.where(labels != UNLABELLED).to_numpy(),
+                    BATCH: fold.train.obs[BATCH].to_numpy(),
+                },
+                index=fold.train.obs_names,
+            )
+            encoder.fine_tune(
+                ad.AnnData(obs=obs),
+                sentence_key="sentence",
+                labels_key=LABELS,
+                batch_key=BATCH,
+                n_pairs=CELLAMA_PAIRS,
+                seed=settings.seed,
+            )
+        train_z = encoder.embed(train_sentences)
+        index = ReferenceIndex.from_embedding(
+            train_z,
+            labels={LABELS: fold.train.obs[LABELS].to_numpy()},
+            unlabeled_category=UNLABELLED,
+            seed=settings.seed,
+        )
+        return encoder, train_z, index
+
+    (encoder, train_z, index), fit_seconds = timed(fit)
+
+    def predict():
+        test_z = encoder.embed(test_sentences)
+        transfer = index.transfer_labels(test_z, k=K)
+        frame = pd.DataFrame(transfer.probabilities[LABELS], columns=transfer.classes[LABELS])
+        return test_z, aligned(frame, fold.classes), transfer.distances.mean(axis=1)
+
+    (test_z, probabilities, novelty), predict_seconds = timed(predict)
+    return MethodOutput(
+        probabilities, novelty, np.vstack([train_z, test_z]), sentence_seconds + fit_seconds, predict_seconds
+    )
+
+
+def cellama_zero_shot(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
+    """CELLama zero-shot: the pinned all-MiniLM-L6-v2 as it is."""
+    return _cellama(fold, cache, settings, fine_tuned=False)
+
+
+def cellama_fine_tuned(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
+    """CELLama fine-tuned on the training cells' labels (supervised pairs, 1 epoch of 2,000 pairs)."""
+    return _cellama(fold, cache, settings, fine_tuned=True)
+
+
 @dataclass(frozen=True)
 class Method:
     key: str
@@ -493,6 +601,12 @@ METHODS = {
         Method("celltypist_mv", "CellTypist (majority voting)", celltypist_majority, False, False, "celltypist"),
         Method("random_forest", "RandomForest", random_forest, False, False),
         Method("gbdt", "GBDT", gbdt, False, False),
+        Method("tree_rf", "cellular.trees RandomForest (calibrated)", tree_random_forest, False, False),
+        Method("tree_hgb", "cellular.trees GBDT (calibrated)", tree_gradient_boosting, False, False),
+        Method("cellama", "CELLama (zero-shot, kNN index)", cellama_zero_shot, True, False, "sentence_transformers"),
+        Method(
+            "cellama_ft", "CELLama (fine-tuned, kNN index)", cellama_fine_tuned, True, False, "sentence_transformers"
+        ),
     ]
 }
 CELLULAR_METHODS = ("cellular", "cellular_knn")

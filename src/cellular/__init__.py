@@ -2,7 +2,7 @@
 
 from importlib.metadata import version
 
-from . import data, dataloaders, index, metrics, nn, pl, pp, tl, train
+from . import data, dataloaders, index, lm, metrics, nn, pl, pp, tl, train, trees
 from .index import ReferenceIndex
 from .model import CELLULAR, NotTrainedError
 
@@ -16,10 +16,12 @@ __all__ = [
     "data",
     "dataloaders",
     "index",
+    "lm",
     "metrics",
     "nn",
     "pl",
     "pp",
     "tl",
     "train",
+    "trees",
 ]

@@ -7,12 +7,14 @@ from ._expression import (
     check_expression_values,
     read_expression,
 )
+from ._features import GeneFeatures
 from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
 __all__ = [
     "DepthThinning",
     "GeneAlignment",
+    "GeneFeatures",
     "NormalizedExpression",
     "align_genes",
     "check_expression_values",

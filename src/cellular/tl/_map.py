@@ -9,14 +9,14 @@ from anndata import AnnData
 from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
-from ._common import check_model, model_record, package_uns, serve_query
+from ._common import ServedQuery, check_model, model_record, package_uns, serve_query
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def cellular_map(
     adata: AnnData,
-    model: CELLULAR,
+    model: CELLULAR | None,
     index: ReferenceIndex | None = None,
     *,
     k: int = 15,
@@ -47,7 +47,10 @@ def cellular_map(
     adata
         Query cells.
     model
-        The trained :class:`~cellular.CELLULAR` model that embedded the reference.
+        The trained :class:`~cellular.CELLULAR` model that embedded the reference; ``None`` to map an embedding made
+        elsewhere (e.g. a language-model embedding from :func:`cellular.tl.lm_embed`): then ``use_rep`` names the
+        query's embedding and ``index`` holds the reference embedded the same way
+        (:meth:`cellular.ReferenceIndex.from_embedding`).
     index
         The reference index (:meth:`cellular.ReferenceIndex.build`); the model's ``reference_index_`` when ``None``.
     k
@@ -103,45 +106,30 @@ def cellular_map(
         ``distance_summary`` (DataFrame of quantiles of the mean neighbour distance for the query and for reference
         cells).
     """
-    check_model(model, classifier=False)
-    if index is None:
-        index = getattr(model, "reference_index_", None)
-        if index is None:
-            raise ValueError(
-                "No reference index: pass index=..., or build one with model.build_reference_index(adata_ref) "
-                "(or cellular.ReferenceIndex.build(model, adata_ref))."
-            )
-    if not isinstance(index, ReferenceIndex):
-        raise TypeError(f"index must be a cellular.ReferenceIndex, got {type(index).__name__}.")
-    if index.n_latent != model.n_latent:
-        raise ValueError(
-            f"The index holds a {index.n_latent}-dimensional embedding but the model embeds into {model.n_latent} "
-            "dimensions; build the index with this model."
-        )
-    if index.model_fingerprint is not None and index.model_fingerprint != model.fingerprint:
-        raise ValueError(
-            "The reference index was built with a different model (its fingerprint does not match): query and "
-            "reference embeddings would not be comparable. Build the index with this model "
-            "(model.build_reference_index(adata_ref)) or use the model that built it."
-        )
-    if not index.labels:
-        raise ValueError("The reference index has no label levels to transfer; build it with label_keys=[...].")
+    if model is None:
+        index = _check_embedding_index(adata, index, use_rep)
+    else:
+        index = _check_model_index(model, index)
     if copy:
         adata = adata.copy()
-    served = serve_query(
-        adata,
-        model,
-        use_rep=use_rep,
-        batch_size=batch_size,
-        layer=layer,
-        log_normalized=log_normalized,
-        gene_id_key=gene_id_key,
-        min_gene_overlap=min_gene_overlap,
-        panel=panel,
-        index=index,
-        transfer={"k": k, "weighting": weighting, "temperature": temperature},
-        progress_bar=progress_bar,
-    )
+    if model is None:
+        z = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+        served = ServedQuery(None, z, {"use_rep": use_rep, "panel_path": "stored"}, index)
+    else:
+        served = serve_query(
+            adata,
+            model,
+            use_rep=use_rep,
+            batch_size=batch_size,
+            layer=layer,
+            log_normalized=log_normalized,
+            gene_id_key=gene_id_key,
+            min_gene_overlap=min_gene_overlap,
+            panel=panel,
+            index=index,
+            transfer={"k": k, "weighting": weighting, "temperature": temperature},
+            progress_bar=progress_bar,
+        )
     z, index = served.z, served.index
     vote_temperatures = None if served.calibration is None else served.calibration.vote_temperatures
     transfer = index.transfer_labels(
@@ -186,7 +174,7 @@ def cellular_map(
             "n_reference_cells": int(index.n_cells),
             "vote_temperatures": dict(vote_temperatures or {}),
             **served.record,
-            "model": model_record(model),
+            **({} if model is None else {"model": model_record(model)}),
         },
         "levels": level_records,
         "distance_summary": pd.DataFrame(
@@ -198,6 +186,57 @@ def cellular_map(
         ),
     }
     return adata if copy else None
+
+
+def _check_model_index(model: CELLULAR, index: ReferenceIndex | None) -> ReferenceIndex:
+    check_model(model, classifier=False)
+    if index is None:
+        index = getattr(model, "reference_index_", None)
+        if index is None:
+            raise ValueError(
+                "No reference index: pass index=..., or build one with model.build_reference_index(adata_ref) "
+                "(or cellular.ReferenceIndex.build(model, adata_ref))."
+            )
+    _check_index(index)
+    if index.n_latent != model.n_latent:
+        raise ValueError(
+            f"The index holds a {index.n_latent}-dimensional embedding but the model embeds into {model.n_latent} "
+            "dimensions; build the index with this model."
+        )
+    if index.model_fingerprint is not None and index.model_fingerprint != model.fingerprint:
+        raise ValueError(
+            "The reference index was built with a different model (its fingerprint does not match): query and "
+            "reference embeddings would not be comparable. Build the index with this model "
+            "(model.build_reference_index(adata_ref)) or use the model that built it."
+        )
+    return index
+
+
+def _check_embedding_index(adata: AnnData, index: ReferenceIndex | None, use_rep: str | None) -> ReferenceIndex:
+    """Mapping without a model: the query's embedding and an index of the reference embedded the same way."""
+    if index is None or use_rep is None:
+        raise ValueError(
+            "Without a model, pass use_rep= (the adata.obsm key of the query's embedding, e.g. 'X_cellama') and "
+            "index= (the reference embedded the same way: cellular.ReferenceIndex.from_embedding(reference.obsm[...], "
+            "labels))."
+        )
+    _check_index(index)
+    if use_rep not in adata.obsm:
+        raise KeyError(f"use_rep={use_rep!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}).")
+    shape = adata.obsm[use_rep].shape
+    if shape != (adata.n_obs, index.n_latent):
+        raise ValueError(
+            f"adata.obsm[{use_rep!r}] has shape {shape}, but the index holds a {index.n_latent}-dimensional "
+            "embedding; embed the query and the reference with the same embedder."
+        )
+    return index
+
+
+def _check_index(index) -> None:
+    if not isinstance(index, ReferenceIndex):
+        raise TypeError(f"index must be a cellular.ReferenceIndex, got {type(index).__name__}.")
+    if not index.labels:
+        raise ValueError("The reference index has no label levels to transfer; build it with label_keys=[...].")
 
 
 def join_reference_query(
