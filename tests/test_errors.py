@@ -298,6 +298,100 @@ def case_sampler_rng(ctx):
     MinibatchSampler(np.arange(10), 4)
 
 
+def _saved_encoder(ctx):
+    from cellular.lm import CellSentenceEncoder
+
+    path = ctx.tmp_path / "encoder"
+    CellSentenceEncoder.pretrained(device="cpu").save(path, overwrite=True)
+    return path
+
+
+def case_lm_extra(ctx):
+    from unittest import mock
+
+    from cellular.lm import _weights
+
+    def missing(name, *args):
+        raise ImportError(f"No module named {name!r}")
+
+    adata = _query(ctx.symphony)
+    cellular.tl.cell_sentences(adata)
+    with mock.patch.object(_weights, "import_module", missing):
+        cellular.tl.lm_embed(adata)
+
+
+def case_weights_version(ctx):
+    from unittest import mock
+
+    from cellular.lm import _weights
+
+    with mock.patch.object(_weights, "version", lambda name: "0.0.9"):
+        _weights.pretrained_model_path()
+
+
+def case_weights_hash(ctx):
+    from cellular.lm import CellSentenceEncoder
+
+    path = _saved_encoder(ctx)
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(data))
+    CellSentenceEncoder.load(path)
+
+
+def case_unsafe_encoder_files(ctx):
+    from cellular.lm import CellSentenceEncoder
+
+    path = _saved_encoder(ctx)
+    (path / "pytorch_model.bin").write_bytes(b"pickle")
+    CellSentenceEncoder.load(path)
+
+
+def case_encoder_module_types(ctx):
+    from cellular.lm import CellSentenceEncoder
+
+    path = _saved_encoder(ctx)
+    modules = json.loads((path / "modules.json").read_text())
+    modules[0]["type"] = "builtins.eval"
+    (path / "modules.json").write_text(json.dumps(modules))
+    CellSentenceEncoder.load(path)
+
+
+def case_sentences_missing(ctx):
+    cellular.tl.lm_embed(_query(ctx.symphony))
+
+
+def case_map_without_model(ctx):
+    cellular.tl.cellular_map(_query(ctx.symphony), None, ctx.model.reference_index_)
+
+
+def case_tree_rare_types(ctx):
+    from cellular.trees import TreeAnnotator
+
+    adata = _counts(ctx.symphony)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    adata.obs.iloc[:2, adata.obs.columns.get_loc("cell_type")] = "Platelet"
+    TreeAnnotator(n_estimators=5).fit(adata, "cell_type")
+
+
+def case_tree_untrusted_types(ctx):
+    import os
+
+    import skops.io
+    from sklearn.preprocessing import FunctionTransformer
+
+    from cellular.trees import TreeAnnotator
+
+    path = ctx.tmp_path / "trees"
+    TreeAnnotator(n_estimators=5, n_top_genes=100).fit(_counts(ctx.symphony), "cell_type").save(path, overwrite=True)
+    skops.io.dump(FunctionTransformer(os.system), path / "estimator.skops")
+    TreeAnnotator.load(path)
+
+
+def case_marker_min_cells(ctx):
+    cellular.tl.marker_importances(_counts(ctx.symphony), "cell_type", min_cells=10_000)
+
+
 CASES = {
     name.removeprefix("case_").replace("_", "-"): case for name, case in globals().items() if name.startswith("case_")
 }

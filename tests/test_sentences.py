@@ -111,18 +111,19 @@ def test_bad_arguments_raise_clear_errors(symphony):
         cellular.tl.cell_sentences(adata)
 
 
-def test_label_pairs_balance_types_and_cross_batches():
-    labels = np.array(["a"] * 90 + ["b"] * 8 + ["c"] * 2 + [None] * 5, dtype=object)
+def test_label_pairs_come_in_blocks_of_distinct_types_across_batches():
+    labels = np.array(["a"] * 90 + ["b"] * 8 + ["c"] * 2 + ["d"] * 1 + [None] * 5, dtype=object)
     batches = np.array(([0, 1] * 60)[: labels.size])
-    pairs = label_pairs(labels, n_pairs=3000, batches=batches, seed=0)
-    positive = pairs.target == 1
-    assert positive.sum() == 1500
-    assert np.all(labels[pairs.first[positive]] == labels[pairs.second[positive]])
-    assert np.all(labels[pairs.first[~positive]] != labels[pairs.second[~positive]])
-    assert not np.isin(np.concatenate([pairs.first, pairs.second]), np.arange(100, 105)).any()
+    pairs = label_pairs(labels, n_pairs=3000, block_size=8, batches=batches, seed=0)
+    assert pairs.block_size == 3 and len(pairs) == 3000 and np.all(pairs.target == 1)
+    assert np.all(labels[pairs.first] == labels[pairs.second])
+    assert np.all(pairs.first != pairs.second)
+    blocks = labels[pairs.first].reshape(-1, 3)
+    assert all(len(set(block)) == 3 for block in blocks), "a step holds two pairs of one type"
+    assert not np.isin(np.concatenate([pairs.first, pairs.second]), np.arange(100, 106)).any()
     shares = pd.Series(labels[pairs.first]).value_counts(normalize=True)
-    assert shares.min() > 0.25, "anchors are not spread evenly over types"
-    assert np.mean(batches[pairs.first[positive]] != batches[pairs.second[positive]]) > 0.95
+    np.testing.assert_allclose(shares.to_numpy(), 1 / 3, atol=1e-9)
+    assert np.mean(batches[pairs.first] != batches[pairs.second]) > 0.95
 
 
 def test_pca_pairs_targets_are_cosines_and_zero_across_groups():

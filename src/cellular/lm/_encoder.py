@@ -30,17 +30,19 @@ _MANIFEST = "cellular_encoder.json"
 _WEIGHTS = "model.safetensors"
 # The only module types a saved encoder may name in modules.json: loading imports them, so nothing else is allowed.
 _ALLOWED_MODULES = {
-    "sentence_transformers.models.Transformer",
-    "sentence_transformers.models.Pooling",
-    "sentence_transformers.models.Normalize",
-    "sentence_transformers.base.modules.transformer.Transformer",
-    "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
-    "sentence_transformers.sentence_transformer.modules.normalize.Normalize",
-    "sentence_transformers.base.modules.Transformer",
-    "sentence_transformers.sentence_transformer.modules.Pooling",
-    "sentence_transformers.sentence_transformer.modules.Normalize",
+    f"sentence_transformers.{path}"
+    for path in (
+        "models.Transformer",
+        "models.Pooling",
+        "models.Normalize",
+        "base.modules.transformer.Transformer",
+        "base.modules.normalize.Normalize",
+        "sentence_transformer.modules.pooling.Pooling",
+        "sentence_transformer.modules.normalize.Normalize",
+    )
 }
 _PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_LOSSES = ("cosine", "ranking")
 
 
 class CellSentenceEncoder:
@@ -141,21 +143,22 @@ class CellSentenceEncoder:
     def embed(self, sentences, *, batch_size: int = 64, progress_bar: bool = False) -> np.ndarray:
         """``(n, n_dims)`` float32 unit-length embeddings of ``sentences`` (batched inference, no gradients).
 
-        Identical sentences give identical vectors: each batch is processed in evaluation mode, and sentences are
-        not padded against sentences of other lengths beyond their batch.
+        Each distinct sentence is embedded once, so identical sentences get identical vectors (batched inference
+        pads sentences to their batch's longest, which moves the last bits of a vector with its batch companions).
         """
-        sentences = [str(sentence) for sentence in np.asarray(sentences, dtype=object).ravel()]
+        sentences = np.asarray(sentences, dtype=object).ravel().astype(str)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        distinct, inverse = np.unique(sentences, return_inverse=True)
         self.model.eval()
         embeddings = self.model.encode(
-            sentences,
+            distinct.tolist(),
             batch_size=batch_size,
             show_progress_bar=progress_bar,
             convert_to_numpy=True,
             normalize_embeddings=True,
         )
-        return np.asarray(embeddings, dtype=np.float32).reshape(len(sentences), self.n_dims)
+        return np.asarray(embeddings, dtype=np.float32).reshape(distinct.size, self.n_dims)[inverse.ravel()]
 
     def fine_tune(
         self,
@@ -171,7 +174,7 @@ class CellSentenceEncoder:
         n_pairs: int = 2000,
         epochs: int = 1,
         batch_size: int = 16,
-        learning_rate: float = 2e-5,
+        learning_rate: float | None = None,
         seed: int = 0,
         progress_bar: bool = False,
     ) -> list[float]:
@@ -179,8 +182,10 @@ class CellSentenceEncoder:
 
         Without ``labels_key`` this is CELLama's fine-tuning: pairs of a cell with one of its nearest cells in PCA
         space and with a random cell, each pair's target the cosine similarity of the two PCA vectors (zero across
-        different values of ``groups_key``). With ``labels_key`` it is supervised: pairs of one cell type (from
-        different batches of ``batch_key`` where possible) target 1, pairs of different types target 0.
+        different values of ``groups_key``), learnt with the cosine-similarity loss. With ``labels_key`` it is
+        supervised, beyond CELLama: pairs of two cells of one type (from different batches of ``batch_key`` where
+        possible), ``batch_size`` types per step, learnt with the multiple-negatives ranking loss, so each cell is
+        pulled towards its partner and away from the other types of the step.
 
         Parameters
         ----------
@@ -197,8 +202,11 @@ class CellSentenceEncoder:
             ``n_pcs`` principal components of the log-normalised 2,000 most variable genes (counts in ``adata.X``).
         n_pcs, n_neighbors
             PCA size and the neighbours a near pair is drawn from.
-        n_pairs, epochs, batch_size, learning_rate, seed, progress_bar
-            As in :meth:`fine_tune_pairs`.
+        learning_rate
+            AdamW learning rate; when ``None``, 2e-5 for the PCA variant (CELLama's setting) and 5e-5 for the
+            supervised variant (measured on Symphony, docs "Language models and trees").
+        n_pairs, epochs, batch_size, seed, progress_bar
+            As in :meth:`fine_tune_pairs` (the supervised variant uses at most one pair per type in a step).
 
         Returns
         -------
@@ -212,9 +220,12 @@ class CellSentenceEncoder:
             pairs = label_pairs(
                 adata.obs[labels_key].to_numpy(),
                 n_pairs=n_pairs,
+                block_size=batch_size,
                 batches=None if batch_key is None else adata.obs[batch_key].to_numpy(),
                 seed=seed,
             )
+            loss = "ranking"
+            learning_rate = 5e-5 if learning_rate is None else learning_rate
             description = {"variant": "labels", "labels_key": labels_key, "batch_key": batch_key}
         else:
             vectors = _pca_vectors(adata, use_rep, n_pcs, seed)
@@ -222,6 +233,8 @@ class CellSentenceEncoder:
                 raise KeyError(f"groups_key={groups_key!r} is not a column of adata.obs.")
             groups = None if groups_key is None else adata.obs[groups_key].astype(str).to_numpy()
             pairs = pca_similarity_pairs(vectors, n_pairs=n_pairs, n_neighbors=n_neighbors, groups=groups, seed=seed)
+            loss = "cosine"
+            learning_rate = 2e-5 if learning_rate is None else learning_rate
             description = {
                 "variant": "pca",
                 "use_rep": use_rep,
@@ -231,6 +244,7 @@ class CellSentenceEncoder:
         return self.fine_tune_pairs(
             sentences,
             pairs,
+            loss=loss,
             epochs=epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
@@ -244,6 +258,7 @@ class CellSentenceEncoder:
         sentences,
         pairs: SentencePairs,
         *,
+        loss: str = "cosine",
         epochs: int = 1,
         batch_size: int = 16,
         learning_rate: float = 2e-5,
@@ -252,7 +267,7 @@ class CellSentenceEncoder:
         progress_bar: bool = False,
         description: dict | None = None,
     ) -> list[float]:
-        """Fine-tune on sentence pairs with sentence-transformers' cosine-similarity loss (AdamW, linear warm-up).
+        """Fine-tune on sentence pairs with a sentence-transformers loss (AdamW, linear warm-up and decay).
 
         Parameters
         ----------
@@ -261,6 +276,11 @@ class CellSentenceEncoder:
         pairs
             Pairs and target similarities (:func:`cellular.lm.pca_similarity_pairs`,
             :func:`cellular.lm.label_pairs`).
+        loss
+            ``"cosine"``: ``CosineSimilarityLoss`` (the embeddings' cosine regressed on the targets; pairs shuffled
+            every epoch). ``"ranking"``: ``MultipleNegativesRankingLoss`` on positive pairs, taken in their given order
+            so that each step's other pairs are its negatives (the blocks of :func:`cellular.lm.label_pairs`, whose
+            block size then replaces ``batch_size``); the order of the steps is shuffled every epoch.
         epochs, batch_size, learning_rate, warmup_fraction
             Optimisation settings.
         seed
@@ -284,10 +304,18 @@ class CellSentenceEncoder:
             raise ValueError(f"The pairs index cells outside the {sentences.size} sentences given.")
         if epochs < 1 or batch_size < 1 or not learning_rate > 0:
             raise ValueError("epochs and batch_size must be at least 1 and learning_rate positive.")
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}.")
+        if loss == "ranking" and pairs.block_size:
+            batch_size = pairs.block_size
         _sentence_transformers()
-        from sentence_transformers.losses import CosineSimilarityLoss
+        from sentence_transformers import losses
 
-        loss_module = CosineSimilarityLoss(self.model)
+        loss_module = (
+            losses.CosineSimilarityLoss(self.model)
+            if loss == "cosine"
+            else losses.MultipleNegativesRankingLoss(self.model)
+        )
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate)
         n_steps = epochs * math.ceil(len(pairs) / batch_size)
         n_warmup = max(1, int(warmup_fraction * n_steps))
@@ -301,28 +329,27 @@ class CellSentenceEncoder:
             torch.manual_seed(seed)
             self.model.train()
             for _ in range(epochs):
-                order = rng.permutation(len(pairs))
                 total = 0.0
-                for start in range(0, order.size, batch_size):
-                    batch = order[start : start + batch_size]
+                for batch in _epoch_batches(len(pairs), batch_size, shuffle_pairs=loss == "cosine", rng=rng):
                     features = [
                         self._features(sentences[pairs.first[batch]]),
                         self._features(sentences[pairs.second[batch]]),
                     ]
                     target = torch.as_tensor(pairs.target[batch], device=self.device)
-                    loss = loss_module(features, target)
+                    step_loss = loss_module(features, target)
                     optimizer.zero_grad()
-                    loss.backward()
+                    step_loss.backward()
                     optimizer.step()
                     schedule.step()
-                    total += float(loss.detach()) * batch.size
+                    total += float(step_loss.detach()) * batch.size
                     bar.update(1)
-                epoch_losses.append(total / order.size)
+                epoch_losses.append(total / len(pairs))
             self.model.eval()
         bar.close()
         self.fine_tuning.append(
             {
                 "n_pairs": len(pairs),
+                "loss": loss,
                 "epochs": int(epochs),
                 "batch_size": int(batch_size),
                 "learning_rate": float(learning_rate),
@@ -387,3 +414,12 @@ def _pca_vectors(adata: AnnData, use_rep: str | None, n_pcs: int, seed: int) -> 
     expression = GeneFeatures.fit(adata, n_top_genes=2000).transform(adata)
     n_pcs = int(min(n_pcs, min(expression.shape) - 1))
     return PCA(n_pcs, svd_solver="arpack", random_state=seed).fit_transform(expression).astype(np.float32)
+
+
+def _epoch_batches(n_pairs: int, batch_size: int, *, shuffle_pairs: bool, rng: np.random.Generator):
+    """Index batches of one epoch: shuffled pairs, or consecutive blocks of pairs in shuffled block order."""
+    if shuffle_pairs:
+        order = rng.permutation(n_pairs)
+        return [order[start : start + batch_size] for start in range(0, n_pairs, batch_size)]
+    starts = rng.permutation(np.arange(0, n_pairs, batch_size))
+    return [np.arange(start, min(start + batch_size, n_pairs)) for start in starts]

@@ -13,11 +13,16 @@ from cellular.index import exact_knn
 
 @dataclass
 class SentencePairs:
-    """Pairs of cells ``(first[i], second[i])`` and the cosine similarity their sentence embeddings should have."""
+    """Pairs of cells ``(first[i], second[i])`` and the cosine similarity their sentence embeddings should have.
+
+    ``block_size``: when set, consecutive blocks of that many pairs belong together in one training step (the
+    distinct-type blocks of :func:`label_pairs`).
+    """
 
     first: np.ndarray
     second: np.ndarray
     target: np.ndarray
+    block_size: int | None = None
 
     def __post_init__(self):
         self.first = np.asarray(self.first, dtype=np.int64)
@@ -63,39 +68,43 @@ def pca_similarity_pairs(
     return SentencePairs(anchors, partners, target)
 
 
-def label_pairs(labels: np.ndarray, *, n_pairs: int, batches: np.ndarray | None = None, seed: int = 0) -> SentencePairs:
-    """Supervised pairs: half of one cell type (target 1), half of two different types (target 0).
+def label_pairs(
+    labels: np.ndarray, *, n_pairs: int, block_size: int = 8, batches: np.ndarray | None = None, seed: int = 0
+) -> SentencePairs:
+    """Supervised positive pairs (two cells of one type, target 1) in blocks of distinct types.
 
-    Anchors are drawn evenly over types, so rare types are seen as often as common ones. With ``batches``, a positive
-    partner comes from another batch whenever the type occurs in one, so the encoder learns to ignore batch.
+    Each consecutive block of ``block_size`` pairs (at most the number of types) holds one pair of each of as many
+    different types, drawn evenly over types so rare types are seen as often as common ones; inside a block, the
+    other pairs' cells are therefore cells of other types: the in-batch negatives of a ranking loss. With ``batches``,
+    a partner comes from another batch whenever the type occurs in one, so the encoder learns to ignore batch.
     Cells labelled missing (NaN) are not used.
     """
     labels = np.asarray(labels, dtype=object)
     known = np.flatnonzero(~_is_missing(labels))
     codes_known, types = _codes(labels[known])
-    if types.size < 2:
-        raise ValueError(f"Supervised fine-tuning needs at least two labelled cell types, got {types.size}.")
+    counts = np.bincount(codes_known, minlength=types.size)
+    usable = np.flatnonzero(counts >= 2)
+    if usable.size < 2:
+        raise ValueError(
+            f"Supervised fine-tuning needs at least two cell types with two or more cells, got {usable.size}."
+        )
     rng = np.random.default_rng(seed)
-    n_positive = n_pairs // 2
+    block_size = int(min(block_size, usable.size))
+    n_blocks = -(-n_pairs // block_size)
+    # Distinct types per block: the first block_size columns of a random permutation of the usable types per row.
+    keys = rng.random((n_blocks, usable.size))
+    type_of_pair = usable[np.argsort(keys, axis=1)[:, :block_size]].ravel()[:n_pairs]
+    anchors = _draw_from(codes_known, type_of_pair, rng)
+    partners = _draw_from(codes_known, type_of_pair, rng)
     batch_codes = None if batches is None else _codes(np.asarray(batches, dtype=object)[known])[0]
-    type_of_anchor = rng.integers(0, types.size, n_pairs)
-    anchors = _draw_from(codes_known, type_of_anchor, rng)
-    # Positive partners: same type, preferably another batch (a random draw among the type's cells otherwise).
-    positive_type = type_of_anchor[:n_positive]
-    partners_positive = _draw_from(codes_known, positive_type, rng)
-    if batch_codes is not None:
-        for _ in range(8):
-            same_batch = batch_codes[partners_positive] == batch_codes[anchors[:n_positive]]
-            if not same_batch.any():
-                break
-            redraw = _draw_from(codes_known, positive_type[same_batch], rng)
-            partners_positive[same_batch] = redraw
-    # Negative partners: a type other than the anchor's.
-    shift = rng.integers(1, types.size, n_pairs - n_positive)
-    partners_negative = _draw_from(codes_known, (type_of_anchor[n_positive:] + shift) % types.size, rng)
-    partners = np.concatenate([partners_positive, partners_negative])
-    target = np.concatenate([np.ones(n_positive), np.zeros(n_pairs - n_positive)])
-    return SentencePairs(known[anchors], known[partners], target)
+    for _ in range(16):
+        redraw = partners == anchors
+        if batch_codes is not None:
+            redraw |= batch_codes[partners] == batch_codes[anchors]
+        if not redraw.any():
+            break
+        partners[redraw] = _draw_from(codes_known, type_of_pair[redraw], rng)
+    return SentencePairs(known[anchors], known[partners], np.ones(type_of_pair.size), block_size=block_size)
 
 
 def _is_missing(values: np.ndarray) -> np.ndarray:
