@@ -110,7 +110,7 @@ def test_label_transfer_and_novelty_through_the_reference_index(zero_shot):
 def fine_tuned(sentences):
     train = sentences[~_held_out(sentences)].copy()
     encoder = CellSentenceEncoder.pretrained(device="cpu")
-    losses = encoder.fine_tune(train, labels_key="cell_type", batch_key="batch", n_pairs=800, seed=0)
+    losses = encoder.fine_tune(train, labels_key="cell_type", batch_key="batch", n_pairs=1000, seed=0)
     return encoder, losses
 
 
