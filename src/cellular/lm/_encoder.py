@@ -309,7 +309,7 @@ class CellSentenceEncoder:
         if loss == "ranking" and pairs.block_size:
             batch_size = pairs.block_size
         _sentence_transformers()
-        from sentence_transformers import losses
+        from sentence_transformers.sentence_transformer import losses
 
         loss_module = (
             losses.CosineSimilarityLoss(self.model)
