@@ -370,7 +370,7 @@ def case_tree_rare_types(ctx):
 
     adata = _counts(ctx.symphony)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
-    adata.obs.iloc[:2, adata.obs.columns.get_loc("cell_type")] = "Platelet"
+    adata.obs.iloc[:1, adata.obs.columns.get_loc("cell_type")] = "Platelet"
     TreeAnnotator(n_estimators=5).fit(adata, "cell_type")
 
 

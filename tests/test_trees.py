@@ -112,8 +112,11 @@ def test_annotator_errors(split):
     rare = train.copy()
     rare.obs["cell_type"] = rare.obs["cell_type"].astype(str)
     rare.obs.iloc[0, rare.obs.columns.get_loc("cell_type")] = "Lonely"
-    with pytest.raises(ValueError, match="fewer than 3 labelled cells"):
+    with pytest.raises(ValueError, match="a single labelled cell"):
         TreeAnnotator(n_estimators=5).fit(rare, "cell_type")
+    rare.obs.iloc[1, rare.obs.columns.get_loc("cell_type")] = "Lonely"
+    two_cells = TreeAnnotator(n_estimators=5, n_top_genes=100).fit(rare, "cell_type")
+    assert "Lonely" in two_cells.classes_ and len(two_cells.estimator_.calibrated_classifiers_) == 2
 
 
 def _naive_even_quotas(sizes, total):

@@ -48,8 +48,8 @@ class TreeAnnotator:
     n_top_genes
         Genes the trees read; all genes when ``None``.
     calibration
-        ``CalibratedClassifierCV`` method (``"temperature"``, ``"sigmoid"``, ``"isotonic"``), or ``None`` for the
-        ensemble's own probabilities.
+        ``CalibratedClassifierCV`` method (``"temperature"``, ``"sigmoid"``, ``"isotonic"``) over three stratified
+        folds (two when a type has only two cells), or ``None`` for the ensemble's own probabilities.
     n_estimators
         Trees (random forest) or boosting iterations (gradient boosting).
     seed
@@ -94,7 +94,7 @@ class TreeAnnotator:
         return f"TreeAnnotator({self.method}, calibration={self.calibration}): {state}."
 
     # ------------------------------------------------------------------ fitting
-    def _estimator(self):
+    def _estimator(self, n_folds: int):
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 
@@ -110,7 +110,7 @@ class TreeAnnotator:
             return trees
         from sklearn.model_selection import StratifiedKFold
 
-        folds = StratifiedKFold(3, shuffle=True, random_state=self.seed)
+        folds = StratifiedKFold(n_folds, shuffle=True, random_state=self.seed)
         return CalibratedClassifierCV(trees, method=self.calibration, cv=folds)
 
     def fit(
@@ -149,16 +149,17 @@ class TreeAnnotator:
             raise ValueError(
                 f"adata.obs[{labels_key!r}] has {classes.size} labelled cell type(s); trees need two or more."
             )
-        n_folds = 3 if self.calibration is not None else 1
-        if counts.min() < n_folds:
-            rare = classes[counts < n_folds].tolist()
+        if self.calibration is not None and counts.min() < 2:
+            rare = classes[counts < 2].tolist()
             raise ValueError(
-                f"Cell types {rare} have fewer than {n_folds} labelled cells, too few for calibrated trees; remove "
-                "them (or set their label to unlabeled_category), or pass calibration=None."
+                f"Cell types {rare} have a single labelled cell, too few for calibrated trees (calibration is "
+                "cross-validated); remove them (or set their label to unlabeled_category), or pass calibration=None."
             )
+        # Three calibration folds, or two when a type has only two cells (each fold must see every type).
+        n_folds = int(min(3, counts.min()))
         features = GeneFeatures.fit(adata, n_top_genes=self.n_top_genes, layer=layer, log_normalized=log_normalized)
         expression = features.transform(adata[labelled] if not labelled.all() else adata, min_gene_overlap=1.0)
-        estimator = self._estimator()
+        estimator = self._estimator(n_folds)
         estimator.fit(self._matrix(expression), y)
         self.features_ = features
         self.classes_ = [str(c) for c in estimator.classes_]
