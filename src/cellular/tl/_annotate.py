@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 from anndata import AnnData
 
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
-from ._common import check_alpha, check_model, model_record, package_uns, serve_query
+from ._common import check_alpha, check_model, model_record, serve_query, write_annotation
 from ._novel import novelty_flags
 
 
@@ -108,31 +106,19 @@ def cellular_annotate(
         progress_bar=progress_bar,
     )
     probabilities = served.probabilities()
-    confidence = probabilities.max(axis=1)
-    unknown = confidence < min_confidence
+    unknown = probabilities.max(axis=1) < min_confidence
     if novel_as_unknown:
         _, flags = novelty_flags(served, adata.obs_names, probabilities, alpha, fdr)
         unknown |= flags
-    codes = np.where(unknown, len(classes), probabilities.argmax(axis=1))
-    labels = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
-
-    adata.obs[key_added] = labels
-    adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
-    adata.obsm[f"{key_added}_probabilities"] = probabilities.astype(np.float32)
-    package_uns(adata)[key_added] = {
-        "params": {
-            "novel_as_unknown": bool(novel_as_unknown),
-            "alpha": float(alpha),
-            "fdr": bool(fdr),
-            "min_confidence": float(min_confidence),
-            "unknown_label": unknown_label,
-            "calibration_temperature": float(served.classifier_temperature),
-            **served.record,
-            "model": model_record(model),
-        },
-        "classes": classes,
-        "counts": pd.DataFrame(
-            {"n_cells": np.bincount(codes, minlength=len(classes) + 1)}, index=pd.Index([*classes, unknown_label])
-        ),
+    params = {
+        "novel_as_unknown": bool(novel_as_unknown),
+        "alpha": float(alpha),
+        "fdr": bool(fdr),
+        "min_confidence": float(min_confidence),
+        "unknown_label": unknown_label,
+        "calibration_temperature": float(served.classifier_temperature),
+        **served.record,
+        "model": model_record(model),
     }
+    write_annotation(adata, key_added, probabilities, unknown, classes, unknown_label, params)
     return adata if copy else None

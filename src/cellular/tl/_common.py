@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from cellular.data import align_genes
@@ -237,4 +238,28 @@ def model_record(model: CELLULAR) -> dict:
         "cell_types": list(model.cell_types),
         "labels_key": model.setup_args["labels_key"],
         "batch_key": model.setup_args["batch_key"],
+    }
+
+
+def write_annotation(
+    adata: AnnData,
+    key_added: str,
+    probabilities: np.ndarray,
+    unknown: np.ndarray,
+    classes: list[str],
+    unknown_label: str,
+    params: dict,
+) -> None:
+    """Write an annotation's slots: label (``unknown_label`` where ``unknown``), confidence, probabilities, ``uns``."""
+    confidence = probabilities.max(axis=1)
+    codes = np.where(unknown, len(classes), probabilities.argmax(axis=1))
+    adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
+    adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
+    adata.obsm[f"{key_added}_probabilities"] = probabilities.astype(np.float32)
+    package_uns(adata)[key_added] = {
+        "params": params,
+        "classes": classes,
+        "counts": pd.DataFrame(
+            {"n_cells": np.bincount(codes, minlength=len(classes) + 1)}, index=pd.Index([*classes, unknown_label])
+        ),
     }

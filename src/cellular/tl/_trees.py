@@ -9,7 +9,7 @@ from anndata import AnnData
 from cellular.data import GeneFeatures
 from cellular.trees import NEGATIVES, TreeAnnotator, one_vs_rest_markers
 
-from ._common import package_uns
+from ._common import package_uns, write_annotation
 
 
 def tree_annotate(
@@ -67,25 +67,15 @@ def tree_annotate(
         )
     if copy:
         adata = adata.copy()
-    confidence = probabilities.max(axis=1)
-    codes = np.where(confidence < min_confidence, len(classes), probabilities.argmax(axis=1))
-    labels = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
-    adata.obs[key_added] = labels
-    adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
-    adata.obsm[f"{key_added}_probabilities"] = probabilities.astype(np.float32)
-    package_uns(adata)[key_added] = {
-        "params": {
-            "method": annotator.method,
-            "calibration": annotator.calibration,
-            "n_genes": len(annotator.features_.genes),
-            "min_confidence": float(min_confidence),
-            "unknown_label": unknown_label,
-        },
-        "classes": classes,
-        "counts": pd.DataFrame(
-            {"n_cells": np.bincount(codes, minlength=len(classes) + 1)}, index=pd.Index([*classes, unknown_label])
-        ),
+    params = {
+        "method": annotator.method,
+        "calibration": annotator.calibration,
+        "n_genes": len(annotator.features_.genes),
+        "min_confidence": float(min_confidence),
+        "unknown_label": unknown_label,
     }
+    unknown = probabilities.max(axis=1) < min_confidence
+    write_annotation(adata, key_added, probabilities, unknown, classes, unknown_label, params)
     return adata if copy else None
 
 
