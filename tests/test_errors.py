@@ -275,12 +275,189 @@ def case_augmentation_share(ctx):
     CELLULAR(adata, panel_masking=1.5)
 
 
+def _legacy_copy(ctx, name="legacy"):
+    """A saved copy turned into a version-3 model file (no checksums), as earlier releases wrote it."""
+    path = _saved_copy(ctx, name)
+    metadata = json.loads((path / "model.json").read_text())
+    metadata["format_version"] = 3
+    for key in ("files", "tensors", "metadata_sha256"):
+        del metadata[key]
+    (path / "model.json").write_text(json.dumps(metadata))
+    return path
+
+
+def _reseal(path, edit=lambda metadata: None, weights=None):
+    """Edit a saved model's metadata (and optionally its tensors) and record matching checksums, as a deliberate
+    editor could: what the checksums cannot catch, the consistency checks must."""
+    from cellular._files import file_record, seal
+
+    if weights is not None:
+        torch.save(weights, path / "model.pt")
+    metadata = json.loads((path / "model.json").read_text())
+    metadata.pop("metadata_sha256")
+    metadata["files"] = {"model.pt": file_record(path / "model.pt")}
+    edit(metadata)
+    (path / "model.json").write_text(json.dumps(seal(metadata)))
+    return path
+
+
 def case_damaged_calibration_cells(ctx):
-    path = _saved_copy(ctx)
+    path = _legacy_copy(ctx)
     tensors = torch.load(path / "model.pt", weights_only=True)
     tensors["calibration.indptr"] = tensors["calibration.indptr"][:-5]
     torch.save(tensors, path / "model.pt")
     CELLULAR.load(path)
+
+
+def case_changed_file(ctx):
+    path = _saved_copy(ctx)
+    data = bytearray((path / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "model.pt").write_bytes(bytes(data))
+    CELLULAR.load(path)
+
+
+def _saved_index(ctx):
+    path = ctx.tmp_path / "model" / "reference_index"
+    cellular.ReferenceIndex.build(ctx.model, _counts(ctx.symphony)).save(path, overwrite=True)
+    return path
+
+
+def case_missing_file(ctx):
+    path = _saved_index(ctx)
+    (path / "arrays.npz").unlink()
+    cellular.ReferenceIndex.load(path)
+
+
+def case_edited_metadata(ctx):
+    path = _saved_copy(ctx)
+    metadata = json.loads((path / "model.json").read_text())
+    metadata["target_sum"] = 1.0
+    (path / "model.json").write_text(json.dumps(metadata))
+    CELLULAR.load(path)
+
+
+def case_invalid_metadata(ctx):
+    path = _saved_copy(ctx)
+    metadata = json.loads((path / "model.json").read_text())
+    metadata["genes"] = 42
+    (path / "model.json").write_text(json.dumps(metadata))
+    CELLULAR.load(path)
+
+
+def case_corrupt_json(ctx):
+    path = _saved_copy(ctx)
+    text = (path / "model.json").read_text()
+    (path / "model.json").write_text(text[: len(text) // 2])
+    CELLULAR.load(path)
+
+
+def case_unchecked_version_with_checksums(ctx):
+    _saved_model_with_version(ctx, 3)
+    CELLULAR.load(ctx.tmp_path / "model")
+
+
+def case_unreadable_tensors(ctx):
+    path = _legacy_copy(ctx)
+    data = (path / "model.pt").read_bytes()
+    (path / "model.pt").write_bytes(data[: len(data) // 3])
+    CELLULAR.load(path)
+
+
+def case_tensor_shapes(ctx):
+    def shrink(metadata):
+        metadata["tensors"]["module.class_weights"] = [1]
+
+    CELLULAR.load(_reseal(_saved_copy(ctx), shrink))
+
+
+def case_not_finite_tensors(ctx):
+    path = _saved_copy(ctx)
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    name = next(key for key in tensors if key.startswith("module.encoder") and tensors[key].is_floating_point())
+    tensors[name][0] = float("nan")
+    CELLULAR.load(_reseal(path, weights=tensors))
+
+
+def case_gene_count_mismatch(ctx):
+    def drop_gene(metadata):
+        metadata["genes"] = metadata["genes"][:-1]
+
+    CELLULAR.load(_reseal(_saved_copy(ctx), drop_gene))
+
+
+def case_tensors_do_not_fit(ctx):
+    path = _legacy_copy(ctx)
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    name = next(key for key in tensors if key.startswith("module.encoder") and tensors[key].ndim == 2)
+    tensors[name] = tensors[name][:, :-1]
+    torch.save(tensors, path / "model.pt")
+    CELLULAR.load(path)
+
+
+def case_foreign_index(ctx):
+    path = _saved_copy(ctx)
+    other = _quick_model(ctx)
+    other.build_reference_index(_counts(ctx.symphony)).save(path / "reference_index", overwrite=True)
+    CELLULAR.load(path)
+
+
+def case_index_arrays(ctx):
+    path = _saved_index(ctx)
+    metadata = json.loads((path / "index.json").read_text())
+    metadata["format_version"] = 1
+    for key in ("files", "arrays", "metadata_sha256"):
+        del metadata[key]
+    (path / "index.json").write_text(json.dumps(metadata))
+    with np.load(path / "arrays.npz") as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays["label_codes_0"][0] = 99
+    np.savez(path / "arrays.npz", **arrays)
+    cellular.ReferenceIndex.load(path)
+
+
+def case_labels_batch_same(ctx):
+    CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="cell_type", batch_key="cell_type")
+
+
+def case_training_diverged(ctx):
+    _setup(_counts(ctx.symphony), batch_key="batch").train(max_epochs=1, lr=1e30, classifier=False, progress_bar=False)
+
+
+def _damaged_copy(ctx, prefix):
+    model = CELLULAR.load(_saved_copy(ctx))
+    parameters = model.classifier_ if prefix == "classifier" else model.module.encoder
+    with torch.no_grad():
+        next(parameters.parameters()).fill_(float("nan"))
+    return model
+
+
+def case_not_finite_embedding(ctx):
+    _damaged_copy(ctx, "encoder").get_latent_representation(_query(ctx.symphony))
+
+
+def case_not_finite_classifier(ctx):
+    cellular.tl.cellular_annotate(_query(ctx.symphony), _damaged_copy(ctx, "classifier"))
+
+
+def case_not_finite_use_rep(ctx):
+    query = _query(ctx.symphony)
+    cellular.tl.cellular_embed(query, ctx.model)
+    query.obsm["X_cellular"][3, 0] = np.nan
+    cellular.tl.cellular_annotate(query, ctx.model, use_rep="X_cellular")
+
+
+def case_not_finite_reference_embedding(ctx):
+    embedding = np.ones((20, 4), dtype=np.float32)
+    embedding[5, 1] = np.inf
+    cellular.ReferenceIndex.from_embedding(embedding)
+
+
+def case_index_without_fingerprint(ctx):
+    query = _query(ctx.symphony)
+    index = cellular.ReferenceIndex.build(ctx.model, _counts(ctx.symphony))
+    plain = cellular.ReferenceIndex.from_embedding(index.embedding, {"cell_type": np.repeat("T", index.n_cells)})
+    cellular.tl.cellular_map(query, ctx.model, plain)
 
 
 def case_panel_mask(ctx):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from helpers import SYMPHONY_HELD_OUT as HELD_OUT
-from helpers import mark_singletons_unlabelled, pca_baseline
+from helpers import mark_singletons_unlabelled, pca_baseline, pca_knn_macro_f1
 from sklearn.metrics import silhouette_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
@@ -293,3 +293,51 @@ def test_untrained_model(symphony):
         model.get_latent_representation()
     with pytest.raises(ValueError):
         cellular.tl.cellular_embed(data, model)
+
+
+# ------------------------------------------------------- labels as users hold them
+def test_label_categories_without_cells_create_no_phantom_type(split):
+    """A type relabelled as unlabelled keeps its pandas category; it must not become a type without cells."""
+    train, test = split
+    data = train.copy()
+    if "Unknown" not in data.obs["cell_type"].cat.categories:
+        data.obs["cell_type"] = data.obs["cell_type"].cat.add_categories("Unknown")
+    data.obs.loc[data.obs["cell_type"] == "B cell", "cell_type"] = "Unknown"
+    assert "B cell" in data.obs["cell_type"].cat.categories
+    values = data.obs["cell_type"].astype(str).copy()
+    CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(data, n_top_genes=800)
+    assert "B cell" not in model.cell_types
+    assert data.obs["cell_type"].astype(str).equals(values)  # the cells' labels are unchanged
+    model.train(max_epochs=15, progress_bar=False)
+    query = test.copy()
+    cellular.tl.novel_types(query, model)
+    is_b = (query.obs["cell_type"] == "B cell").to_numpy()
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(is_b, query.obs["cellular_novel_score"]) > 0.9
+
+
+def test_integer_labels_work_as_labels(split):
+    train, test = split
+    types = sorted(set(train.obs["cell_type"].astype(str)) - {"Unknown"})
+    codes = {name: number for number, name in enumerate(types)}
+    data = train[train.obs["cell_type"] != "Unknown"].copy()
+    data.obs["code"] = data.obs["cell_type"].astype(str).map(codes).astype(int)
+    query = test[test.obs["cell_type"].astype(str).isin(types)].copy()
+    query.obs["code"] = query.obs["cell_type"].astype(str).map(codes).astype(str)
+
+    as_category = data.copy()
+    as_category.obs["code"] = as_category.obs["code"].astype("category")
+    CELLULAR.setup_anndata(as_category, labels_key="code")
+    assert CELLULAR(as_category, n_top_genes=800).cell_types == [str(number) for number in range(len(types))]
+
+    CELLULAR.setup_anndata(data, labels_key="code", batch_key="batch")
+    model = CELLULAR(data, n_top_genes=800)
+    assert model.cell_types == [str(number) for number in range(len(types))]
+    model.train(max_epochs=15, progress_bar=False)
+    cellular.tl.cellular_annotate(query, model, novel_as_unknown=False)
+    from sklearn.metrics import f1_score
+
+    f1 = f1_score(query.obs["code"], query.obs["cellular_label"].astype(str), average="macro")
+    assert f1 >= pca_knn_macro_f1(model, data, query, labels_key="code") - 0.02

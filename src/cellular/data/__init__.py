@@ -8,6 +8,7 @@ from ._expression import (
     read_expression,
 )
 from ._features import GeneFeatures
+from ._finite import check_finite_embedding
 from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
@@ -18,6 +19,7 @@ __all__ = [
     "NormalizedExpression",
     "align_genes",
     "check_expression_values",
+    "check_finite_embedding",
     "data_dir",
     "epoch_minibatches",
     "n_epoch_minibatches",

@@ -13,6 +13,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellular._files import (
+    FILE_RECORD,
+    METADATA_CHECKSUM,
+    SHA256,
+    SHAPE,
+    STRINGS,
+    check_shapes,
+    damaged,
+    file_record,
+    read_json,
+    seal,
+    validate,
+    verify_checksums,
+)
+from cellular.data import check_finite_embedding
 from cellular.metrics import conformal_pvalues
 
 from . import _nndescent
@@ -22,12 +37,61 @@ from ._transfer import calibrate_votes, neighbor_weights, vote
 logger = logging.getLogger(__name__)
 
 _FORMAT = "cellular-sc-reference-index"
-_FORMAT_VERSION = 1
+# Version 2 records the SHA-256 of arrays.npz and of the metadata, and every array's shape; version 1 files carry no
+# checksums and load with a warning.
+_FORMAT_VERSION = 2
+_UNCHECKED_VERSION = 1
 _METADATA_FILE = "index.json"
 _ARRAYS_FILE = "arrays.npz"
+_FIX = "Rebuild the index with ReferenceIndex.build (or model.build_reference_index) and save it again."
 
 BACKENDS = ("auto", "pynndescent", "exact")
 METRICS = ("cosine", "euclidean")
+
+_SCHEMA = {
+    "type": "object",
+    "required": [
+        "format",
+        "format_version",
+        "package_version",
+        "metric",
+        "backend",
+        "n_neighbors",
+        "search_epsilon",
+        "parallel_search",
+        "temperature",
+        "unlabeled_category",
+        "seed",
+        "model_fingerprint",
+        "levels",
+        "files",
+        "arrays",
+        METADATA_CHECKSUM,
+    ],
+    "properties": {
+        "format": {"const": _FORMAT},
+        "format_version": {"const": _FORMAT_VERSION},
+        "package_version": {"type": "string"},
+        "metric": {"enum": list(METRICS)},
+        "backend": {"enum": list(BACKENDS)},
+        "n_neighbors": {"type": "integer", "minimum": 1},
+        "search_epsilon": {"type": "number", "minimum": 0},
+        "parallel_search": {"type": "boolean"},
+        "temperature": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
+        "unlabeled_category": {"type": "string"},
+        "seed": {"type": "integer"},
+        "model_fingerprint": {"anyOf": [SHA256, {"type": "null"}]},
+        "levels": {"type": "object", "additionalProperties": {**STRINGS, "minItems": 1}},
+        "files": {
+            "type": "object",
+            "required": [_ARRAYS_FILE],
+            "additionalProperties": False,
+            "properties": {_ARRAYS_FILE: FILE_RECORD},
+        },
+        "arrays": {"type": "object", "additionalProperties": SHAPE},
+        METADATA_CHECKSUM: SHA256,
+    },
+}
 EXACT_CPU_MAX_CELLS = 20_000
 """Below this many reference cells, ``backend="auto"`` searches exactly on CPU too: faster than building a graph."""
 
@@ -244,7 +308,9 @@ class ReferenceIndex:
         if use_rep is not None:
             if use_rep not in adata_ref.obsm:
                 raise KeyError(f"use_rep={use_rep!r} is not in adata_ref.obsm (keys: {list(adata_ref.obsm.keys())}).")
-            embedding = np.asarray(adata_ref.obsm[use_rep], dtype=np.float32)
+            embedding = check_finite_embedding(
+                adata_ref.obsm[use_rep], f"adata_ref.obsm[{use_rep!r}]", "Recompute it, or pass use_rep=None."
+            )
             if embedding.shape != (adata_ref.n_obs, model.n_latent):
                 raise ValueError(
                     f"adata_ref.obsm[{use_rep!r}] has shape {embedding.shape}, but the model embeds into "
@@ -516,7 +582,9 @@ class ReferenceIndex:
             arrays["graph_indices"], arrays["graph_distances"] = self._graph
         with open(dir_path / _ARRAYS_FILE, "wb") as handle:
             np.savez(handle, **arrays)
-        (dir_path / _METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        metadata["files"] = {_ARRAYS_FILE: file_record(dir_path / _ARRAYS_FILE)}
+        metadata["arrays"] = {name: list(np.shape(value)) for name, value in arrays.items()}
+        (dir_path / _METADATA_FILE).write_text(json.dumps(seal(metadata), indent=1))
 
     @classmethod
     def load(
@@ -545,15 +613,26 @@ class ReferenceIndex:
         metadata_path = dir_path / _METADATA_FILE
         if not metadata_path.exists():
             raise FileNotFoundError(f"No saved reference index in {dir_path} ({_METADATA_FILE} is missing).")
-        metadata = json.loads(metadata_path.read_text())
-        if metadata.get("format") != _FORMAT or metadata.get("format_version") != _FORMAT_VERSION:
+        metadata = read_json(metadata_path, _FIX)
+        if not isinstance(metadata, dict):
+            raise damaged(metadata_path, f"holds a JSON {type(metadata).__name__}, not an index's metadata", _FIX)
+        readable = (_UNCHECKED_VERSION, _FORMAT_VERSION)
+        if metadata.get("format") != _FORMAT or metadata.get("format_version") not in readable:
             raise ValueError(
                 f"{dir_path} holds a file of format {metadata.get('format')!r} version "
                 f"{metadata.get('format_version')!r}; this cellular-sc ({version('cellular-sc')}) reads "
-                f"{_FORMAT!r} version {_FORMAT_VERSION}. Rebuild the index with ReferenceIndex.build."
+                f"{_FORMAT!r} versions {list(readable)}. Rebuild the index with ReferenceIndex.build."
             )
-        with np.load(dir_path / _ARRAYS_FILE, allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in stored.files}
+        checked = metadata["format_version"] == _FORMAT_VERSION
+        if checked:
+            validate(metadata, _SCHEMA, metadata_path, _FIX)
+            verify_checksums(metadata, metadata_path, dir_path, _FIX)
+        elif METADATA_CHECKSUM in metadata or "files" in metadata:
+            raise damaged(metadata_path, f"claims format version {_UNCHECKED_VERSION} but carries checksums", _FIX)
+        else:
+            logger.warning("%s was saved without checksums; its files cannot be verified. Save it again.", dir_path)
+        arrays = _read_arrays(dir_path / _ARRAYS_FILE, metadata["arrays"] if checked else None)
+        _check_arrays(arrays, metadata, dir_path / _ARRAYS_FILE)
         labels = {
             name: pd.Categorical.from_codes(arrays[f"label_codes_{position}"], categories=categories)
             for position, (name, categories) in enumerate(metadata["levels"].items())
@@ -580,6 +659,62 @@ class ReferenceIndex:
         )
 
 
+def _read_arrays(path: Path, recorded: dict | None) -> dict[str, np.ndarray]:
+    """The arrays of ``arrays.npz`` (never unpickled), checked against the recorded names and shapes."""
+    if not path.is_file():
+        raise damaged(path, "is missing", _FIX)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except Exception as error:  # zipfile, numpy and OS errors for truncated or foreign files
+        raise damaged(
+            path, f"cannot be read as an array file ({type(error).__name__}): truncated or damaged", _FIX
+        ) from None
+    if recorded is not None:
+        check_shapes(arrays, recorded, path, _FIX)
+    return arrays
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], metadata: dict, path: Path) -> None:
+    """Shapes, dtypes and ranges that tie the arrays to each other and to the metadata."""
+    expected = {"embedding", "cell_names", "calibration"}
+    expected |= {f"label_codes_{position}" for position in range(len(metadata["levels"]))}
+    if "graph_indices" in arrays or "graph_distances" in arrays:
+        expected |= {"graph_indices", "graph_distances"}
+    if set(arrays) != expected:
+        raise damaged(path, f"holds arrays {sorted(arrays)}, expected {sorted(expected)}", _FIX)
+    embedding = arrays["embedding"]
+    if embedding.ndim != 2 or embedding.dtype.kind != "f" or not np.isfinite(embedding).all():
+        raise damaged(path, "the embedding is not a finite 2-d float array", _FIX)
+    n_cells = embedding.shape[0]
+    if arrays["cell_names"].shape != (n_cells,) or arrays["cell_names"].dtype.kind != "U":
+        raise damaged(path, f"cell_names is not {n_cells} strings, one per embedded cell", _FIX)
+    calibration = arrays["calibration"]
+    if calibration.ndim != 2 or calibration.dtype.kind != "f" or not np.isfinite(calibration).all():
+        raise damaged(path, "the calibration distances are not a finite 2-d float array", _FIX)
+    for position, (name, categories) in enumerate(metadata["levels"].items()):
+        codes = arrays[f"label_codes_{position}"]
+        if (
+            codes.shape != (n_cells,)
+            or codes.dtype.kind != "i"
+            or (codes.size and not (codes.min() >= -1 and codes.max() < len(categories)))
+        ):
+            raise damaged(
+                path, f"the label codes of level {name!r} are not {n_cells} codes in [-1, {len(categories)})", _FIX
+            )
+    if "graph_indices" in arrays:
+        indices, distances = arrays["graph_indices"], arrays["graph_distances"]
+        if (
+            indices.ndim != 2
+            or indices.shape[0] != n_cells
+            or distances.shape != indices.shape
+            or indices.dtype.kind != "i"
+            or (indices.size and (indices.min() < 0 or indices.max() >= n_cells))
+            or not np.isfinite(distances).all()
+        ):
+            raise damaged(path, "the stored neighbour graph does not fit the embedding", _FIX)
+
+
 def _drop_rows(indices: np.ndarray, distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each cell's neighbours without its own reference row (its farthest neighbour when the row was not found)."""
     is_self = indices == rows[:, None]
@@ -591,12 +726,7 @@ def _drop_rows(indices: np.ndarray, distances: np.ndarray, rows: np.ndarray, k: 
 
 
 def _as_embedding(values, what: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float32)
-    if array.ndim != 2:
-        raise ValueError(f"The {what} must be a 2-d array (cells x dimensions), got shape {array.shape}.")
-    if not np.isfinite(array).all():
-        raise ValueError(f"The {what} contains NaN or infinite values; embed the cells again or remove those rows.")
-    return np.ascontiguousarray(array)
+    return check_finite_embedding(values, f"The {what}", "Embed the cells again, or remove those rows.")
 
 
 def _unit_rows(values: np.ndarray) -> np.ndarray:

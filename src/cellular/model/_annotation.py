@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from cellular.data import stratified_split
+from cellular.data import check_finite_embedding, stratified_split
 from cellular.metrics import expected_calibration_error
 from cellular.nn import CellTypeClassifier, fit_temperature
 
@@ -340,10 +340,18 @@ class AnnotationMixin:
         ``(n_cells, n_types)`` array, columns in :attr:`cell_types` order.
         """
         self.require_classifier()
+        z = check_finite_embedding(z, "The embedding", "Embed the cells with this model (get_latent_representation).")
         logits = classifier_logits(self.classifier_, z)
         if temperature is None:
             temperature = self.calibration_temperature_ if calibrated else 1.0
-        return torch.softmax(logits / temperature, dim=1).numpy()
+        probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+        if not np.isfinite(probabilities).all():
+            raise ValueError(
+                f"The classifier head gives NaN probabilities (temperature {temperature}, non-finite weights: "
+                f"{self.non_finite_weights() or 'none'}): its weights or calibration were damaged. Retrain it with "
+                "model.train_classifier() or load an intact copy of the model."
+            )
+        return probabilities
 
     def novelty_scores_from_embedding(
         self, z: np.ndarray, probabilities: np.ndarray, index, reference=None, hidden: np.ndarray | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from importlib.metadata import version
 from pathlib import Path
@@ -12,6 +14,21 @@ import torch
 from anndata import AnnData
 from scvi.model.base import BaseModelClass
 
+from cellular._files import (
+    FILE_RECORD,
+    METADATA_CHECKSUM,
+    NUMBERS,
+    SHA256,
+    SHAPE,
+    STRINGS,
+    check_shapes,
+    damaged,
+    file_record,
+    read_json,
+    seal,
+    validate,
+    verify_checksums,
+)
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
 
@@ -19,14 +36,111 @@ from . import _serialization
 from ._device import resolve_device
 from ._panels import CalibrationCells
 
+logger = logging.getLogger(__name__)
+
 _FORMAT = "cellular-sc-model"
-# Version 3 adds panel masking (module settings), depth thinning, training settings and calibration cells; version 2
-# files load as models trained without them.
-_FORMAT_VERSION = 3
-_READABLE_VERSIONS = (2, 3)
+# Version 4 records the SHA-256 of model.pt and of the metadata itself, and every tensor's shape. Version 3 added
+# panel masking (module settings), depth thinning, training settings and calibration cells; version 2 files load as
+# models trained without them. Versions 2 and 3 carry no checksums and load with a warning.
+_FORMAT_VERSION = 4
+_UNCHECKED_VERSIONS = (2, 3)
+_READABLE_VERSIONS = (*_UNCHECKED_VERSIONS, _FORMAT_VERSION)
 _METADATA_FILE = "model.json"
 _WEIGHTS_FILE = "model.pt"
 _INDEX_FOLDER = "reference_index"
+_FIX = "Save the model again from an intact copy, or retrain it."
+
+_OBJECT = {"type": "object"}
+_NULLABLE_OBJECT = {"type": ["object", "null"]}
+# A numpy array as model/_serialization.py writes it.
+_STORED_NUMBERS = {
+    "type": "object",
+    "required": ["__ndarray__", "dtype", "shape"],
+    "properties": {"__ndarray__": NUMBERS, "dtype": {"type": "string"}, "shape": SHAPE},
+}
+_SCHEMA = {
+    "type": "object",
+    "required": [
+        "format",
+        "format_version",
+        "package_version",
+        "model_class",
+        "init_params",
+        "module_kwargs",
+        "genes",
+        "gene_ids",
+        "target_sum",
+        "gene_count_fractions",
+        "depth_thinning",
+        "seed",
+        "is_trained",
+        "training_summary",
+        "train_params",
+        "calibration_cell_names",
+        "history",
+        "registry",
+        "classifier",
+        "files",
+        "tensors",
+        METADATA_CHECKSUM,
+    ],
+    "properties": {
+        "format": {"const": _FORMAT},
+        "format_version": {"const": _FORMAT_VERSION},
+        "package_version": {"type": "string"},
+        "model_class": {"const": "CELLULAR"},
+        "init_params": _OBJECT,
+        "module_kwargs": {
+            "type": "object",
+            "required": ["n_input", "n_labels", "n_batch", "n_latent"],
+            "properties": {
+                key: {"type": "integer", "minimum": 1} for key in ("n_input", "n_labels", "n_batch", "n_latent")
+            },
+        },
+        "genes": {**STRINGS, "minItems": 2},
+        "gene_ids": {"anyOf": [STRINGS, {"type": "null"}]},
+        "target_sum": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
+        "gene_count_fractions": {"anyOf": [NUMBERS, _STORED_NUMBERS, {"type": "null"}]},
+        "depth_thinning": {
+            "type": "object",
+            "required": ["probability", "min_fraction"],
+            "properties": {
+                "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                "min_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            },
+        },
+        "seed": {"type": "integer"},
+        "is_trained": {"type": "boolean"},
+        "training_summary": _NULLABLE_OBJECT,
+        "train_params": _NULLABLE_OBJECT,
+        "calibration_cell_names": {"anyOf": [STRINGS, {"type": "null"}]},
+        "history": {"anyOf": [{"type": "object", "additionalProperties": NUMBERS}, {"type": "null"}]},
+        "registry": {"type": "object", "required": ["setup_args", "field_registries"]},
+        "classifier": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "required": ["params", "n_latent", "temperature", "summary", "history", "novelty"],
+                    "properties": {
+                        "n_latent": {"type": "integer", "minimum": 1},
+                        "temperature": {"type": "number", "exclusiveMinimum": 0},
+                        "params": {"type": "object", "required": ["hidden_sizes", "dropout_rate"]},
+                        "novelty": _OBJECT,
+                    },
+                },
+                {"type": "null"},
+            ]
+        },
+        "files": {
+            "type": "object",
+            "required": [_WEIGHTS_FILE],
+            "additionalProperties": False,
+            "properties": {_WEIGHTS_FILE: FILE_RECORD},
+        },
+        "tensors": {"type": "object", "additionalProperties": SHAPE},
+        METADATA_CHECKSUM: SHA256,
+    },
+}
 
 
 class SaveLoadMixin:
@@ -84,8 +198,10 @@ class SaveLoadMixin:
             value = getattr(self, name)
             if value is not None:
                 tensors[f"indices.{name}"] = torch.as_tensor(np.asarray(value, dtype=np.int64))
-        (dir_path / _METADATA_FILE).write_text(_serialization.dumps(metadata))
         torch.save(tensors, dir_path / _WEIGHTS_FILE)
+        metadata["files"] = {_WEIGHTS_FILE: file_record(dir_path / _WEIGHTS_FILE)}
+        metadata["tensors"] = {name: list(tensor.shape) for name, tensor in tensors.items()}
+        (dir_path / _METADATA_FILE).write_text(json.dumps(seal(_serialization.encode(metadata)), indent=1))
         index_path = dir_path / _INDEX_FOLDER
         if self.reference_index_ is not None:
             self.reference_index_.save(index_path, overwrite=True)
@@ -121,7 +237,9 @@ class SaveLoadMixin:
         metadata_path = dir_path / _METADATA_FILE
         if not metadata_path.exists():
             raise FileNotFoundError(f"No saved CELLULAR model in {dir_path} ({_METADATA_FILE} is missing).")
-        metadata = _serialization.loads(metadata_path.read_text())
+        metadata = read_json(metadata_path, _FIX)
+        if not isinstance(metadata, dict):
+            raise damaged(metadata_path, f"holds a JSON {type(metadata).__name__}, not the model's metadata", _FIX)
         if metadata.get("format") != _FORMAT or metadata.get("format_version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"{dir_path} holds a model file of format {metadata.get('format')!r} version "
@@ -129,7 +247,10 @@ class SaveLoadMixin:
                 f"(it reads {_FORMAT!r} versions {list(_READABLE_VERSIONS)}). Install the cellular-sc version that "
                 f"wrote it ({metadata.get('package_version')!r}) or retrain the model."
             )
-        tensors = torch.load(dir_path / _WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        checked = _check_metadata(metadata, metadata_path, dir_path)
+        metadata = _serialization.decode(metadata)
+        tensors = _read_tensors(dir_path / _WEIGHTS_FILE, metadata.get("tensors") if checked else None)
+        _check_consistency(metadata, tensors, metadata_path)
         registry = metadata["registry"]
 
         if adata is None and (dir_path / "adata.h5ad").exists():
@@ -152,10 +273,18 @@ class SaveLoadMixin:
         model._module_kwargs = dict(metadata["module_kwargs"])
         model.init_params_ = {"kwargs": {}, "non_kwargs": metadata["init_params"]}
         model.module = CellularModule(**model._module_kwargs)
-        model.module.load_state_dict({k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")})
         device = resolve_device(accelerator, devices)
+        try:
+            model.module.load_state_dict(
+                {k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")}
+            )
+            model._restore_classifier(metadata.get("classifier"), tensors, device)
+        except (RuntimeError, KeyError, ValueError) as error:
+            problem = (
+                f"its tensors do not fit the model described in {_METADATA_FILE} ({' '.join(str(error).split())[:300]})"
+            )
+            raise damaged(dir_path / _WEIGHTS_FILE, problem, _FIX) from None
         model.module.to(device).eval()
-        model._restore_classifier(metadata.get("classifier"), tensors, device)
         model.is_trained_ = bool(metadata["is_trained"])
         model.training_summary_ = metadata["training_summary"]
         model.train_params_ = metadata.get("train_params")
@@ -173,9 +302,77 @@ class SaveLoadMixin:
         model.validation_indices_ = _numpy_or_none(tensors.get("indices.validation_indices_"))
         model.reference_index_ = None
         if (dir_path / _INDEX_FOLDER).exists():
-            model.reference_index_ = ReferenceIndex.load(dir_path / _INDEX_FOLDER, device=device)
+            index = ReferenceIndex.load(dir_path / _INDEX_FOLDER, device=device)
+            if index.model_fingerprint != model.fingerprint:
+                raise damaged(
+                    dir_path / _INDEX_FOLDER,
+                    "the reference index saved with the model was built by another model (its model fingerprint "
+                    f"{str(index.model_fingerprint)[:12]!r} is not this model's {model.fingerprint[:12]!r})",
+                    "Rebuild it with model.build_reference_index(adata_ref) and save the model again.",
+                )
+            model.reference_index_ = index
         model._model_summary_string = model._summary()
         return model
+
+
+def _check_metadata(metadata: dict, path: Path, folder: Path) -> bool:
+    """Validate a version-4 metadata file and the checksums it records; ``False`` for an older, unchecked file."""
+    if metadata["format_version"] in _UNCHECKED_VERSIONS:
+        if METADATA_CHECKSUM in metadata or "files" in metadata:
+            raise damaged(path, f"claims format version {metadata['format_version']} but carries checksums", _FIX)
+        logger.warning(
+            "%s was saved by an earlier cellular-sc without checksums; its files cannot be verified. Save the model "
+            "again to add them.",
+            path,
+        )
+        return False
+    validate(metadata, _SCHEMA, path, _FIX)
+    verify_checksums(metadata, path, folder, _FIX)
+    return True
+
+
+def _read_tensors(path: Path, recorded: dict | None) -> dict[str, torch.Tensor]:
+    """The tensors in ``path`` (never unpickling objects), checked against the recorded names and shapes."""
+    if not path.is_file():
+        raise damaged(path, "is missing", _FIX)
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise damaged(
+            path, f"cannot be read as a tensor file ({type(error).__name__}): truncated or damaged", _FIX
+        ) from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in tensors.items()
+    ):
+        raise damaged(path, "does not hold a mapping of names to tensors", _FIX)
+    if recorded is not None:
+        check_shapes(tensors, recorded, path, _FIX)
+    broken = [name for name, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise damaged(path, f"tensor(s) {broken[:3]} hold NaN or infinite values", _FIX)
+    return tensors
+
+
+def _check_consistency(metadata: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Lengths and ranges that tie the metadata to the tensors (any format version)."""
+    genes, module_kwargs = metadata["genes"], metadata["module_kwargs"]
+    if module_kwargs.get("n_input") != len(genes):
+        raise damaged(path, f"lists {len(genes)} genes but the encoder reads {module_kwargs.get('n_input')}", _FIX)
+    for field in ("gene_ids", "gene_count_fractions"):
+        values = metadata.get(field)
+        if values is not None and len(values) != len(genes):
+            raise damaged(path, f"field {field!r} has {len(values)} entries for {len(genes)} genes", _FIX)
+    labels = metadata["registry"]["field_registries"].get("labels", {}).get("state_registry", {})
+    n_types = len(labels.get("categorical_mapping", [])) - 1
+    if module_kwargs.get("n_labels") != n_types:
+        raise damaged(path, f"registers {n_types} cell types but the module has {module_kwargs.get('n_labels')}", _FIX)
+    for name, value in tensors.items():
+        if name.startswith("indices.") and value.numel() and int(value.min()) < 0:
+            raise damaged(path, f"tensor {name!r} holds negative cell indices", _FIX)
+    calibration_labels = tensors.get("calibration.labels")
+    if calibration_labels is not None and calibration_labels.numel():
+        if int(calibration_labels.min()) < 0 or int(calibration_labels.max()) >= n_types:
+            raise damaged(path, f"calibration labels lie outside the {n_types} cell types", _FIX)
 
 
 def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:

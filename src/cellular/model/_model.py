@@ -268,7 +268,10 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         Notes
         -----
         As every scvi-tools model, this adds the columns ``_scvi_labels`` and ``_scvi_batch`` to ``adata.obs`` and
-        the keys ``_scvi_uuid`` and ``_scvi_manager_uuid`` to ``adata.uns``.
+        the keys ``_scvi_uuid`` and ``_scvi_manager_uuid`` to ``adata.uns``. The ``labels_key`` and ``batch_key``
+        columns are made categorical with string categories when they are not (integer labels become ``"0"``,
+        ``"1"``, ...), and categories without cells (left by subsetting or relabelling) are removed, so no type
+        without cells enters the model; both changes are logged and leave every cell's value as it was.
         """
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(
@@ -278,6 +281,15 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         _check_obs_column(adata, labels_key, "labels_key")
         if batch_key is not None:
             _check_obs_column(adata, batch_key, "batch_key")
+            if batch_key == labels_key:
+                raise ValueError(
+                    f"labels_key and batch_key are both {labels_key!r}. The batch term pulls together cells of the "
+                    "same type from different batches; with batches equal to types it has no such pairs and would be "
+                    "silently disabled. Pass the column of batches (technology, donor, sample), or batch_key=None "
+                    "for data from one batch."
+                )
+            _as_string_categories(adata, batch_key)
+        _as_string_categories(adata, labels_key)
         if gene_id_key is not None and gene_id_key not in adata.var:
             raise KeyError(
                 f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: {list(adata.var.columns)})."
@@ -503,6 +515,14 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             runner()
         self.module.eval()
         self.history_ = _history_frames(self.history_ or {})
+        broken = self.non_finite_weights()
+        losses = [self.history_[key].to_numpy() for key in ("train_loss", "validation_loss") if key in self.history_]
+        if broken or not all(np.isfinite(values).all() for values in losses):
+            raise ValueError(
+                f"Training diverged: the loss became NaN or infinite (weights not finite: {broken or 'none'}). "
+                "Train again with a lower learning rate (lr=...) or stronger weight decay; check the input for extreme "
+                "values."
+            )
 
         self.train_indices_, self.validation_indices_ = data_module.train_idx, data_module.val_idx
         self.test_indices_ = data_module.test_idx
@@ -743,11 +763,29 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                         hidden_out = np.empty((expression.n_cells, values.shape[1]), dtype=np.float32)
                     hidden_out[index] = values
                 progress.update(index.size)
+        if not np.isfinite(out).all():
+            self._raise_not_finite(out)
         if hidden is None:
             return out
         if hidden_out is None:
             hidden_out = np.empty((0, 0), dtype=np.float32)
         return out, hidden_out
+
+    def non_finite_weights(self) -> list[str]:
+        """Names of the module's parameters and buffers that hold NaN or infinite values (empty when all finite)."""
+        tensors = {f"module.{name}": tensor for name, tensor in self.module.state_dict().items()}
+        if getattr(self, "classifier_", None) is not None:
+            tensors.update({f"classifier.{name}": tensor for name, tensor in self.classifier_.state_dict().items()})
+        return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+    def _raise_not_finite(self, z: np.ndarray) -> None:
+        n_bad = int((~np.isfinite(z).all(axis=1)).sum())
+        raise ValueError(
+            f"The encoder's embedding of {n_bad} of {z.shape[0]} cells holds NaN or infinite values (weights that "
+            f"are not finite: {self.non_finite_weights() or 'none'}). Damaged or diverged weights: retrain the model "
+            "(a lower learning rate, lr=..., helps a diverging run) or load an intact copy; with finite weights, "
+            "check that the input is raw counts, or log1p-normalised values with log_normalized=True."
+        )
 
 
 def _check_augmentation(probability: float, min_fraction: float, name: str, fraction_name: str) -> None:
@@ -772,6 +810,25 @@ def _check_obs_column(adata: AnnData, key: str, argument: str) -> None:
             f"adata.obs[{key!r}] has {int(column.isna().sum())} missing values. Fill them, e.g. with the "
             "unlabeled_category ('Unknown') for labels, before setting up the data."
         )
+
+
+def _as_string_categories(adata: AnnData, key: str) -> None:
+    """Make ``adata.obs[key]`` categorical with string categories, all of them used (values unchanged)."""
+    column = adata.obs[key]
+    if isinstance(column.dtype, pd.CategoricalDtype) and all(isinstance(c, str) for c in column.cat.categories):
+        unused = [c for c in column.cat.categories if c not in set(column.unique())]
+        if not unused:
+            return
+        logger.info("Removing categories without cells from adata.obs[%r]: %s.", key, unused)
+        adata.obs[key] = column.cat.remove_unused_categories()
+        return
+    logger.info("Converting adata.obs[%r] (%s) to categorical labels with string categories.", key, column.dtype)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        column = column.cat.remove_unused_categories()
+        order = [str(c) for c in column.cat.categories]
+    else:
+        order = [str(c) for c in pd.unique(column.sort_values())]
+    adata.obs[key] = pd.Categorical(column.astype(str), categories=order)
 
 
 def _check_label_counts(labels: np.ndarray, cell_types: list[str], labels_key: str) -> None:

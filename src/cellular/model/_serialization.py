@@ -39,6 +39,16 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def encode(value: Any) -> Any:
+    """``value`` as plain JSON types (numpy arrays tagged with their dtype and shape)."""
+    return _encode(value)
+
+
+def decode(value: Any) -> Any:
+    """Inverse of :func:`encode`."""
+    return _decode(value)
+
+
 def dumps(value: Any) -> str:
     """Serialise nested dicts/lists of plain values and numpy arrays to JSON."""
     return json.dumps(_encode(value), indent=1)

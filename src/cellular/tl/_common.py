@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from cellular.data import align_genes
+from cellular.data import align_genes, check_finite_embedding
 from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR, PanelCalibration
 
@@ -194,7 +194,9 @@ def _stored_embedding(adata: AnnData, model: CELLULAR, use_rep: str) -> np.ndarr
             f"use_rep={use_rep!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}); run "
             "cellular.tl.cellular_embed first or pass use_rep=None to embed the cells now."
         )
-    z = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    z = check_finite_embedding(
+        adata.obsm[use_rep], f"adata.obsm[{use_rep!r}]", "Pass use_rep=None to embed the cells with the model now."
+    )
     if z.shape != (adata.n_obs, model.n_latent):
         raise ValueError(
             f"adata.obsm[{use_rep!r}] has shape {z.shape}, but the model embeds into {model.n_latent} dimensions; "

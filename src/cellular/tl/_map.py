@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from cellular.data import check_finite_embedding
 from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
@@ -113,7 +114,7 @@ def cellular_map(
     if copy:
         adata = adata.copy()
     if model is None:
-        z = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+        z = check_finite_embedding(adata.obsm[use_rep], f"adata.obsm[{use_rep!r}]", "Recompute the embedding.")
         served = ServedQuery(None, z, {"use_rep": use_rep, "panel_path": "stored"}, index)
     else:
         served = serve_query(
@@ -203,7 +204,14 @@ def _check_model_index(model: CELLULAR, index: ReferenceIndex | None) -> Referen
             f"The index holds a {index.n_latent}-dimensional embedding but the model embeds into {model.n_latent} "
             "dimensions; build the index with this model."
         )
-    if index.model_fingerprint is not None and index.model_fingerprint != model.fingerprint:
+    if index.model_fingerprint is None:
+        raise ValueError(
+            "The reference index carries no model fingerprint: it was made from an embedding "
+            "(ReferenceIndex.from_embedding), so nothing shows that this model embedded the reference. Build the index "
+            "with the model (model.build_reference_index(adata_ref)), or map without a model: "
+            "cellular.tl.cellular_map(adata, None, index, use_rep=...)."
+        )
+    if index.model_fingerprint != model.fingerprint:
         raise ValueError(
             "The reference index was built with a different model (its fingerprint does not match): query and "
             "reference embeddings would not be comparable. Build the index with this model "
