@@ -277,10 +277,17 @@ def test_rejected_query_exits_with_1_and_names_the_problem(cli, symphony_split, 
     assert not (tmp_path / "out.h5ad").exists()
 
 
+def test_errors_name_command_line_flags_not_python_arguments(cli, symphony_split, tmp_path):
+    query = _write(_bad_query(symphony_split[1], "few genes"), tmp_path / "query.h5ad")
+    code, _, err = run("embed", query, "-m", cli.model, "-o", tmp_path / "out.h5ad", "--min-gene-overlap", "0.9")
+    assert code == 1 and "lower --min-gene-overlap" in err and "see --gene-id-key" in err
+    assert "min_gene_overlap" not in err and "gene_id_key" not in err
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("wrong labels key", "error: labels_key='cell_tpye' is not a column of adata.obs"),  # no KeyError quotes
+        ("wrong labels key", "error: --labels-key cell_tpye is not a column of adata.obs"),  # flags, no KeyError quotes
         ("single cell type", "has 1 labelled cell type(s)"),
         ("not h5ad", "cannot read"),
     ],

@@ -416,6 +416,12 @@ def case_index_arrays(ctx):
     cellular.ReferenceIndex.load(path)
 
 
+def case_gene_name_case(ctx):
+    query = _query(ctx.symphony)
+    query.var_names = query.var_names.str.lower()
+    cellular.tl.cellular_annotate(query, ctx.model)
+
+
 def case_labels_batch_same(ctx):
     CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="cell_type", batch_key="cell_type")
 

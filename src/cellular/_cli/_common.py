@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 logger = logging.getLogger("cellular.cli")
@@ -124,3 +125,34 @@ def counts_line(labels, limit: int = 8) -> str:
     counts = counts[counts > 0]
     shown = ", ".join(f"{name} {count}" for name, count in counts.iloc[:limit].items())
     return shown + (f", ... ({len(counts) - limit} more)" if len(counts) > limit else "")
+
+
+# Python arguments whose command-line flag has another name.
+_PYTHON_ARGUMENTS = {"max_epochs": "epochs"}
+
+
+def cli_wording(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` with the library's Python argument names replaced by the command's flags.
+
+    ``min_gene_overlap`` becomes ``--min-gene-overlap``, ``panel='direct'`` becomes ``--panel direct`` and
+    ``log_normalized=True`` becomes ``--log-normalized``, for the flags ``parser`` has.
+    """
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    names = {python: actions[dest] for python, dest in _PYTHON_ARGUMENTS.items() if dest in actions}
+    names.update(actions)
+    for name in sorted(names, key=len, reverse=True):
+        action = names[name]
+        flag = max(action.option_strings, key=len)
+        is_switch = isinstance(action, argparse._StoreTrueAction)
+
+        def assignment(match: re.Match, flag=flag, is_switch=is_switch) -> str:
+            value = match.group(2)
+            if is_switch:
+                return flag if value == "True" else f"no {flag}"
+            return f"{flag} {value}"
+
+        value = r"""([^\s,;)'"]+?)(?=[\s,;)'"]|\.(?:\s|$)|$)"""
+        message = re.sub(rf"(?<![\w.\['\"]){name}=(['\"]?){value}\1", assignment, message)
+        if "_" in name:
+            message = re.sub(rf"(?<![\w.\['\"]){name}\b(?!['\"\]])", flag, message)
+    return message

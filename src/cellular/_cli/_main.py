@@ -10,7 +10,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 
-from ._common import EXIT_DATA_ERROR, CommandError, UsageError, error_message
+from ._common import EXIT_DATA_ERROR, CommandError, UsageError, cli_wording, error_message
 from ._parser import build_parser
 
 # Errors that mean "the library rejected this data or model": reported as a message, no traceback.
@@ -50,7 +50,7 @@ def _messages(args: argparse.Namespace) -> Iterator[None]:
 def _report(error: BaseException, args: argparse.Namespace) -> None:
     if args.debug:
         traceback.print_exception(error, file=sys.stderr)
-    message = error_message(error)
+    message = cli_wording(error_message(error), args.parser)
     if not isinstance(error, _EXPECTED_ERRORS):
         message = (
             f"unexpected {type(error).__name__}: {message}. If this looks like a bug in cellular-sc, please report "

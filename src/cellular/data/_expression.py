@@ -174,6 +174,7 @@ def align_genes(
     n_matched = int(matched.sum())
     missing = [genes[i] for i in np.flatnonzero(~matched)]
     fraction = n_matched / len(genes)
+    _check_name_case(names, genes, n_matched, source)
     if fraction < min_gene_overlap:
         raise ValueError(
             f"Only {n_matched} of the model's {len(genes)} genes ({fraction:.1%}) are present in adata.{source}; "
@@ -183,6 +184,24 @@ def align_genes(
         )
     logger.info("Matched %d of %d model genes in adata.%s.", n_matched, len(genes), source)
     return GeneAlignment(source_index=source_index, n_matched=n_matched, missing=missing)
+
+
+def _check_name_case(names: pd.Index, genes: list[str], n_matched: int, source: str) -> None:
+    """Refuse a query whose gene names match the model's far better when case is ignored (a naming mismatch)."""
+    upper = pd.Index(names.str.upper())
+    first = ~upper.duplicated()
+    folded_names, folded = names[first], upper[first]
+    position = folded.get_indexer(pd.Index(genes).str.upper())
+    n_folded = int((position >= 0).sum())
+    if n_folded >= max(2 * n_matched, n_matched + 0.1 * len(genes)):
+        gene = next(g for g, p in zip(genes, position, strict=True) if p >= 0 and folded_names[p] != g)
+        example = f"{folded_names[position[genes.index(gene)]]!r} for {gene!r}"
+        raise ValueError(
+            f"Only {n_matched} of the model's {len(genes)} genes match adata.{source} exactly, but {n_folded} match "
+            f"when upper and lower case are ignored (e.g. {example}): the gene names differ in case. If they name "
+            "the same genes, rename them to the model's convention first, e.g. "
+            "adata.var_names = adata.var_names.str.upper(), or match on ids with gene_id_key=..."
+        )
 
 
 class BackedColumns:
