@@ -95,7 +95,7 @@ def test_train_reports_and_saves_an_indexed_model_like_the_python_api(cli, symph
     assert f"{train.n_obs} cells x {train.n_vars} genes" in out
     assert "9 cell types in obs['cell_type'], 2 batches in obs['batch']" in out
     assert "3 epochs" in out and f"saved to {cli.model}/" in out
-    assert "Training CELLULAR" in err and "Training classifier" in err  # progress bars unless --quiet
+    assert "Training CELLULAR" not in err and "Training classifier" not in err  # no progress bars in a log file
     model = CELLULAR.load(cli.model)
     assert model.is_trained and model.has_classifier and model.training_summary_["epochs_run"] == 3
     assert model.classifier_summary_["epochs_run"] <= 10
@@ -153,7 +153,7 @@ def test_query_command_writes_what_the_python_api_writes(cli, command, tmp_path)
     if "--quiet" in options:
         assert out == "" and err == ""
     else:
-        assert f"wrote {output}" in out and "Embedding cells" in err
+        assert f"wrote {output}" in out and "Embedding cells" not in err
     written = ad.read_h5ad(output)
 
     expected = ad.read_h5ad(cli.query)
@@ -180,7 +180,7 @@ def test_overwrite_replaces_output_and_verbose_logs(cli, tmp_path):
     code, _, err = run("embed", cli.query, "-m", cli.model, "-o", output, "--overwrite", "-v", "--batch-size", "100")
     assert code == 0, err
     assert (package_logger.level, package_logger.propagate, list(package_logger.handlers)) == before
-    assert "INFO: Matched 1584 of 1584 model genes" in err and "Embedding cells" in err
+    assert "Matched 1584 of 1584 model genes" in err and "Embedding cells" not in err
     assert ad.read_h5ad(output).obsm["X_cellular"].shape[0] == ad.read_h5ad(cli.query).n_obs
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -387,3 +387,76 @@ def test_query_lacking_most_model_genes_is_served_by_a_refit_on_the_recorded_ref
     assert (
         ad.read_h5ad(tmp_path / "annotated.h5ad").uns["cellular"]["cellular_label"]["params"]["panel_path"] == "refit"
     )
+
+
+# ------------------------------------------------------------------------------- interrupted and racing runs
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if ".partial" in path.name)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_interrupted_or_failed_write_leaves_no_output(cli, tmp_path, monkeypatch, failure):
+    def write_then_fail(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half an h5ad")
+        raise failure("disk full" if failure is OSError else "")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", write_then_fail)
+    code, _, err = run("embed", cli.query, "-m", cli.model, "-o", tmp_path / "out.h5ad", "--quiet")
+    assert code == (130 if failure is KeyboardInterrupt else 1), err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_interrupted_training_leaves_no_model_folder(cli, tmp_path, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CELLULAR, "build_reference_index", interrupted)
+    code, _, err = run("train", cli.reference, "--labels-key", "cell_type", "-o", tmp_path / "model", *TRAINING)
+    assert code == 130 and "interrupted" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_two_runs_writing_one_output_cannot_both_succeed(cli, tmp_path, monkeypatch):
+    output = tmp_path / "out.h5ad"
+    original = ad.AnnData.write_h5ad
+
+    def another_run_finishes_first(self, path, *args, **kwargs):
+        output.write_text("the other run's result")
+        original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", another_run_finishes_first)
+    code, _, err = run("embed", cli.query, "-m", cli.model, "-o", output, "--quiet")
+    assert code == 2 and "appeared while this command ran" in err
+    assert output.read_text() == "the other run's result" and _leftovers(tmp_path) == []
+
+    model = tmp_path / "model"
+
+    def another_model_appears(self, *args, **kwargs):
+        model.mkdir()
+        (model / "model.json").write_text("{}")
+
+    monkeypatch.setattr(CELLULAR, "build_reference_index", another_model_appears)
+    code, _, err = run("train", cli.reference, "--labels-key", "cell_type", "-o", model, *TRAINING)
+    assert code == 2 and "appeared while this command ran" in err
+    assert (model / "model.json").read_text() == "{}" and _leftovers(tmp_path) == []
+
+
+def test_progress_bars_only_on_a_terminal(cli, tmp_path, monkeypatch):
+    code, _, logged = run("embed", cli.query, "-m", cli.model, "-o", tmp_path / "a.h5ad")
+    assert code == 0 and "cells/s" not in logged and "Embedding cells" not in logged
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with contextlib.redirect_stderr(io.StringIO()) as terminal:
+        terminal.isatty = lambda: True
+        code = main([str(a) for a in ("embed", cli.query, "-m", cli.model, "-o", tmp_path / "b.h5ad")])
+    assert code == 0 and "Embedding cells" in terminal.getvalue()
+
+
+def test_demo_says_whether_it_wrote_anything(tmp_path, capsys):
+    assert main(["demo", "--epochs", "2", "--classifier-epochs", "3", "--quiet"]) == 0
+    assert "nothing was written to disk; pass -o MODEL_DIR" in capsys.readouterr().out
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quiet", "-o", str(tmp_path / "demo")])
+    assert exit_.value.code == 2 and "holds other files" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "notes.txt").read_text() == "mine"

@@ -17,9 +17,12 @@ from ._common import (
     existing_model_folder,
     load_model,
     logger,
+    model_output_folder,
     new_output_file,
     read_h5ad,
     say,
+    show_progress,
+    staged_folder,
     write_h5ad,
 )
 
@@ -27,11 +30,7 @@ from ._common import (
 def train(args: argparse.Namespace) -> int:
     """``cellular train``: set up, train and index a model on a reference h5ad, and save it."""
     reference = existing_file(args.reference, "reference file")
-    output: Path = args.output
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"output {str(output)!r} is a file; a model is saved as a folder, pass a folder path")
-    if (output / "model.json").exists() and not args.overwrite:
-        raise UsageError(f"{str(output)!r} already holds a saved model; pass --overwrite to replace it")
+    output = model_output_folder(args.output, args.overwrite)
     if args.no_index and args.index_label_keys:
         raise UsageError("--index-label-keys has no effect with --no-index; drop one of them")
 
@@ -39,7 +38,7 @@ def train(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     adata = read_h5ad(reference, backed=args.backed)
-    show_progress = not args.quiet
+    progress = show_progress(args)
     CELLULAR.setup_anndata(
         adata,
         labels_key=args.labels_key,
@@ -50,14 +49,14 @@ def train(args: argparse.Namespace) -> int:
         gene_id_key=args.gene_id_key,
     )
     model = CELLULAR(adata, n_latent=args.n_latent, n_top_genes=args.n_top_genes, seed=args.seed)
-    classifier_kwargs = {"progress_bar": show_progress}
+    classifier_kwargs = {"progress_bar": progress}
     if args.classifier_epochs is not None:
         classifier_kwargs["max_epochs"] = args.classifier_epochs
     model.train(
         max_epochs=args.epochs,
         batch_size=args.batch_size,
         accelerator=args.accelerator,
-        progress_bar=show_progress,
+        progress_bar=progress,
         classifier=not args.no_classifier,
         classifier_kwargs=classifier_kwargs,
     )
@@ -68,13 +67,14 @@ def train(args: argparse.Namespace) -> int:
             adata,
             label_keys=args.index_label_keys or [args.labels_key],
             unlabeled_category=args.unlabeled_category,
-            progress_bar=show_progress,
+            progress_bar=progress,
         )
-    model.save(output, overwrite=args.overwrite)
-    # Query commands refit the model on a query's genes when it lacks many of them; they find the reference here.
-    (output / TRAINING_DATA_FILE).write_text(
-        json.dumps({"path": str(reference.resolve()), "size": reference.stat().st_size})
-    )
+    with staged_folder(output, args.overwrite) as folder:
+        model.save(folder)
+        # Query commands refit the model on a query's genes when it lacks many of them; they find the reference here.
+        (folder / TRAINING_DATA_FILE).write_text(
+            json.dumps({"path": str(reference.resolve()), "size": reference.stat().st_size})
+        )
 
     labels = model.registered_labels()
     n_unlabelled = int((labels < 0).sum())
@@ -177,7 +177,7 @@ def require_classifier(model, args: argparse.Namespace) -> None:
 def _embed_first(adata, model, args, reading) -> None:
     import cellular
 
-    cellular.tl.cellular_embed(adata, model, key_added=args.embedding_key, progress_bar=not args.quiet, **reading)
+    cellular.tl.cellular_embed(adata, model, key_added=args.embedding_key, progress_bar=show_progress(args), **reading)
 
 
 def embed(args: argparse.Namespace) -> int:
@@ -187,8 +187,8 @@ def embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
     adata = read_h5ad(args.query, backed=args.backed)
-    cellular.tl.cellular_embed(adata, model, key_added=args.key_added, progress_bar=not args.quiet, **reading)
-    write_h5ad(adata, output)
+    cellular.tl.cellular_embed(adata, model, key_added=args.key_added, progress_bar=show_progress(args), **reading)
+    write_h5ad(adata, output, args.overwrite)
     params = adata.uns["cellular"]["params"]
     say(
         args,
@@ -219,7 +219,7 @@ def annotate(args: argparse.Namespace) -> int:
         unknown_label=args.unknown_label,
         **_served(reading, args),
     )
-    write_h5ad(adata, output)
+    write_h5ad(adata, output, args.overwrite)
     say(
         args,
         f"cellular annotate: {adata.n_obs} cells -> obs[{args.key_added!r}]: {counts_line(adata.obs[args.key_added])}",
@@ -250,7 +250,7 @@ def novel(args: argparse.Namespace) -> int:
         n_markers=args.n_markers,
         **_served(reading, args),
     )
-    write_h5ad(adata, output)
+    write_h5ad(adata, output, args.overwrite)
     summary = adata.uns["cellular"][args.key_added]["summary"]
     level = "q-value (FDR)" if args.fdr else "p-value"
     say(
@@ -289,10 +289,10 @@ def map_(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         min_probability=args.min_probability,
         unknown_label=args.unknown_label,
-        progress_bar=not args.quiet,
+        progress_bar=show_progress(args),
         **_served(reading, args),
     )
-    write_h5ad(adata, output)
+    write_h5ad(adata, output, args.overwrite)
     record = adata.uns["cellular"][f"{args.key_added}_map"]
     say(
         args,
@@ -317,6 +317,8 @@ def demo(args: argparse.Namespace) -> int:
 
     import cellular
 
+    if args.output is not None:
+        model_output_folder(args.output, args.overwrite)
     print(f"cellular-sc {cellular.__version__}: demo on scanpy's bundled pbmc68k_reduced (no download).")
     adata = cellular.data.pbmc68k_reduced_lognorm()
     print(
@@ -324,7 +326,7 @@ def demo(args: argparse.Namespace) -> int:
         f"({adata.obs['bulk_labels'].nunique()} types)"
     )
     start = time.perf_counter()
-    classifier_kwargs = {"progress_bar": not args.quiet}
+    classifier_kwargs = {"progress_bar": show_progress(args)}
     if args.classifier_epochs is not None:
         classifier_kwargs["max_epochs"] = args.classifier_epochs
     model = cellular.tl.cellular_embed(
@@ -356,8 +358,11 @@ def demo(args: argparse.Namespace) -> int:
             f"label silhouette {silhouette:.3f}"
         )
     print("  note: the demo scores cells the model was trained on; see the docs for held-out evaluations.")
-    print("  wrote adata.obsm['X_cellular'] and adata.uns['cellular']['params']")
-    if args.output is not None:
-        model.save(args.output, overwrite=True)
-        print(f"  saved model to {args.output}/ (reload with cellular.CELLULAR.load({str(args.output)!r}))")
+    print("  results: adata.obsm['X_cellular'] and adata.uns['cellular']['params'] of the in-memory AnnData")
+    if args.output is None:
+        print("  nothing was written to disk; pass -o MODEL_DIR to save the trained model")
+    else:
+        with staged_folder(args.output, args.overwrite) as folder:
+            model.save(folder)
+        print(f"  saved the model to {args.output}/ (reload with cellular.CELLULAR.load({str(args.output)!r}))")
     return 0 if np.isfinite(embedding).all() else 1

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger("cellular.cli")
@@ -79,17 +83,97 @@ def read_h5ad(path: Path, backed: bool = False):
         raise CommandError(f"cannot read {str(path)!r} as an h5ad file: {error_message(error)}") from error
 
 
-def write_h5ad(adata, path: Path) -> None:
-    """Write ``adata`` to ``path`` through a temporary file, so a failed write leaves no partial output."""
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching a terminal: never with ``--quiet`` or when stderr is a log file."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _partial_name(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}")
+
+
+def _appeared(path: Path) -> UsageError:
+    return UsageError(
+        f"output {str(path)!r} appeared while this command ran (another run writing the same output?); nothing was "
+        "replaced. Pass --overwrite to replace it, or choose another output"
+    )
+
+
+@contextlib.contextmanager
+def staged_file(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; it becomes ``path`` only when the block succeeds.
+
+    Any failure, including Ctrl-C, removes the temporary file. Without ``overwrite`` the file is published with an
+    exclusive hard link, so two runs writing the same output cannot both succeed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial.h5ad")
-    logger.info("Writing %s.", path)
+    partial = _partial_name(path, path.suffix)
     try:
-        adata.write_h5ad(partial)
-        os.replace(partial, path)
-    except Exception as error:
+        yield partial
+        if overwrite:
+            os.replace(partial, path)
+            return
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            raise _appeared(path) from None
+        except OSError:  # a file system without hard links: check, then rename (not atomic)
+            if path.exists():
+                raise _appeared(path) from None
+            os.replace(partial, path)
+    finally:
         partial.unlink(missing_ok=True)
-        raise CommandError(f"could not write {str(path)!r}: {error_message(error)}") from error
+
+
+@contextlib.contextmanager
+def staged_folder(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to save into; it becomes ``path`` only when the block succeeds.
+
+    The folder is renamed into place (atomic on one file system): without ``overwrite`` that fails if another run
+    published a folder there meanwhile; with it, a previous model folder is replaced. Any failure, including Ctrl-C,
+    removes the temporary folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_name(path)
+    previous = _partial_name(path, ".old")
+    try:
+        yield partial
+        if overwrite and path.exists():
+            os.replace(path, previous)
+        try:
+            os.rename(partial, path)
+        except OSError:
+            if previous.exists():
+                os.replace(previous, path)
+            raise _appeared(path) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_h5ad(adata, path: Path, overwrite: bool = False) -> None:
+    """Write ``adata`` to ``path`` through a temporary file, so a failed or interrupted write leaves no output."""
+    logger.info("Writing %s.", path)
+    with staged_file(path, overwrite) as partial:
+        try:
+            adata.write_h5ad(partial)
+        except Exception as error:
+            raise CommandError(f"could not write {str(path)!r}: {error_message(error)}") from error
+
+
+def model_output_folder(output: Path, overwrite: bool) -> Path:
+    """``output``, or a :class:`UsageError` when it is a file, holds a model (without ``overwrite``) or other files."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {str(output)!r} is a file; a model is saved as a folder, pass a folder path")
+    if (output / "model.json").exists():
+        if not overwrite:
+            raise UsageError(f"{str(output)!r} already holds a saved model; pass --overwrite to replace it")
+    elif output.is_dir() and any(output.iterdir()):
+        raise UsageError(
+            f"output folder {str(output)!r} holds other files and no saved model; the model is saved as a whole "
+            "folder, pass a new folder path"
+        )
+    return output
 
 
 TRAINING_DATA_FILE = "training_data.json"

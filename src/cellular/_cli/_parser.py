@@ -406,5 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--n-latent", type=_positive_int, default=32, metavar="N", help="embedding size (default: 32)")
     demo.add_argument("--seed", type=_non_negative_int, default=0, metavar="N", help="random seed (default: 0)")
-    demo.add_argument("-o", "--output", default=None, metavar="MODEL_DIR", help="folder to save the trained model to")
+    demo.add_argument(
+        "-o", "--output", type=Path, default=None, metavar="MODEL_DIR", help="save the trained model to this folder"
+    )
+    demo.add_argument("--overwrite", action="store_true", help="replace a model already saved in MODEL_DIR")
     return parser
