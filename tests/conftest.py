@@ -1,4 +1,6 @@
 import os
+import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -9,6 +11,51 @@ from helpers import SYMPHONY_HELD_OUT, mark_singletons_unlabelled
 warnings.filterwarnings("ignore", message=".*_make_column_categorical.*")
 
 REQUIRE_DATA_VARIABLE = "CELLULAR_REQUIRE_DATA"
+REPOSITORY = Path(__file__).resolve().parents[1]
+# Caches of tools, not outputs of the tests.
+_TOOL_CACHES = (
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".egg-info",
+    "docs/_build",
+    "docs/generated",
+    "docs/tutorials",
+)
+
+# hypothesis keeps its example data under .hypothesis/ in the working directory unless told otherwise.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "cellular-hypothesis"))
+
+
+def _files_outside_git() -> set[str] | None:
+    """Untracked and ignored paths of the checkout (tool caches left out); ``None`` outside a git checkout."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--directory"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {path for path in listed.splitlines() if not any(cache in path for cache in _TOOL_CACHES)}
+
+
+def pytest_sessionstart(session):
+    session.config.stash_files_before = _files_outside_git()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The tests leave the checkout as they found it: whatever they write goes to temporary folders."""
+    before = getattr(session.config, "stash_files_before", None)
+    after = _files_outside_git()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        session.config.get_terminal_writer().line(f"ERROR: the tests wrote into the checkout: {new}", red=True)
+        session.exitstatus = 1
 
 
 def data_dir() -> Path:  # the project convention: $CELLULAR_DATA_DIR, else ../shared/data beside the repo

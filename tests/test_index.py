@@ -166,8 +166,31 @@ def test_auto_backend_choice(monkeypatch):
     assert cellular.ReferenceIndex.from_embedding(reference, device="cpu").backend == "pynndescent"
 
 
+def test_small_queries_are_answered_exactly_without_compiling_the_graph_search(monkeypatch):
+    from cellular.index import _reference
+
+    reference, _ = _clustered(3000)
+    queries, _ = _clustered(300, seed=5)
+    graph = cellular.ReferenceIndex.from_embedding(reference, backend="pynndescent", device="cpu")
+    exact = cellular.ReferenceIndex.from_embedding(reference, backend="exact", device="cpu")
+    assert graph._searcher is None  # nothing compiled on construction or load
+    for a, b in zip(graph.query(queries, k=10), exact.query(queries, k=10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert graph._searcher is None
+    monkeypatch.setattr(_reference, "EXACT_SEARCH_BUDGET", queries.shape[0] * 3000 - 1)
+    approximate, _ = graph.query(queries, k=10)
+    assert graph._searcher is not None
+    overlap = np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(approximate, exact.query(queries, k=10)[0], strict=True)]
+    )
+    assert overlap > 0.95
+
+
 @pytest.mark.parametrize("backend", ["exact", "pynndescent"])
-def test_save_load_round_trip_is_exact(tmp_path, backend):
+def test_save_load_round_trip_is_exact(tmp_path, backend, monkeypatch):
+    from cellular.index import _reference
+
+    monkeypatch.setattr(_reference, "EXACT_SEARCH_BUDGET", 0)  # every query through the graph search
     reference, types = _clustered(2000)
     queries, _ = _clustered(200, seed=3)
     labels = pd.DataFrame({"cell_type": np.array(list("abcd"))[types], "lineage": np.array(list("xxyy"))[types]})

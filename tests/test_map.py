@@ -161,7 +161,10 @@ def test_gene_order_and_missing_genes(atlas, pbmc3k, caplog):
         cellular.tl.cellular_map(pbmc3k[:, kept].copy(), model, min_gene_overlap=0.5)
 
 
-def test_pynndescent_agrees_with_exact_and_model_carries_index(atlas, pbmc3k, tmp_path):
+def test_pynndescent_agrees_with_exact_and_model_carries_index(atlas, pbmc3k, tmp_path, monkeypatch):
+    from cellular.index import _reference
+
+    monkeypatch.setattr(_reference, "EXACT_SEARCH_BUDGET", 0)  # every query through the graph search
     model, reference = atlas
     query_embedding = model.get_latent_representation(pbmc3k)
     exact = model.reference_index_

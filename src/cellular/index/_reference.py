@@ -95,6 +95,12 @@ _SCHEMA = {
 EXACT_CPU_MAX_CELLS = 20_000
 """Below this many reference cells, ``backend="auto"`` searches exactly on CPU too: faster than building a graph."""
 
+EXACT_SEARCH_BUDGET = 3e9
+"""A pynndescent index answers a query of ``n`` cells exactly when ``n`` x reference cells is at most this. Exact
+search on two CPU cores runs about 1.8e8 cell pairs a second, and numba compiles pynndescent's search for about 30 s
+in every new process (its kernels are closures, which numba cannot cache on disk; measured by
+``benchmarks/map_speed.py --startup``): below this budget the exact answer comes sooner, and it is exact."""
+
 _N_CALIBRATION_CELLS = 5_000
 _CALIBRATION_NEIGHBORS = 50
 
@@ -373,10 +379,12 @@ class ReferenceIndex:
             if self._graph is None:
                 logger.info("Building the pynndescent graph of %d reference cells.", self.n_cells)
                 self._graph = _nndescent.build_graph(data, self.n_neighbors, self.seed)
-            self._searcher = _nndescent.searcher_from_graph(data, *self._graph, self.seed, self.parallel_search)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.backend == "pynndescent":
+        if self.backend == "pynndescent" and queries.shape[0] * self.n_cells > EXACT_SEARCH_BUDGET:
+            if self._searcher is None:  # compiled on first use, not on load: small queries never need it
+                data = self._reference_tensor.cpu().numpy()
+                self._searcher = _nndescent.searcher_from_graph(data, *self._graph, self.seed, self.parallel_search)
             indices = _nndescent.search(self._searcher, queries, k, self.search_epsilon)
             # Distances recomputed in torch: pynndescent's fastmath kernels can differ in the last bit between two
             # copies of the same data, and this way both backends share one formula.
