@@ -79,6 +79,11 @@ def test_training_history_and_temperature(trained):
         assert key in history and len(history[key]) == trained.training_summary_["epochs_run"]
     temperatures = history["temperature"]["temperature"]
     assert temperatures.between(0.1, 2.0).all()
+    # The temperature is learnt: it moves away from its initial value, and the restored weights carry the value
+    # logged at the best epoch.
+    assert abs(temperatures.iloc[-1] - 0.25) > 0.01
+    best = trained.training_summary_["best_epoch"]
+    assert float(trained.module.temperature) == pytest.approx(temperatures.iloc[best], rel=1e-6)
     assert history["train_loss"]["train_loss"].iloc[-1] < history["train_loss"]["train_loss"].iloc[0]
     assert trained.is_trained and "trained" in repr(trained)
     assert len(trained.validation_indices) > 0
@@ -291,7 +296,7 @@ def test_untrained_model(symphony):
     model = CELLULAR(data, n_latent=8, n_top_genes=100)
     with pytest.raises(NotTrainedError, match=r"call model.train\(\) first"):
         model.get_latent_representation()
-    with pytest.raises(ValueError):
+    with pytest.raises(NotTrainedError, match=r"has not been trained yet; call model.train\(\) first"):
         cellular.tl.cellular_embed(data, model)
 
 
