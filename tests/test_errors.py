@@ -422,6 +422,18 @@ def case_gene_name_case(ctx):
     cellular.tl.cellular_annotate(query, ctx.model)
 
 
+def case_faiss_extra(ctx):
+    from unittest import mock
+
+    from cellular.index import _faiss
+
+    def missing(name, *args):
+        raise ImportError(f"No module named {name!r}")
+
+    with mock.patch.object(_faiss, "import_module", missing):
+        cellular.ReferenceIndex.from_embedding(np.eye(4, dtype=np.float32) + 0.1, backend="faiss")
+
+
 def case_labels_batch_same(ctx):
     CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="cell_type", batch_key="cell_type")
 

@@ -131,8 +131,8 @@ def test_distance_pvalues_are_uniform_for_reference_like_cells_and_small_for_far
 
 def test_index_rejects_bad_input():
     reference, types = _clustered(100)
-    with pytest.raises(ValueError, match="backend"):
-        cellular.ReferenceIndex.from_embedding(reference, backend="faiss")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cellular.ReferenceIndex.from_embedding(reference, backend="annoy")
     with pytest.raises(ValueError, match="metric"):
         cellular.ReferenceIndex.from_embedding(reference, metric="manhattan")
     with pytest.raises(ValueError, match="NaN"):
@@ -184,6 +184,22 @@ def test_small_queries_are_answered_exactly_without_compiling_the_graph_search(m
         [len(set(a) & set(b)) / 10 for a, b in zip(approximate, exact.query(queries, k=10)[0], strict=True)]
     )
     assert overlap > 0.95
+
+
+def test_faiss_index_is_reproducible_and_searches_a_loaded_copy_alike(tmp_path):
+    reference, types = _clustered(3000)
+    queries, _ = _clustered(300, seed=5)
+    index = cellular.ReferenceIndex.from_embedding(reference, {"cell_type": types}, backend="faiss", device="cpu")
+    again = cellular.ReferenceIndex.from_embedding(reference, {"cell_type": types}, backend="faiss", device="cpu")
+    np.testing.assert_array_equal(index._faiss_index, again._faiss_index)  # one-thread build: same bytes
+    exact = cellular.ReferenceIndex.from_embedding(reference, backend="exact", device="cpu")
+    found, truth = index.query(queries, k=15)[0], exact.query(queries, k=15)[0]
+    assert np.mean([len(set(a) & set(b)) / 15 for a, b in zip(found, truth, strict=True)]) > 0.97
+    index.save(tmp_path / "index")
+    loaded = cellular.ReferenceIndex.load(tmp_path / "index")
+    assert loaded.backend == "faiss"
+    for a, b in zip(index.query(queries, k=15), loaded.query(queries, k=15), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("backend", ["exact", "pynndescent"])

@@ -161,14 +161,15 @@ def test_gene_order_and_missing_genes(atlas, pbmc3k, caplog):
         cellular.tl.cellular_map(pbmc3k[:, kept].copy(), model, min_gene_overlap=0.5)
 
 
-def test_pynndescent_agrees_with_exact_and_model_carries_index(atlas, pbmc3k, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["pynndescent", "faiss"])
+def test_approximate_search_agrees_with_exact_and_model_carries_index(atlas, pbmc3k, tmp_path, monkeypatch, backend):
     from cellular.index import _reference
 
     monkeypatch.setattr(_reference, "EXACT_SEARCH_BUDGET", 0)  # every query through the graph search
     model, reference = atlas
     query_embedding = model.get_latent_representation(pbmc3k)
     exact = model.reference_index_
-    approximate = cellular.ReferenceIndex.build(model, reference, ["cell_type"], backend="pynndescent", n_neighbors=15)
+    approximate = cellular.ReferenceIndex.build(model, reference, ["cell_type"], backend=backend, n_neighbors=15)
     exact_neighbours, _ = exact.query(query_embedding, k=15)
     approximate_neighbours, _ = approximate.query(query_embedding, k=15)
     overlap = np.mean(

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 METADATA_CHECKSUM = "metadata_sha256"
 _CHUNK = 1 << 20
@@ -95,6 +98,24 @@ def verify_checksums(metadata: dict, path: Path, folder: Path, fix: str) -> None
             raise damaged(
                 file, "does not match the size and SHA-256 recorded when it was saved: it was changed or damaged", fix
             )
+
+
+def verify_metadata(
+    metadata: dict, *, schema: dict, path: Path, folder: Path, fix: str, unchecked_versions: tuple[int, ...]
+) -> bool:
+    """Validate a current-format metadata file and verify its checksums; ``True`` when it was checked.
+
+    A file of one of the ``unchecked_versions`` (written before checksums existed) is loaded with a warning and
+    ``False``; one that claims such a version but carries checksums was edited, and is refused.
+    """
+    if metadata["format_version"] in unchecked_versions:
+        if METADATA_CHECKSUM in metadata or "files" in metadata:
+            raise damaged(path, f"claims format version {metadata['format_version']} but carries checksums", fix)
+        logger.warning("%s was saved without checksums, so its files cannot be verified; save it again.", path)
+        return False
+    validate(metadata, schema, path, fix)
+    verify_checksums(metadata, path, folder, fix)
+    return True
 
 
 def check_shapes(arrays: dict, recorded: dict, path: Path, fix: str) -> None:

@@ -31,8 +31,8 @@ def train(args: argparse.Namespace) -> int:
     """``cellular train``: set up, train and index a model on a reference h5ad, and save it."""
     reference = existing_file(args.reference, "reference file")
     output = model_output_folder(args.output, args.overwrite)
-    if args.no_index and args.index_label_keys:
-        raise UsageError("--index-label-keys has no effect with --no-index; drop one of them")
+    if args.no_index and (args.index_label_keys or args.index_backend != "auto"):
+        raise UsageError("--index-label-keys and --index-backend have no effect with --no-index; drop one of them")
 
     from cellular import CELLULAR
 
@@ -67,6 +67,7 @@ def train(args: argparse.Namespace) -> int:
             adata,
             label_keys=args.index_label_keys or [args.labels_key],
             unlabeled_category=args.unlabeled_category,
+            backend=args.index_backend,
             progress_bar=progress,
         )
     with staged_folder(output, args.overwrite) as folder:

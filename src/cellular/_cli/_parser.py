@@ -259,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COLUMN",
         help="obs columns whose labels `map` transfers (default: the --labels-key column)",
     )
+    index.add_argument(
+        "--index-backend",
+        choices=("auto", "exact", "pynndescent", "faiss"),
+        default="auto",
+        help="search of the index: auto (exact up to 20,000 cells, pynndescent above), or faiss (needs the faiss "
+        "extra; no compilation when `map` starts)",
+    )
     index.add_argument("--no-index", action="store_true", help="skip the reference index (then `map` cannot run)")
 
     embed = _add_command(

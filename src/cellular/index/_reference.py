@@ -24,13 +24,12 @@ from cellular._files import (
     file_record,
     read_json,
     seal,
-    validate,
-    verify_checksums,
+    verify_metadata,
 )
 from cellular.data import check_finite_embedding
 from cellular.metrics import conformal_pvalues
 
-from . import _nndescent
+from . import _faiss, _nndescent
 from ._exact import exact_knn, neighbor_distances
 from ._transfer import calibrate_votes, neighbor_weights, vote
 
@@ -45,7 +44,7 @@ _METADATA_FILE = "index.json"
 _ARRAYS_FILE = "arrays.npz"
 _FIX = "Rebuild the index with ReferenceIndex.build (or model.build_reference_index) and save it again."
 
-BACKENDS = ("auto", "pynndescent", "exact")
+BACKENDS = ("auto", "pynndescent", "exact", "faiss")
 METRICS = ("cosine", "euclidean")
 
 _SCHEMA = {
@@ -162,7 +161,8 @@ class ReferenceIndex:
     metric
         ``"cosine"`` (the geometry the CELLULAR loss trains; distance ``1 - cos``) or ``"euclidean"``.
     backend
-        ``"auto"``, ``"pynndescent"`` or ``"exact"``.
+        ``"auto"``, ``"pynndescent"``, ``"exact"`` or ``"faiss"`` (an HNSW graph from FAISS, compiled ahead of time,
+        so a new process searches without pynndescent's ~30 s compilation; ``pip install "cellular-sc[faiss]"``).
     device
         Torch device of the exact search (``"cpu"``, ``"cuda"``, ...); CUDA when available if ``None``.
     n_neighbors
@@ -203,6 +203,7 @@ class ReferenceIndex:
         seed: int = 0,
         model_fingerprint: str | None = None,
         _graph: tuple[np.ndarray, np.ndarray] | None = None,
+        _faiss_index: np.ndarray | None = None,
         _calibration: np.ndarray | None = None,
     ):
         embedding = _as_embedding(embedding, "embedding")
@@ -234,6 +235,7 @@ class ReferenceIndex:
         self.seed = int(seed)
         self.model_fingerprint = model_fingerprint
         self._graph = _graph
+        self._faiss_index = _faiss_index
         self._searcher = None
         self._reference_tensor = None
         self._prepare_search()
@@ -379,13 +381,24 @@ class ReferenceIndex:
             if self._graph is None:
                 logger.info("Building the pynndescent graph of %d reference cells.", self.n_cells)
                 self._graph = _nndescent.build_graph(data, self.n_neighbors, self.seed)
+        elif self.backend == "faiss":
+            if self._faiss_index is None:
+                logger.info("Building the FAISS HNSW index of %d reference cells.", self.n_cells)
+                self._faiss_index = _faiss.build(data, self.n_neighbors)
+            self._searcher = _faiss.searcher(self._faiss_index, self.n_cells, data.shape[1])
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.backend == "pynndescent" and queries.shape[0] * self.n_cells > EXACT_SEARCH_BUDGET:
-            if self._searcher is None:  # compiled on first use, not on load: small queries never need it
-                data = self._reference_tensor.cpu().numpy()
-                self._searcher = _nndescent.searcher_from_graph(data, *self._graph, self.seed, self.parallel_search)
-            indices = _nndescent.search(self._searcher, queries, k, self.search_epsilon)
+        approximate = self.backend == "faiss" or (
+            self.backend == "pynndescent" and queries.shape[0] * self.n_cells > EXACT_SEARCH_BUDGET
+        )
+        if approximate:
+            if self.backend == "faiss":
+                indices = _faiss.search(self._searcher, queries, k)
+            else:
+                if self._searcher is None:  # compiled on first use, not on load: small queries never need it
+                    data = self._reference_tensor.cpu().numpy()
+                    self._searcher = _nndescent.searcher_from_graph(data, *self._graph, self.seed, self.parallel_search)
+                indices = _nndescent.search(self._searcher, queries, k, self.search_epsilon)
             # Distances recomputed in torch: pynndescent's fastmath kernels can differ in the last bit between two
             # copies of the same data, and this way both backends share one formula.
             distances = neighbor_distances(self._reference_tensor, queries, indices, metric=self.metric)
@@ -588,6 +601,8 @@ class ReferenceIndex:
             arrays[f"label_codes_{position}"] = np.asarray(values.codes, dtype=np.int32)
         if self._graph is not None:
             arrays["graph_indices"], arrays["graph_distances"] = self._graph
+        if self._faiss_index is not None:
+            arrays["faiss_index"] = self._faiss_index
         with open(dir_path / _ARRAYS_FILE, "wb") as handle:
             np.savez(handle, **arrays)
         metadata["files"] = {_ARRAYS_FILE: file_record(dir_path / _ARRAYS_FILE)}
@@ -631,14 +646,14 @@ class ReferenceIndex:
                 f"{metadata.get('format_version')!r}; this cellular-sc ({version('cellular-sc')}) reads "
                 f"{_FORMAT!r} versions {list(readable)}. Rebuild the index with ReferenceIndex.build."
             )
-        checked = metadata["format_version"] == _FORMAT_VERSION
-        if checked:
-            validate(metadata, _SCHEMA, metadata_path, _FIX)
-            verify_checksums(metadata, metadata_path, dir_path, _FIX)
-        elif METADATA_CHECKSUM in metadata or "files" in metadata:
-            raise damaged(metadata_path, f"claims format version {_UNCHECKED_VERSION} but carries checksums", _FIX)
-        else:
-            logger.warning("%s was saved without checksums; its files cannot be verified. Save it again.", dir_path)
+        checked = verify_metadata(
+            metadata,
+            schema=_SCHEMA,
+            path=metadata_path,
+            folder=dir_path,
+            fix=_FIX,
+            unchecked_versions=(_UNCHECKED_VERSION,),
+        )
         arrays = _read_arrays(dir_path / _ARRAYS_FILE, metadata["arrays"] if checked else None)
         _check_arrays(arrays, metadata, dir_path / _ARRAYS_FILE)
         labels = {
@@ -648,23 +663,30 @@ class ReferenceIndex:
         graph = None
         if "graph_indices" in arrays:
             graph = (arrays["graph_indices"], arrays["graph_distances"])
-        return cls(
-            arrays["embedding"],
-            labels,
-            arrays["cell_names"],
-            metric=metadata["metric"],
-            backend=metadata["backend"] if backend is None else backend,
-            device=device,
-            n_neighbors=metadata["n_neighbors"],
-            search_epsilon=metadata["search_epsilon"],
-            parallel_search=metadata["parallel_search"] if parallel_search is None else parallel_search,
-            temperature=metadata["temperature"],
-            unlabeled_category=metadata["unlabeled_category"],
-            seed=metadata["seed"],
-            model_fingerprint=metadata["model_fingerprint"],
-            _graph=graph,
-            _calibration=arrays["calibration"],
-        )
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        device = _resolve_device(device)  # the caller's errors are raised as they are, not as a damaged folder
+        try:
+            return cls(
+                arrays["embedding"],
+                labels,
+                arrays["cell_names"],
+                metric=metadata["metric"],
+                backend=metadata["backend"] if backend is None else backend,
+                device=device,
+                n_neighbors=metadata["n_neighbors"],
+                search_epsilon=metadata["search_epsilon"],
+                parallel_search=metadata["parallel_search"] if parallel_search is None else parallel_search,
+                temperature=metadata["temperature"],
+                unlabeled_category=metadata["unlabeled_category"],
+                seed=metadata["seed"],
+                model_fingerprint=metadata["model_fingerprint"],
+                _graph=graph,
+                _faiss_index=arrays.get("faiss_index"),
+                _calibration=arrays["calibration"],
+            )
+        except ValueError as error:  # settings or arrays the index refuses: the folder does not hold a valid index
+            raise damaged(dir_path, f"does not hold a valid index ({error})", _FIX) from None
 
 
 def _read_arrays(path: Path, recorded: dict | None) -> dict[str, np.ndarray]:
@@ -689,6 +711,10 @@ def _check_arrays(arrays: dict[str, np.ndarray], metadata: dict, path: Path) -> 
     expected |= {f"label_codes_{position}" for position in range(len(metadata["levels"]))}
     if "graph_indices" in arrays or "graph_distances" in arrays:
         expected |= {"graph_indices", "graph_distances"}
+    if "faiss_index" in arrays:
+        expected.add("faiss_index")
+        if arrays["faiss_index"].ndim != 1 or arrays["faiss_index"].dtype != np.uint8:
+            raise damaged(path, "the stored FAISS index is not a byte array", _FIX)
     if set(arrays) != expected:
         raise damaged(path, f"holds arrays {sorted(arrays)}, expected {sorted(expected)}", _FIX)
     embedding = arrays["embedding"]

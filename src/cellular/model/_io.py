@@ -26,8 +26,7 @@ from cellular._files import (
     file_record,
     read_json,
     seal,
-    validate,
-    verify_checksums,
+    verify_metadata,
 )
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
@@ -247,7 +246,14 @@ class SaveLoadMixin:
                 f"(it reads {_FORMAT!r} versions {list(_READABLE_VERSIONS)}). Install the cellular-sc version that "
                 f"wrote it ({metadata.get('package_version')!r}) or retrain the model."
             )
-        checked = _check_metadata(metadata, metadata_path, dir_path)
+        checked = verify_metadata(
+            metadata,
+            schema=_SCHEMA,
+            path=metadata_path,
+            folder=dir_path,
+            fix=_FIX,
+            unchecked_versions=_UNCHECKED_VERSIONS,
+        )
         metadata = _serialization.decode(metadata)
         tensors = _read_tensors(dir_path / _WEIGHTS_FILE, metadata.get("tensors") if checked else None)
         _check_consistency(metadata, tensors, metadata_path)
@@ -313,22 +319,6 @@ class SaveLoadMixin:
             model.reference_index_ = index
         model._model_summary_string = model._summary()
         return model
-
-
-def _check_metadata(metadata: dict, path: Path, folder: Path) -> bool:
-    """Validate a version-4 metadata file and the checksums it records; ``False`` for an older, unchecked file."""
-    if metadata["format_version"] in _UNCHECKED_VERSIONS:
-        if METADATA_CHECKSUM in metadata or "files" in metadata:
-            raise damaged(path, f"claims format version {metadata['format_version']} but carries checksums", _FIX)
-        logger.warning(
-            "%s was saved by an earlier cellular-sc without checksums; its files cannot be verified. Save the model "
-            "again to add them.",
-            path,
-        )
-        return False
-    validate(metadata, _SCHEMA, path, _FIX)
-    verify_checksums(metadata, path, folder, _FIX)
-    return True
 
 
 def _read_tensors(path: Path, recorded: dict | None) -> dict[str, torch.Tensor]:
