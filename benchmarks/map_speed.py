@@ -210,7 +210,15 @@ def main() -> None:
     table = pd.DataFrame(rows)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out / "map_speed.csv", index=False)
+        path = args.out / "map_speed.csv"
+        if path.exists():  # rows of other sizes and backends are kept
+            previous = pd.read_csv(path)
+            measured = set(zip(table["reference_cells"], table["backend"], strict=True))
+            keep = [pair not in measured for pair in zip(previous["reference_cells"], previous["backend"], strict=True)]
+            table = pd.concat([previous[keep], table], ignore_index=True).sort_values(
+                ["reference_cells", "backend"], kind="stable"
+            )
+        table.to_csv(path, index=False)
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
         if torch.cuda.is_available():
             machine += f", {torch.cuda.get_device_name()}"

@@ -176,3 +176,36 @@ def test_two_files_joined_on_disk_embed_like_one_concatenated_file(models, files
     joined = ad.read_h5ad(tmp_path / "joined.h5ad", backed="r")
     model = models["memory"]
     np.testing.assert_array_equal(model.get_latent_representation(joined), model.get_latent_representation(query))
+
+
+def test_marker_ranking_reads_a_bounded_sample_of_a_backed_query(symphony_model, symphony_split, tmp_path, monkeypatch):
+    """novel_types(group=True) ranks markers on at most MARKER_CELLS_PER_GROUP cells per group, read from disk."""
+    from cellular.data import NormalizedExpression
+    from cellular.tl import _novel
+
+    _, test = symphony_split
+    test.write_h5ad(tmp_path / "query.h5ad")
+    in_memory = test.copy()
+    cellular.tl.novel_types(in_memory, symphony_model, alpha=0.3, group=True)
+    full = in_memory.uns["cellular"]["cellular_novel"]["groups"]
+
+    read = []
+    original = NormalizedExpression.normalized_rows
+
+    def spy(self, index):
+        read.append(len(index))
+        return original(self, index)
+
+    monkeypatch.setattr(NormalizedExpression, "normalized_rows", spy)
+    monkeypatch.setattr(_novel, "MARKER_CELLS_PER_GROUP", 60)
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    cellular.tl.novel_types(backed, symphony_model, alpha=0.3, group=True)
+    sampled = backed.uns["cellular"]["cellular_novel"]["groups"]
+    n_groups = len(full) + 1  # the candidate groups and the known cells
+    assert read and read[-1] <= 60 * n_groups < test.n_obs
+    assert sampled.keys() == full.keys()
+    for name, group in full.items():  # same cells, same groups; the top markers agree on the sample
+        assert sampled[name]["n_cells"] == group["n_cells"]
+        if group["markers"]:
+            shared = set(sampled[name]["markers"][:10]) & set(group["markers"][:10])
+            assert len(shared) >= 5, (name, group, sampled[name])

@@ -336,6 +336,12 @@ class NormalizedExpression:
             return sp.vstack([block for _, _, block in self.normalized_chunks()], format="csr")
         return self._normalize(self.matrix, self.size_factors)
 
+    def normalized_rows(self, index: np.ndarray) -> sp.csr_matrix:
+        """The log-normalised rows ``index`` (sorted, distinct), still sparse; only those rows are read from disk."""
+        index = np.asarray(index, dtype=np.int64)
+        factors = None if self.size_factors is None else self.size_factors[index]
+        return self._normalize(sp.csr_matrix(self.matrix[index]), factors)
+
     def stored_chunks(self) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         """``(start, stop, rows)``: the matrix as stored (model genes), in consecutive blocks of cells."""
         if self.is_backed:

@@ -73,7 +73,9 @@ def novel_types(
         Prefix of the ``obs`` columns and key in ``adata.uns['cellular']``.
     group
         Cluster the flagged cells (Leiden on their embedding) into candidate new types and rank their marker genes
-        against the unflagged cells (Wilcoxon test on the query's log-normalised expression, all its genes).
+        against the unflagged cells (Wilcoxon test on the query's log-normalised expression, all its genes; at most
+        5,000 cells of each group and of the unflagged cells, a fixed random sample, are read, so a large or backed
+        query is never loaded whole).
     resolution
         Leiden resolution for ``group=True``.
     min_group_size
@@ -185,6 +187,21 @@ def novel_types(
     return adata if copy else None
 
 
+MARKER_CELLS_PER_GROUP = 5_000
+"""Markers of a group are ranked on at most this many of its cells and of the known cells (a fixed random sample):
+the ranking reads only those rows, so its memory is bounded whatever the size of the query."""
+
+
+def marker_cells(codes: np.ndarray, per_group: int, seed: int = 0) -> np.ndarray:
+    """Sorted rows holding every group's cells, or ``per_group`` of them drawn at random where a group has more."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for code in np.unique(codes):
+        members = np.flatnonzero(codes == code)
+        chosen.append(members if members.size <= per_group else rng.choice(members, per_group, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
 def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size, n_markers, layer, log_normalized):
     import scanpy as sc
 
@@ -212,8 +229,9 @@ def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size,
         adata, genes, layer=layer, log_normalized=log_normalized, target_sum=model.target_sum or 1e4
     )
     labels = pd.Categorical(np.where(flags, names, "known"), categories=[*categories, "known"])
+    rows = marker_cells(labels.codes, MARKER_CELLS_PER_GROUP)
     markers_data = ad.AnnData(
-        X=expression.normalized_sparse(), obs=pd.DataFrame({"group": labels}, index=adata.obs_names)
+        X=expression.normalized_rows(rows), obs=pd.DataFrame({"group": labels[rows]}, index=adata.obs_names[rows])
     )
     markers_data.var_names = genes
     reference = "known" if (~flags).any() else "rest"
