@@ -460,3 +460,26 @@ def test_demo_says_whether_it_wrote_anything(tmp_path, capsys):
         main(["demo", "--quiet", "-o", str(tmp_path / "demo")])
     assert exit_.value.code == 2 and "holds other files" in capsys.readouterr().err
     assert (tmp_path / "demo" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_never_deletes_files_beside_a_model(cli, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(cli.model, model)
+    (model / "query_result.h5ad").write_text("a result the user keeps here")
+    code, _, err = run("train", cli.reference, "--labels-key", "cell_type", "-o", model, "--overwrite", *TRAINING)
+    assert code == 2 and "holds other files (query_result.h5ad)" in err
+    assert (model / "query_result.h5ad").read_text() == "a result the user keeps here"
+
+
+def test_faiss_backend_without_faiss_fails_before_training(cli, tmp_path, monkeypatch):
+    from cellular.index import _faiss
+
+    def missing(name, *args):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(_faiss, "import_module", missing)
+    trained = []
+    monkeypatch.setattr(CELLULAR, "train", lambda *args, **kwargs: trained.append(True))
+    options = ["--labels-key", "cell_type", "-o", tmp_path / "m", "--index-backend", "faiss"]
+    code, _, err = run("train", cli.reference, *options)
+    assert code == 1 and 'pip install "cellular-sc[faiss]"' in err and not trained

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -432,6 +433,12 @@ def case_faiss_extra(ctx):
 
     with mock.patch.object(_faiss, "import_module", missing):
         cellular.ReferenceIndex.from_embedding(np.eye(4, dtype=np.float32) + 0.1, backend="faiss")
+
+
+def case_labels_text_collision(ctx):
+    adata = _counts(ctx.symphony)
+    adata.obs["cell_type"] = pd.Series([1 if i % 2 else "1" for i in range(adata.n_obs)], index=adata.obs_names)
+    CELLULAR.setup_anndata(adata, labels_key="cell_type")
 
 
 def case_labels_batch_same(ctx):

@@ -201,6 +201,19 @@ def test_faiss_index_is_reproducible_and_searches_a_loaded_copy_alike(tmp_path):
     for a, b in zip(index.query(queries, k=15), loaded.query(queries, k=15), strict=True):
         np.testing.assert_array_equal(a, b)
 
+    # Where faiss is not installed, the index still loads and searches exactly.
+    from unittest import mock
+
+    from cellular.index import _faiss
+
+    def missing(name, *args):
+        raise ImportError(f"No module named {name!r}")
+
+    with mock.patch.object(_faiss, "import_module", missing):
+        fallback = cellular.ReferenceIndex.load(tmp_path / "index")
+    assert fallback.backend == "exact"
+    np.testing.assert_array_equal(fallback.query(queries, k=15)[0], truth)
+
 
 @pytest.mark.parametrize("backend", ["exact", "pynndescent"])
 def test_save_load_round_trip_is_exact(tmp_path, backend, monkeypatch):

@@ -336,6 +336,10 @@ def test_integer_labels_work_as_labels(split):
     as_category.obs["code"] = as_category.obs["code"].astype("category")
     CELLULAR.setup_anndata(as_category, labels_key="code")
     assert CELLULAR(as_category, n_top_genes=800).cell_types == [str(number) for number in range(len(types))]
+    with_unlabelled = data.copy()  # scikit-learn's convention: -1 marks unlabelled cells
+    with_unlabelled.obs["code"] = np.where(np.arange(data.n_obs) % 5 == 0, -1, with_unlabelled.obs["code"])
+    CELLULAR.setup_anndata(with_unlabelled, labels_key="code", unlabeled_category=-1)
+    assert "-1" not in CELLULAR(with_unlabelled, n_top_genes=800).cell_types
 
     CELLULAR.setup_anndata(data, labels_key="code", batch_key="batch")
     model = CELLULAR(data, n_top_genes=800)

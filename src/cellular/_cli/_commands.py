@@ -34,6 +34,14 @@ def train(args: argparse.Namespace) -> int:
     if args.no_index and (args.index_label_keys or args.index_backend != "auto"):
         raise UsageError("--index-label-keys and --index-backend have no effect with --no-index; drop one of them")
 
+    if args.index_backend == "faiss":  # before training, not after it
+        from cellular.index._faiss import require_faiss
+
+        try:
+            require_faiss()
+        except ImportError as error:
+            raise CommandError(str(error)) from None
+
     from cellular import CELLULAR
 
     start = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -106,6 +107,7 @@ def staged_file(path: Path, overwrite: bool) -> Iterator[Path]:
     Any failure, including Ctrl-C, removes the temporary file. Without ``overwrite`` the file is published with an
     exclusive hard link, so two runs writing the same output cannot both succeed.
     """
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_name(path, path.suffix)
     try:
@@ -133,6 +135,7 @@ def staged_folder(path: Path, overwrite: bool) -> Iterator[Path]:
     published a folder there meanwhile; with it, a previous model folder is replaced. Any failure, including Ctrl-C,
     removes the temporary folder.
     """
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_name(path)
     previous = _partial_name(path, ".old")
@@ -142,11 +145,13 @@ def staged_folder(path: Path, overwrite: bool) -> Iterator[Path]:
             os.replace(path, previous)
         try:
             os.rename(partial, path)
-        except OSError:
-            if previous.exists():
-                os.replace(previous, path)
-            raise _appeared(path) from None
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise _appeared(path) from None
+            raise CommandError(f"could not save to {str(path)!r}: {error_message(error)}") from error
     finally:
+        if previous.exists() and not path.exists():  # interrupted between the two renames: put the old one back
+            os.replace(previous, path)
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(previous, ignore_errors=True)
 
@@ -161,18 +166,28 @@ def write_h5ad(adata, path: Path, overwrite: bool = False) -> None:
             raise CommandError(f"could not write {str(path)!r}: {error_message(error)}") from error
 
 
+# What a saved model folder holds; --overwrite replaces a folder holding nothing else.
+MODEL_FOLDER_ENTRIES = {"model.json", "model.pt", "reference_index", "training_data.json", "adata.h5ad"}
+
+
 def model_output_folder(output: Path, overwrite: bool) -> Path:
-    """``output``, or a :class:`UsageError` when it is a file, holds a model (without ``overwrite``) or other files."""
+    """``output``, or a :class:`UsageError` when it is a file, holds a model (without ``overwrite``) or other files.
+
+    A model is published by renaming a whole folder into place, so a folder holding anything besides a saved model
+    (a query result written next to it, notes) is refused rather than replaced.
+    """
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {str(output)!r} is a file; a model is saved as a folder, pass a folder path")
-    if (output / "model.json").exists():
-        if not overwrite:
-            raise UsageError(f"{str(output)!r} already holds a saved model; pass --overwrite to replace it")
-    elif output.is_dir() and any(output.iterdir()):
+    if not output.is_dir():
+        return output
+    others = sorted(entry.name for entry in output.iterdir() if entry.name not in MODEL_FOLDER_ENTRIES)
+    if others:
         raise UsageError(
-            f"output folder {str(output)!r} holds other files and no saved model; the model is saved as a whole "
-            "folder, pass a new folder path"
+            f"output folder {str(output)!r} holds other files ({', '.join(others[:5])}); the model is saved as a "
+            "whole folder, so pass a new folder path or move those files"
         )
+    if (output / "model.json").exists() and not overwrite:
+        raise UsageError(f"{str(output)!r} already holds a saved model; pass --overwrite to replace it")
     return output
 
 
@@ -231,12 +246,14 @@ def cli_wording(message: str, parser: argparse.ArgumentParser) -> str:
 
         def assignment(match: re.Match, flag=flag, is_switch=is_switch) -> str:
             value = match.group(2)
+            if value == "None":
+                return f"without {flag}"
             if is_switch:
                 return flag if value == "True" else f"no {flag}"
             return f"{flag} {value}"
 
         value = r"""([^\s,;)'"]+?)(?=[\s,;)'"]|\.(?:\s|$)|$)"""
-        message = re.sub(rf"(?<![\w.\['\"]){name}=(['\"]?){value}\1", assignment, message)
+        message = re.sub(rf"(?<![\w./\['\"]){name}=(['\"]?){value}\1", assignment, message)
         if "_" in name:
-            message = re.sub(rf"(?<![\w.\['\"]){name}\b(?!['\"\]])", flag, message)
+            message = re.sub(rf"(?<![\w./\['\"]){name}\b(?![/'\"\]])", flag, message)
     return message

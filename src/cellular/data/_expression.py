@@ -199,8 +199,8 @@ def _check_name_case(names: pd.Index, genes: list[str], n_matched: int, source: 
         raise ValueError(
             f"Only {n_matched} of the model's {len(genes)} genes match adata.{source} exactly, but {n_folded} match "
             f"when upper and lower case are ignored (e.g. {example}): the gene names differ in case. If they name "
-            "the same genes, rename them to the model's convention first, e.g. "
-            "adata.var_names = adata.var_names.str.upper(), or match on ids with gene_id_key=..."
+            f"the same genes, rename them to the model's convention first, e.g. "
+            f"adata.{source} = adata.{source}.str.upper(), or match on ids with gene_id_key=..."
         )
 
 

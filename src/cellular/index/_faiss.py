@@ -18,7 +18,8 @@ EF_SEARCH_MIN = 64
 benchmarks page)."""
 
 
-def _faiss():
+def require_faiss():
+    """The ``faiss`` module, or an ``ImportError`` naming the extra that installs it."""
     try:
         return import_module("faiss")
     except ImportError as error:
@@ -49,7 +50,7 @@ def build(data: np.ndarray, n_neighbors: int) -> np.ndarray:
     n_neighbors
         Graph degree of the base layer (HNSW's ``M`` is half of it).
     """
-    faiss = _faiss()
+    faiss = require_faiss()
     index = faiss.IndexHNSWFlat(data.shape[1], max(4, n_neighbors // 2))
     index.hnsw.efConstruction = EF_CONSTRUCTION
     with _single_thread(faiss):
@@ -59,7 +60,7 @@ def build(data: np.ndarray, n_neighbors: int) -> np.ndarray:
 
 def searcher(serialised: np.ndarray, n_cells: int, dim: int):
     """The FAISS index in ``serialised``, or a ``ValueError`` when it is not an HNSW index of the reference."""
-    faiss = _faiss()
+    faiss = require_faiss()
     index = faiss.deserialize_index(np.ascontiguousarray(serialised, dtype=np.uint8))
     if index.ntotal != n_cells or index.d != dim or not isinstance(index, faiss.IndexHNSWFlat):
         raise ValueError(
@@ -70,7 +71,16 @@ def searcher(serialised: np.ndarray, n_cells: int, dim: int):
 
 
 def search(index, queries: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` approximate nearest neighbours of each query row."""
+    """Indices of the ``k`` approximate nearest neighbours of each query row; ``-1`` where HNSW found fewer."""
     index.hnsw.efSearch = max(EF_SEARCH_MIN, 4 * k)
     _, indices = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return indices.astype(np.int64, copy=False)
+
+
+def available() -> bool:
+    """Whether faiss can be imported."""
+    try:
+        require_faiss()
+    except ImportError:
+        return False
+    return True

@@ -394,6 +394,10 @@ class ReferenceIndex:
         if approximate:
             if self.backend == "faiss":
                 indices = _faiss.search(self._searcher, queries, k)
+                incomplete = (indices < 0).any(axis=1)
+                if incomplete.any():  # HNSW found fewer than k neighbours: those rows are searched exactly
+                    exact, _ = exact_knn(self._reference_tensor, queries[incomplete], k, metric="euclidean")
+                    indices[incomplete] = exact
             else:
                 if self._searcher is None:  # compiled on first use, not on load: small queries never need it
                     data = self._reference_tensor.cpu().numpy()
@@ -665,6 +669,13 @@ class ReferenceIndex:
             graph = (arrays["graph_indices"], arrays["graph_distances"])
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        if backend is None and metadata["backend"] == "faiss" and not _faiss.available():
+            logger.warning(
+                "%s was built with the FAISS backend, but faiss is not installed: searching exactly instead "
+                '(pip install "cellular-sc[faiss]" to use the stored HNSW index).',
+                dir_path,
+            )
+            backend = "exact"
         device = _resolve_device(device)  # the caller's errors are raised as they are, not as a damaged folder
         try:
             return cls(
@@ -685,7 +696,7 @@ class ReferenceIndex:
                 _faiss_index=arrays.get("faiss_index"),
                 _calibration=arrays["calibration"],
             )
-        except ValueError as error:  # settings or arrays the index refuses: the folder does not hold a valid index
+        except (ValueError, RuntimeError) as error:  # settings or arrays refused (RuntimeError: FAISS's reader)
             raise damaged(dir_path, f"does not hold a valid index ({error})", _FIX) from None
 
 

@@ -290,6 +290,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                 )
             _as_string_categories(adata, batch_key)
         _as_string_categories(adata, labels_key)
+        unlabeled_category = str(unlabeled_category)  # the labels are strings now: -1 must match "-1"
         if gene_id_key is not None and gene_id_key not in adata.var:
             raise KeyError(
                 f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: {list(adata.var.columns)})."
@@ -517,7 +518,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         self.history_ = _history_frames(self.history_ or {})
         broken = self.non_finite_weights()
         losses = [self.history_[key].to_numpy() for key in ("train_loss", "validation_loss") if key in self.history_]
-        if broken or not all(np.isfinite(values).all() for values in losses):
+        # Diverged: the weights are not finite, or no epoch ended with a finite loss (early stopping restores the
+        # best epoch's weights, so NaN in later epochs alone leaves a usable model).
+        if broken or any(values.size and not np.isfinite(values).any() for values in losses):
             raise ValueError(
                 f"Training diverged: the loss became NaN or infinite (weights not finite: {broken or 'none'}). "
                 "Train again with a lower learning rate (lr=...) or stronger weight decay; check the input for extreme "
@@ -816,19 +819,26 @@ def _as_string_categories(adata: AnnData, key: str) -> None:
     """Make ``adata.obs[key]`` categorical with string categories, all of them used (values unchanged)."""
     column = adata.obs[key]
     if isinstance(column.dtype, pd.CategoricalDtype) and all(isinstance(c, str) for c in column.cat.categories):
-        unused = [c for c in column.cat.categories if c not in set(column.unique())]
+        used = set(column.cat.codes.unique())
+        unused = [c for code, c in enumerate(column.cat.categories) if code not in used]
         if not unused:
             return
         logger.info("Removing categories without cells from adata.obs[%r]: %s.", key, unused)
         adata.obs[key] = column.cat.remove_unused_categories()
         return
     logger.info("Converting adata.obs[%r] (%s) to categorical labels with string categories.", key, column.dtype)
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        column = column.cat.remove_unused_categories()
-        order = [str(c) for c in column.cat.categories]
-    else:
-        order = [str(c) for c in pd.unique(column.sort_values())]
-    adata.obs[key] = pd.Categorical(column.astype(str), categories=order)
+    values = column.cat.remove_unused_categories() if isinstance(column.dtype, pd.CategoricalDtype) else column
+    distinct = list(values.cat.categories) if isinstance(values.dtype, pd.CategoricalDtype) else list(pd.unique(values))
+    if all(isinstance(v, int | np.integer | float | np.floating) and not isinstance(v, bool) for v in distinct):
+        distinct = sorted(distinct)  # numbers in numeric order: 2 before 10
+    text = [str(value) for value in distinct]
+    if len(set(text)) < len(text):
+        raise ValueError(
+            f"adata.obs[{key!r}] holds different values that read the same as text (e.g. 1 and '1'): "
+            f"{sorted(t for t in set(text) if text.count(t) > 1)[:5]}. Make the column one type first, e.g. "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)."
+        )
+    adata.obs[key] = pd.Categorical(values.astype(str), categories=list(dict.fromkeys(text)))
 
 
 def _check_label_counts(labels: np.ndarray, cell_types: list[str], labels_key: str) -> None:
