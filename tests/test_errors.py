@@ -441,6 +441,10 @@ def case_labels_text_collision(ctx):
     CELLULAR.setup_anndata(adata, labels_key="cell_type")
 
 
+def case_hierarchy_cycle(ctx):
+    cellular.metrics.hierarchical_f1(["CD8 T cell"], ["T cell"], {"CD8 T cell": "T cell", "T cell": "CD8 T cell"})
+
+
 def case_labels_batch_same(ctx):
     CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="cell_type", batch_key="cell_type")
 

@@ -9,10 +9,13 @@ from ._expression import (
 )
 from ._features import GeneFeatures
 from ._finite import check_finite_embedding
+from ._hierarchies import LINEAGE_MAPS, ancestors, lineage_map
 from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
 __all__ = [
+    "LINEAGE_MAPS",
+    "ancestors",
     "DepthThinning",
     "GeneAlignment",
     "GeneFeatures",
@@ -22,6 +25,7 @@ __all__ = [
     "check_finite_embedding",
     "data_dir",
     "epoch_minibatches",
+    "lineage_map",
     "n_epoch_minibatches",
     "pbmc68k_reduced_lognorm",
     "read_expression",
