@@ -290,15 +290,14 @@ def _legacy_copy(ctx, name="legacy"):
 def _reseal(path, edit=lambda metadata: None, weights=None):
     """Edit a saved model's metadata (and optionally its tensors) and record matching checksums, as a deliberate
     editor could: what the checksums cannot catch, the consistency checks must."""
-    from cellular._files import file_record, seal
+    from cellular._files import write_metadata
 
     if weights is not None:
         torch.save(weights, path / "model.pt")
     metadata = json.loads((path / "model.json").read_text())
     metadata.pop("metadata_sha256")
-    metadata["files"] = {"model.pt": file_record(path / "model.pt")}
     edit(metadata)
-    (path / "model.json").write_text(json.dumps(seal(metadata)))
+    write_metadata(path / "model.json", metadata, path / "model.pt", "tensors", metadata["tensors"])
     return path
 
 
@@ -439,6 +438,25 @@ def case_labels_text_collision(ctx):
     adata = _counts(ctx.symphony)
     adata.obs["cell_type"] = pd.Series([1 if i % 2 else "1" for i in range(adata.n_obs)], index=adata.obs_names)
     CELLULAR.setup_anndata(adata, labels_key="cell_type")
+
+
+def case_lineage_map_name(ctx):
+    cellular.data.lineage_map("liver")
+
+
+def case_hierarchical_f1_shapes(ctx):
+    cellular.metrics.hierarchical_f1(["B cell", "NK cell"], ["B cell"], cellular.data.lineage_map("pbmc"))
+
+
+def case_invalid_index(ctx):
+    path = _saved_index(ctx)
+    metadata = json.loads((path / "index.json").read_text())
+    metadata["format_version"] = 1  # written before checksums: only the index's own checks stand guard
+    for key in ("files", "arrays", "metadata_sha256"):
+        del metadata[key]
+    metadata["n_neighbors"] = 0
+    (path / "index.json").write_text(json.dumps(metadata))
+    cellular.ReferenceIndex.load(path)
 
 
 def case_hierarchy_cycle(ctx):

@@ -73,13 +73,18 @@ def test_class_and_batch_weights_reach_the_loss(reference):
     assert abs(weighted[0] - uniform[0]) > 1e-3 and abs(weighted[1] - uniform[1]) > 1e-3
 
 
+def _trained(reference, **kwargs):
+    """A model trained for 30 epochs without its classifier head, and the training cells' embedding."""
+    model = _model(reference, **kwargs)
+    model.train(max_epochs=30, classifier=False, progress_bar=False)
+    return model, model.get_latent_representation()
+
+
 def test_batch_term_mixes_technologies(reference):
     """Same data and seed, with and without the cross-batch term: the term measurably raises mixing."""
     shares = {}
     for weight in (0.0, 1.0):
-        model = _model(reference, batch_weight=weight)
-        model.train(max_epochs=30, classifier=False, progress_bar=False)
-        embedding = model.get_latent_representation()
+        model, embedding = _trained(reference, batch_weight=weight)
         known = model.registered_labels() >= 0
         shares[weight] = _cross_batch_share(
             embedding[known], model.registered_labels()[known], model.registered_batches()[known]
@@ -91,9 +96,7 @@ def test_centroid_term_keeps_the_reference_geometry(reference):
     """The centroid term makes the type centroids' distances follow those of the PCA targets."""
     correlations = {}
     for weight in (0.0, 1.0):
-        model = _model(reference, centroid_weight=weight)
-        model.train(max_epochs=30, classifier=False, progress_bar=False)
-        embedding = model.get_latent_representation()
+        model, embedding = _trained(reference, centroid_weight=weight)
         labels = model.registered_labels()
         centroids = np.stack([embedding[labels == t].mean(0) for t in range(len(model.cell_types))])
         latent = np.linalg.norm(centroids[:, None] - centroids[None], axis=2)

@@ -66,12 +66,25 @@ def seal(metadata: dict) -> dict:
     return plain
 
 
-def read_json(path: Path, fix: str) -> Any:
-    """The parsed JSON in ``path``, or a :class:`DamagedFileError` when it is not valid UTF-8 JSON."""
+def read_metadata(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``, or a :class:`DamagedFileError` when it is not valid UTF-8 JSON or not an object."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        metadata = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise damaged(path, f"not valid JSON ({error}); the file is truncated or damaged", fix) from None
+    if not isinstance(metadata, dict):
+        raise damaged(path, f"holds a JSON {type(metadata).__name__}, not a metadata object", fix)
+    return metadata
+
+
+def write_metadata(path: Path, metadata: dict, binary: Path, shapes_key: str, shapes: dict) -> None:
+    """Write ``metadata`` (plain JSON types) to ``path`` with the checksums and shapes that loading verifies.
+
+    Records ``binary``'s SHA-256 and size (write it first), the array shapes under ``shapes_key`` and the metadata's
+    own checksum.
+    """
+    metadata = {**metadata, "files": {binary.name: file_record(binary)}, shapes_key: shapes}
+    path.write_text(json.dumps(seal(metadata), indent=1))
 
 
 def validate(metadata: Any, schema: dict, path: Path, fix: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +20,9 @@ from cellular._files import (
     STRINGS,
     check_shapes,
     damaged,
-    file_record,
-    read_json,
-    seal,
+    read_metadata,
     verify_metadata,
+    write_metadata,
 )
 from cellular.data import check_finite_embedding
 from cellular.metrics import conformal_pvalues
@@ -609,9 +607,8 @@ class ReferenceIndex:
             arrays["faiss_index"] = self._faiss_index
         with open(dir_path / _ARRAYS_FILE, "wb") as handle:
             np.savez(handle, **arrays)
-        metadata["files"] = {_ARRAYS_FILE: file_record(dir_path / _ARRAYS_FILE)}
-        metadata["arrays"] = {name: list(np.shape(value)) for name, value in arrays.items()}
-        (dir_path / _METADATA_FILE).write_text(json.dumps(seal(metadata), indent=1))
+        shapes = {name: list(np.shape(value)) for name, value in arrays.items()}
+        write_metadata(dir_path / _METADATA_FILE, metadata, dir_path / _ARRAYS_FILE, "arrays", shapes)
 
     @classmethod
     def load(
@@ -640,9 +637,7 @@ class ReferenceIndex:
         metadata_path = dir_path / _METADATA_FILE
         if not metadata_path.exists():
             raise FileNotFoundError(f"No saved reference index in {dir_path} ({_METADATA_FILE} is missing).")
-        metadata = read_json(metadata_path, _FIX)
-        if not isinstance(metadata, dict):
-            raise damaged(metadata_path, f"holds a JSON {type(metadata).__name__}, not an index's metadata", _FIX)
+        metadata = read_metadata(metadata_path, _FIX)
         readable = (_UNCHECKED_VERSION, _FORMAT_VERSION)
         if metadata.get("format") != _FORMAT or metadata.get("format_version") not in readable:
             raise ValueError(

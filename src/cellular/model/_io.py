@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from importlib.metadata import version
@@ -23,10 +22,9 @@ from cellular._files import (
     STRINGS,
     check_shapes,
     damaged,
-    file_record,
-    read_json,
-    seal,
+    read_metadata,
     verify_metadata,
+    write_metadata,
 )
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
@@ -198,9 +196,10 @@ class SaveLoadMixin:
             if value is not None:
                 tensors[f"indices.{name}"] = torch.as_tensor(np.asarray(value, dtype=np.int64))
         torch.save(tensors, dir_path / _WEIGHTS_FILE)
-        metadata["files"] = {_WEIGHTS_FILE: file_record(dir_path / _WEIGHTS_FILE)}
-        metadata["tensors"] = {name: list(tensor.shape) for name, tensor in tensors.items()}
-        (dir_path / _METADATA_FILE).write_text(json.dumps(seal(_serialization.encode(metadata)), indent=1))
+        shapes = {name: list(tensor.shape) for name, tensor in tensors.items()}
+        write_metadata(
+            dir_path / _METADATA_FILE, _serialization.encode(metadata), dir_path / _WEIGHTS_FILE, "tensors", shapes
+        )
         index_path = dir_path / _INDEX_FOLDER
         if self.reference_index_ is not None:
             self.reference_index_.save(index_path, overwrite=True)
@@ -236,9 +235,7 @@ class SaveLoadMixin:
         metadata_path = dir_path / _METADATA_FILE
         if not metadata_path.exists():
             raise FileNotFoundError(f"No saved CELLULAR model in {dir_path} ({_METADATA_FILE} is missing).")
-        metadata = read_json(metadata_path, _FIX)
-        if not isinstance(metadata, dict):
-            raise damaged(metadata_path, f"holds a JSON {type(metadata).__name__}, not the model's metadata", _FIX)
+        metadata = read_metadata(metadata_path, _FIX)
         if metadata.get("format") != _FORMAT or metadata.get("format_version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"{dir_path} holds a model file of format {metadata.get('format')!r} version "
