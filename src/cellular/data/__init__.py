@@ -9,11 +9,13 @@ from ._expression import (
 )
 from ._features import GeneFeatures
 from ._finite import check_finite_embedding
+from ._layout import GENE_LAYOUTS, gene_grid_layout, grid_neighbour_correlation, grid_side
 from ._hierarchies import LINEAGE_MAPS, ancestors, lineage_map
 from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
 __all__ = [
+    "GENE_LAYOUTS",
     "LINEAGE_MAPS",
     "ancestors",
     "DepthThinning",
@@ -25,6 +27,9 @@ __all__ = [
     "check_finite_embedding",
     "data_dir",
     "epoch_minibatches",
+    "gene_grid_layout",
+    "grid_neighbour_correlation",
+    "grid_side",
     "lineage_map",
     "n_epoch_minibatches",
     "pbmc68k_reduced_lognorm",

@@ -28,6 +28,7 @@ from cellular._files import (
 )
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
+from cellular.nn import ENCODERS, check_grid_positions
 
 from . import _serialization
 from ._device import resolve_device
@@ -91,7 +92,11 @@ _SCHEMA = {
             "type": "object",
             "required": ["n_input", "n_labels", "n_batch", "n_latent"],
             "properties": {
-                key: {"type": "integer", "minimum": 1} for key in ("n_input", "n_labels", "n_batch", "n_latent")
+                **{
+                    key: {"type": "integer", "minimum": 1}
+                    for key in ("n_input", "n_labels", "n_batch", "n_latent")
+                },
+                "encoder": {"enum": sorted(ENCODERS)},
             },
         },
         "genes": {**STRINGS, "minItems": 2},
@@ -356,6 +361,16 @@ def _check_consistency(metadata: dict, tensors: dict[str, torch.Tensor], path: P
     for name, value in tensors.items():
         if name.startswith("indices.") and value.numel() and int(value.min()) < 0:
             raise damaged(path, f"tensor {name!r} holds negative cell indices", _FIX)
+    positions = tensors.get("module.encoder.grid_positions")
+    if (positions is None) != (module_kwargs.get("encoder", "mlp") != "gene_grid"):
+        raise damaged(path, f"describes a {module_kwargs.get('encoder', 'mlp')} encoder the tensors do not hold", _FIX)
+    if positions is not None:
+        try:
+            check_grid_positions(positions, len(genes))
+        except ValueError:
+            raise damaged(
+                path, "holds a gene-grid layout that does not place each gene on its own grid cell", _FIX
+            ) from None
     calibration_labels = tensors.get("calibration.labels")
     if calibration_labels is not None and calibration_labels.numel():
         if int(calibration_labels.min()) < 0 or int(calibration_labels.max()) >= n_types:

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from cellular.data import read_expression, sequential_minibatches
 from cellular.data._expression import GeneAlignment, get_matrix
+from cellular.data._layout import GENE_LAYOUTS, LAYOUT_SAMPLE_CELLS, gene_grid_layout
 from cellular.dataloaders import CellularDataModule
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
-from cellular.nn import centroid_target_distances, inverse_frequency_weights
+from cellular.nn import ENCODERS, centroid_target_distances, inverse_frequency_weights
 from cellular.pp import highly_variable_genes
 from cellular.train import CellularTrainingPlan, EpochProgressBar, RestoreBestWeights, quiet_lightning
 
@@ -66,7 +67,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
     adata
         AnnData registered with :meth:`setup_anndata`.
     n_latent
-        Embedding dimension.
+        Embedding dimension; 100 for the ``"mlp"`` encoder and 64 for ``"gene_grid"`` (Spoticell's fingerprint
+        size) when ``None``.
     n_top_genes
         Number of highly variable genes chosen on ``adata`` (all expressed genes when fewer).
     genes
@@ -98,6 +100,15 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         input only; off by default, as it did not improve leave-one-batch-out quality).
     min_depth_fraction
         Smallest expected share of counts a thinned cell keeps.
+    encoder
+        ``"mlp"``: the paper's MLP encoder (:class:`cellular.nn.CellularEncoder`); ``"gene_grid"``: Spoticell's
+        fingerprint encoder (:class:`cellular.nn.GeneGridEncoder`), which reads each cell as an image of its genes
+        with a CNN and a transformer. Both train with the same loss and serve the index, novelty and annotation the
+        same way; the gene-grid encoder is several times slower to train (benchmarks page, "Encoders").
+    gene_layout
+        Where the gene-grid encoder places each gene (stored with the model): ``"coexpression"`` (co-expressed genes
+        side by side, computed on up to 5,000 training cells) or ``"alphabetical"`` (Spoticell's). See
+        :func:`cellular.data.gene_grid_layout`. Ignored by the MLP encoder.
     seed
         Seed of the weight initialisation (and default seed of :meth:`train`).
 
@@ -112,7 +123,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
     def __init__(
         self,
         adata: AnnData,
-        n_latent: int = 100,
+        n_latent: int | None = None,
         n_top_genes: int = 2000,
         genes: list[str] | None = None,
         dropout_rate: float = 0.2,
@@ -129,10 +140,18 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         min_panel_fraction: float = 0.1,
         depth_thinning: float = 0.0,
         min_depth_fraction: float = 0.25,
+        encoder: str = "mlp",
+        gene_layout: str = "coexpression",
         seed: int = 0,
     ):
         super().__init__(adata)
         self.init_params_ = self._get_init_params(locals())
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder!r}.")
+        if gene_layout not in GENE_LAYOUTS:
+            raise ValueError(f"gene_layout must be one of {list(GENE_LAYOUTS)}, got {gene_layout!r}.")
+        if n_latent is None:
+            n_latent = 64 if encoder == "gene_grid" else 100
         if n_latent < 1 or n_top_genes < 1:
             raise ValueError(f"n_latent and n_top_genes must be positive, got {n_latent} and {n_top_genes}.")
         _check_augmentation(panel_masking, min_panel_fraction, "panel_masking", "min_panel_fraction")
@@ -187,6 +206,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             expression.size_factors = inverse_library * target_sum
         self.target_sum: float | None = target_sum
         self.reference_index_: ReferenceIndex | None = None
+        grid_positions = None
+        if encoder == "gene_grid":
+            grid_positions = torch.from_numpy(_layout(expression, genes, gene_layout, seed))
 
         centroids, present = pca_centroids(expression, labels, batches, len(cell_types), self.n_batches, n_latent, seed)
         del expression
@@ -212,6 +234,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             "batch_temperature": batch_temperature,
             "panel_masking": panel_masking,
             "min_panel_fraction": min_panel_fraction,
+            "encoder": encoder,
         }
         self.depth_thinning = {
             "probability": 0.0 if log_normalized else depth_thinning,
@@ -224,6 +247,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                 class_weights=class_weights,
                 batch_weights=batch_weights,
                 centroid_targets=centroid_targets,
+                grid_positions=grid_positions,
             )
         self.seed = seed
         self._model_summary_string = self._summary()
@@ -353,7 +377,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         if self.has_classifier:
             state += ", with calibrated classifier"
         return (
-            f"CELLULAR model ({state}): {len(self.genes)} genes, {self.module.n_latent} latent dims, "
+            f"CELLULAR model ({state}): {self.module.encoder_name} encoder, {len(self.genes)} genes, "
+            f"{self.module.n_latent} latent dims, "
             f"{len(self.cell_types)} cell types, {self.n_batches} batches; {mode}."
         )
 
@@ -855,6 +880,16 @@ def _check_label_counts(labels: np.ndarray, cell_types: list[str], labels_key: s
             "two cells to form positive pairs. Remove those cells, merge the type into a broader one, or set their "
             "label to the unlabeled_category."
         )
+
+
+def _layout(expression, genes: list[str], method: str, seed: int) -> np.ndarray:
+    """The gene-grid layout, the co-expression one computed on a fixed sample of the training cells."""
+    if method == "alphabetical":
+        return gene_grid_layout(genes, "alphabetical")
+    rng = np.random.default_rng(seed)
+    n_sample = min(expression.n_cells, LAYOUT_SAMPLE_CELLS)
+    sample = np.sort(rng.choice(expression.n_cells, n_sample, replace=False))
+    return gene_grid_layout(genes, "coexpression", expression.rows(sample), seed=seed)
 
 
 def _mean_count_shares(expression) -> np.ndarray:

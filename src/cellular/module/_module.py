@@ -8,9 +8,10 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
 
 from cellular.nn import (
-    CellularEncoder,
     batch_mixing_loss,
     centroid_distance_loss,
+    check_grid_positions,
+    make_encoder,
     random_panel_masks,
     soft_nearest_neighbour_loss,
 )
@@ -49,6 +50,11 @@ class CellularModule(BaseModuleClass):
         zero expression, anything above makes the encoder mask-aware (absent genes are read as not measured).
     min_panel_fraction
         Smallest share of genes a simulated panel keeps.
+    encoder
+        ``"mlp"`` (:class:`~cellular.nn.CellularEncoder`, the paper's) or ``"gene_grid"``
+        (:class:`~cellular.nn.GeneGridEncoder`, Spoticell's fingerprint encoder).
+    grid_positions
+        Gene-grid layout (grid cell of each gene) of a ``"gene_grid"`` encoder; input order when ``None``.
     """
 
     def __init__(
@@ -70,6 +76,8 @@ class CellularModule(BaseModuleClass):
         batch_temperature: float = 0.5,
         panel_masking: float = 0.0,
         min_panel_fraction: float = 0.1,
+        encoder: str = "mlp",
+        grid_positions: Tensor | None = None,
     ):
         super().__init__()
         if not temperature_min <= temperature_init <= temperature_max:
@@ -90,7 +98,14 @@ class CellularModule(BaseModuleClass):
         self.panel_masking = panel_masking
         self.min_panel_fraction = min_panel_fraction
 
-        self.encoder = CellularEncoder(n_input, n_latent=n_latent, dropout_rate=dropout_rate)
+        self.encoder_name = encoder
+        self.encoder = make_encoder(encoder, n_input, n_latent, dropout_rate)
+        if grid_positions is not None:
+            if encoder != "gene_grid":
+                raise ValueError("grid_positions is a gene_grid encoder's layout; the mlp encoder has none.")
+            positions = torch.as_tensor(grid_positions).long()
+            check_grid_positions(positions, n_input)
+            self.encoder.grid_positions.copy_(positions)
         self.temperature = nn.Parameter(torch.tensor(float(temperature_init)))
         self.register_buffer("class_weights", _or_ones(class_weights, n_labels))
         self.register_buffer("batch_weights", _or_ones(batch_weights, n_batch))

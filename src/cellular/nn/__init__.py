@@ -1,6 +1,8 @@
 from ._augment import random_panel_masks
 from ._classifier import CellTypeClassifier, fit_temperature
 from ._encoder import CellularEncoder, masked_layer_norm
+from ._encoders import ENCODERS, make_encoder
+from ._gene_grid import GeneGridEncoder, ResidualConvBlock, check_grid_positions
 from ._losses import (
     batch_mixing_loss,
     centroid_distance_loss,
@@ -12,6 +14,11 @@ from ._losses import (
 __all__ = [
     "CellTypeClassifier",
     "CellularEncoder",
+    "ENCODERS",
+    "GeneGridEncoder",
+    "ResidualConvBlock",
+    "check_grid_positions",
+    "make_encoder",
     "batch_mixing_loss",
     "centroid_distance_loss",
     "centroid_target_distances",
