@@ -9,8 +9,8 @@ from ._expression import (
 )
 from ._features import GeneFeatures
 from ._finite import check_finite_embedding
-from ._layout import GENE_LAYOUTS, gene_grid_layout, grid_neighbour_correlation, grid_side
 from ._hierarchies import LINEAGE_MAPS, ancestors, lineage_map
+from ._layout import GENE_LAYOUTS, gene_grid_layout, grid_neighbour_correlation, grid_side
 from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 

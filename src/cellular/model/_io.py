@@ -92,10 +92,7 @@ _SCHEMA = {
             "type": "object",
             "required": ["n_input", "n_labels", "n_batch", "n_latent"],
             "properties": {
-                **{
-                    key: {"type": "integer", "minimum": 1}
-                    for key in ("n_input", "n_labels", "n_batch", "n_latent")
-                },
+                **{key: {"type": "integer", "minimum": 1} for key in ("n_input", "n_labels", "n_batch", "n_latent")},
                 "encoder": {"enum": sorted(ENCODERS)},
             },
         },

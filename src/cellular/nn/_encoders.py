@@ -1,5 +1,8 @@
-"""The encoders a CELLULAR model can use, by name: every one maps normalised expression to an embedding through
-``forward(x, gene_mask)``, ``hidden(x, gene_mask)`` and ``from_hidden(hidden)``."""
+"""The encoders a CELLULAR model can use, by name.
+
+Every one maps normalised expression to an embedding through ``forward(x, gene_mask)``, ``hidden(x, gene_mask)``
+and ``from_hidden(hidden)``.
+"""
 
 from __future__ import annotations
 
