@@ -9,7 +9,14 @@ from ._expression import (
 )
 from ._features import GeneFeatures
 from ._finite import check_finite_embedding
-from ._hierarchies import LINEAGE_MAPS, ancestors, lineage_map
+from ._hierarchies import (
+    LINEAGE_MAPS,
+    HierarchicalPrediction,
+    LabelHierarchy,
+    ancestors,
+    hierarchy_from_columns,
+    lineage_map,
+)
 from ._layout import GENE_LAYOUTS, gene_grid_layout, grid_neighbour_correlation, grid_side
 from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
@@ -21,6 +28,8 @@ __all__ = [
     "DepthThinning",
     "GeneAlignment",
     "GeneFeatures",
+    "HierarchicalPrediction",
+    "LabelHierarchy",
     "NormalizedExpression",
     "align_genes",
     "check_expression_values",
@@ -28,6 +37,7 @@ __all__ = [
     "data_dir",
     "epoch_minibatches",
     "gene_grid_layout",
+    "hierarchy_from_columns",
     "grid_neighbour_correlation",
     "grid_side",
     "lineage_map",

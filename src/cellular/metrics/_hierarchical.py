@@ -45,3 +45,33 @@ def hierarchical_f1(true, predicted, parents: dict[str, str], *, unknown_label: 
     recall = shared / in_true if in_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def consistency_penalty(node_probabilities, nodes: list[str], parents: dict[str, str]) -> np.ndarray:
+    """Spoticell's hierarchical consistency penalty of each cell.
+
+    ``sum relu(p_child - p_parent)`` over the parent -> child pairs among ``nodes``: zero when no label is more
+    probable than its parent (as for probabilities summed up a hierarchy, e.g.
+    :meth:`cellular.data.LabelHierarchy.node_probabilities`); positive when per-level predictions contradict each
+    other, as independent per-label outputs (one sigmoid per label) can.
+
+    Parameters
+    ----------
+    node_probabilities
+        ``(n_cells, n_nodes)`` probability of each label.
+    nodes
+        The labels of the columns.
+    parents
+        ``{child: parent}``; pairs whose parent is not a column are skipped.
+
+    Returns
+    -------
+    ``(n_cells,)`` penalties.
+    """
+    probabilities = np.asarray(node_probabilities, dtype=np.float64)
+    column = {node: i for i, node in enumerate(nodes)}
+    pairs = np.array(
+        [(column[child], column[parent]) for child, parent in parents.items() if child in column and parent in column],
+        dtype=np.int64,
+    ).reshape(-1, 2)
+    return np.maximum(probabilities[:, pairs[:, 0]] - probabilities[:, pairs[:, 1]], 0.0).sum(axis=1)

@@ -190,7 +190,14 @@ class AnnotationMixin:
             }
             n_types = len(self.cell_types)
             fit = fit_classifier(
-                z[train_idx], labels[train_idx], n_types, seed=seed, device=device, **params, **fit_settings
+                z[train_idx],
+                labels[train_idx],
+                n_types,
+                seed=seed,
+                device=device,
+                ancestry=self._ancestry(),
+                **params,
+                **fit_settings,
             )
             return fit.stopping_loss
 
@@ -255,6 +262,7 @@ class AnnotationMixin:
             seed=seed,
             device=device,
             progress_bar=progress_bar,
+            ancestry=self._ancestry(),
         )
         logits = classifier_logits(fit.classifier, z[calibration_idx])
         calibration_labels = torch.as_tensor(labels[calibration_idx])
@@ -296,6 +304,10 @@ class AnnotationMixin:
             "calibration_ece": expected_calibration_error(calibrated, labels[calibration_idx]),
             "seed": seed,
         }
+
+    def _ancestry(self) -> np.ndarray | None:
+        hierarchy = self.label_hierarchy
+        return None if hierarchy is None else hierarchy.ancestry
 
     def _novelty_hidden_space(self, train_idx, calibration_idx, device, seed):
         """The encoder's hidden layer fitted on (a sample of) the training cells, and the calibration cells in it."""

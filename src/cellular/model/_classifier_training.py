@@ -41,6 +41,7 @@ def fit_classifier(
     seed: int,
     device: torch.device,
     progress_bar: bool = False,
+    ancestry: np.ndarray | None = None,
 ) -> ClassifierFit:
     """Fit a :class:`~cellular.nn.CellTypeClassifier` on embedded cells with weighted cross-entropy.
 
@@ -73,6 +74,8 @@ def fit_classifier(
         Where to train.
     progress_bar
         Show a progress bar over epochs.
+    ancestry
+        Ancestry matrix of a label hierarchy over the types: train with the hierarchical cross-entropy.
     """
     data = EmbeddingDataModule(z, labels, batch_size=batch_size, seed=seed)
     steps_per_epoch = max(1, math.ceil(data.train_idx.size / batch_size))
@@ -87,7 +90,13 @@ def fit_classifier(
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         classifier = CellTypeClassifier(z.shape[1], n_types, hidden_sizes, dropout_rate)
-        plan = ClassifierTrainingPlan(classifier, lr=lr, weight_decay=weight_decay, class_weights=weights)
+        plan = ClassifierTrainingPlan(
+            classifier,
+            lr=lr,
+            weight_decay=weight_decay,
+            class_weights=weights,
+            ancestry=None if ancestry is None else torch.as_tensor(ancestry, dtype=torch.float32),
+        )
         with quiet_lightning(quiet_stdout=not progress_bar):
             trainer = Trainer(
                 max_epochs=max_epochs,

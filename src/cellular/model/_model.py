@@ -20,7 +20,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from tqdm.auto import tqdm
 
-from cellular.data import read_expression, sequential_minibatches
+from cellular.data import LabelHierarchy, ancestors, hierarchy_from_columns, read_expression, sequential_minibatches
 from cellular.data._expression import GeneAlignment, get_matrix
 from cellular.data._layout import GENE_LAYOUTS, LAYOUT_SAMPLE_CELLS, gene_grid_layout
 from cellular.dataloaders import CellularDataModule
@@ -257,12 +257,14 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
     def setup_anndata(
         cls,
         adata: AnnData,
-        labels_key: str,
+        labels_key: str | list[str],
         batch_key: str | None = None,
         layer: str | None = None,
         unlabeled_category: str = "Unknown",
         log_normalized: bool = False,
         gene_id_key: str | None = None,
+        label_hierarchy: dict[str, str] | None = None,
+        label_levels: list[str] | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData for training.
@@ -273,7 +275,10 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             Annotated data; ``X`` (or ``layer``) holds raw counts, or log1p-normalised values when
             ``log_normalized=True``. Cells are rows, genes columns.
         labels_key
-            Column of ``adata.obs`` with cell-type labels.
+            Column of ``adata.obs`` with cell-type labels; or a list of columns giving the labels at several levels,
+            coarse to fine (e.g. ``["lineage", "cell_type"]``): the encoder trains on the last, the hierarchy is read
+            from the columns (each label must sit under one label of the coarser column) and the classifier head
+            predicts every level.
         batch_key
             Column of ``adata.obs`` with batches (technology, donor, ...); one batch when ``None``.
         layer
@@ -286,6 +291,14 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         gene_id_key
             Column of ``adata.var`` with stable gene ids (e.g. Ensembl) to record for the model's genes, so queries
             can be matched on ids with ``gene_id_key=...`` when their gene symbols differ.
+        label_hierarchy
+            Parent map ``{child: parent}`` placing every cell type of ``labels_key`` in a hierarchy (e.g.
+            :func:`cellular.data.lineage_map`); merged with the one read from a list of ``labels_key`` columns. The
+            classifier head then trains with a hierarchical cross-entropy and predicts consistent labels at every
+            level, backing off to the parent where the type is uncertain (:func:`cellular.tl.cellular_annotate`).
+        label_levels
+            Names of the hierarchy's levels, root first; the ``labels_key`` columns when a list is given, else
+            ``level_0``, ``level_1``, ...
         **kwargs
             Passed on to :meth:`scvi.data.AnnDataManager.register_fields`.
 
@@ -302,7 +315,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                 f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); CELLULAR needs labelled cells "
                 "with expressed genes. Check the filtering or subsetting that produced it."
             )
-        _check_obs_column(adata, labels_key, "labels_key")
+        labels_key, label_hierarchy, label_levels = _label_levels(
+            adata, labels_key, label_hierarchy, label_levels, str(unlabeled_category)
+        )
         if batch_key is not None:
             _check_obs_column(adata, batch_key, "batch_key")
             if batch_key == labels_key:
@@ -320,6 +335,12 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                 f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: {list(adata.var.columns)})."
             )
         get_matrix(adata, layer)
+        if label_hierarchy is not None:  # no new local variables here: scvi-tools records every local as a setting
+            LabelHierarchy(
+                label_hierarchy,
+                [str(c) for c in adata.obs[labels_key].cat.categories if str(c) != unlabeled_category],
+                label_levels,
+            )
         setup_method_args = cls._get_setup_method_args(**locals())
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -357,6 +378,14 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
     def setup_args(self) -> dict:
         """Arguments given to :meth:`setup_anndata`."""
         return dict(self.registry_["setup_args"])
+
+    @property
+    def label_hierarchy(self) -> LabelHierarchy | None:
+        """The hierarchy over :attr:`cell_types` registered with :meth:`setup_anndata`, or ``None``."""
+        setup = self.setup_args
+        if setup.get("label_hierarchy") is None:
+            return None
+        return LabelHierarchy(setup["label_hierarchy"], self.cell_types, setup.get("label_levels"))
 
     def registered_labels(self) -> np.ndarray:
         """Label codes of the registered cells, ``-1`` for unlabelled."""
@@ -838,6 +867,43 @@ def _check_obs_column(adata: AnnData, key: str, argument: str) -> None:
             f"adata.obs[{key!r}] has {int(column.isna().sum())} missing values. Fill them, e.g. with the "
             "unlabeled_category ('Unknown') for labels, before setting up the data."
         )
+
+
+def _label_levels(adata: AnnData, labels_key, label_hierarchy, label_levels, unlabeled_category: str):
+    """The finest labels column, the parent map and the level names of ``setup_anndata``'s label arguments."""
+    if isinstance(labels_key, list | tuple):
+        keys = [str(key) for key in labels_key]
+        if len(keys) < 2 or len(set(keys)) < len(keys):
+            raise ValueError(
+                f"labels_key={keys} must name one column, or at least two distinct columns (coarse to fine) for "
+                "labels at several levels."
+            )
+        for key in keys:
+            _check_obs_column(adata, key, "labels_key")
+        derived = hierarchy_from_columns(adata.obs, keys, unlabeled_category)
+        for child, parent in (label_hierarchy or {}).items():
+            if derived.get(str(child), str(parent)) != str(parent):
+                raise ValueError(
+                    f"label_hierarchy puts {child!r} under {parent!r}, but the labels_key columns put it under "
+                    f"{derived[str(child)]!r}; a hierarchy gives each label one parent."
+                )
+        label_hierarchy = {**{str(c): str(p) for c, p in (label_hierarchy or {}).items()}, **derived}
+        label_levels = keys if label_levels is None else label_levels
+        labels_key = keys[-1]
+    else:
+        _check_obs_column(adata, labels_key, "labels_key")
+    if label_hierarchy is not None:
+        if not isinstance(label_hierarchy, dict):
+            raise TypeError(
+                f"label_hierarchy must be a parent map {{child: parent}}, got {type(label_hierarchy).__name__}."
+            )
+        label_hierarchy = {str(child): str(parent) for child, parent in label_hierarchy.items()}
+        for child in label_hierarchy:
+            ancestors(child, label_hierarchy)
+    elif label_levels is not None:
+        raise ValueError("label_levels names the levels of a hierarchy; pass label_hierarchy or a list of labels_key.")
+    label_levels = None if label_levels is None else [str(level) for level in label_levels]
+    return labels_key, label_hierarchy, label_levels
 
 
 def _as_string_categories(adata: AnnData, key: str) -> None:

@@ -7,6 +7,7 @@ from ._losses import (
     batch_mixing_loss,
     centroid_distance_loss,
     centroid_target_distances,
+    hierarchical_cross_entropy,
     inverse_frequency_weights,
     soft_nearest_neighbour_loss,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "centroid_target_distances",
     "inverse_frequency_weights",
     "fit_temperature",
+    "hierarchical_cross_entropy",
     "masked_layer_norm",
     "random_panel_masks",
     "soft_nearest_neighbour_loss",

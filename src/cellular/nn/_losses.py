@@ -224,3 +224,33 @@ def centroid_target_distances(centroids: Tensor, present: Tensor) -> Tensor:
     mean.fill_diagonal_(0.0)
     largest = mean.max()
     return mean / largest if largest > 0 else mean
+
+
+def hierarchical_cross_entropy(
+    logits: Tensor, labels: Tensor, ancestry: Tensor, weight: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy at every level of a label hierarchy (hierarchical cross-entropy).
+
+    A node's probability is the softmax mass of the types at or below it. A cell's loss is the mean of
+    ``-log P(node)`` over the nodes of its type's chain (the type, its class, its lineage, ...), so a cell whose
+    type the head confuses with a sibling still pulls its class and lineage right. With one level (``ancestry`` the
+    identity) this is the cross-entropy.
+
+    Parameters
+    ----------
+    logits
+        ``(n_cells, n_types)`` classifier logits.
+    labels
+        ``(n_cells,)`` type codes.
+    ancestry
+        ``(n_types, n_nodes)`` 0/1 matrix, ``1`` where the node is the type or one of its ancestors
+        (:attr:`cellular.data.LabelHierarchy.ancestry`).
+    weight
+        Per-type weight of a cell's loss (the weighted mean is taken, as in ``torch.nn.functional.cross_entropy``).
+    """
+    log_types = torch.log_softmax(logits, dim=1)
+    log_nodes = torch.logsumexp(log_types[:, :, None] + torch.log(ancestry)[None], dim=1)
+    chain = ancestry[labels]
+    per_cell = -(chain * log_nodes).sum(dim=1) / chain.sum(dim=1)
+    cell_weight = torch.ones_like(per_cell) if weight is None else weight[labels]
+    return (cell_weight * per_cell).sum() / cell_weight.sum()

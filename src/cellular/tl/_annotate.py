@@ -6,7 +6,15 @@ from anndata import AnnData
 
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
-from ._common import check_alpha, check_model, model_record, serve_query, write_annotation
+from ._common import (
+    check_alpha,
+    check_model,
+    model_record,
+    package_uns,
+    serve_query,
+    write_annotation,
+    write_hierarchy_levels,
+)
 from ._novel import novelty_flags
 
 
@@ -20,6 +28,7 @@ def cellular_annotate(
     fdr: bool = False,
     min_confidence: float = 0.0,
     unknown_label: str = "Unknown",
+    hierarchy_threshold: float = 0.7,
     use_rep: str | None = None,
     batch_size: int = 4096,
     layer: str | None = SAME_AS_TRAINING,
@@ -53,6 +62,11 @@ def cellular_annotate(
         Also label ``unknown_label`` every cell whose confidence is below this value.
     unknown_label
         Label of cells left unassigned; must not be one of the model's types.
+    hierarchy_threshold
+        For a model with a label hierarchy (``setup_anndata(..., labels_key=[...])`` or ``label_hierarchy=...``):
+        the probability a label needs to be the cell's deepest confident label. A cell whose type is uncertain
+        between two subtypes gets their parent ("T cell" rather than a wrong "CD8 T cell"). Above 0.5, so two
+        siblings cannot both pass.
     use_rep
         Key of ``adata.obsm`` holding this model's embedding of ``adata``; the cells are embedded now when
         ``None``.
@@ -78,12 +92,26 @@ def cellular_annotate(
     ``adata.obsm[key_added + '_probabilities']``
         ``(n_cells, n_types)`` calibrated probabilities; column order in ``uns``.
     ``adata.uns['cellular'][key_added]``
-        ``params``, ``classes`` (the probability columns) and ``counts`` (DataFrame of cells per label).
+        ``params``, ``classes`` (the probability columns) and ``counts`` (DataFrame of cells per label); with a
+        hierarchy also ``hierarchy`` (its ``levels`` and ``parents``).
+
+    With a label hierarchy, the labels at every level follow one top-down path (the likeliest root, then its
+    likeliest child, ...), so they never contradict the hierarchy; ``adata.obs[key_added]`` is the path's type and
+    also written are:
+
+    ``adata.obs[key_added + '_' + level]`` for each level name
+        The path's label at that level.
+    ``adata.obs[key_added + '_hierarchical']``
+        The deepest label of the path with probability at least ``hierarchy_threshold`` (``unknown_label`` when not
+        even the root is).
+    ``adata.obs[key_added + '_hierarchical_confidence']``
+        Its probability (the summed probability of the types below it).
     """
     if novel_as_unknown:
         alpha = check_alpha(alpha)
-    if not 0.0 <= min_confidence <= 1.0:
-        raise ValueError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
+    for name, value in (("min_confidence", min_confidence), ("hierarchy_threshold", hierarchy_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}.")
     check_model(model, classifier=True)
     classes = list(model.cell_types)
     if unknown_label in classes:
@@ -120,5 +148,15 @@ def cellular_annotate(
         **served.record,
         "model": model_record(model),
     }
-    write_annotation(adata, key_added, probabilities, unknown, classes, unknown_label, params)
+    hierarchy = model.label_hierarchy
+    if hierarchy is None:
+        write_annotation(adata, key_added, probabilities, unknown, classes, unknown_label, params)
+        return adata if copy else None
+    params["hierarchy_threshold"] = float(hierarchy_threshold)
+    prediction = hierarchy.predict(probabilities, hierarchy_threshold)
+    record = write_hierarchy_levels(adata, key_added, hierarchy, prediction, unknown, unknown_label)
+    write_annotation(
+        adata, key_added, probabilities, unknown, classes, unknown_label, params, predicted=prediction.finest
+    )
+    package_uns(adata)[key_added]["hierarchy"] = record
     return adata if copy else None

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from cellular.data import align_genes, check_finite_embedding
+from cellular.data import HierarchicalPrediction, LabelHierarchy, align_genes, check_finite_embedding
 from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR, PanelCalibration
 
@@ -251,10 +251,15 @@ def write_annotation(
     classes: list[str],
     unknown_label: str,
     params: dict,
+    predicted: np.ndarray | None = None,
 ) -> None:
-    """Write an annotation's slots: label (``unknown_label`` where ``unknown``), confidence, probabilities, ``uns``."""
-    confidence = probabilities.max(axis=1)
-    codes = np.where(unknown, len(classes), probabilities.argmax(axis=1))
+    """Write an annotation's slots: label (``unknown_label`` where ``unknown``), confidence, probabilities, ``uns``.
+
+    ``predicted`` gives each cell's class code; the most probable class when ``None``.
+    """
+    predicted = probabilities.argmax(axis=1) if predicted is None else predicted
+    confidence = probabilities[np.arange(probabilities.shape[0]), predicted]
+    codes = np.where(unknown, len(classes), predicted)
     adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
     adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
     adata.obsm[f"{key_added}_probabilities"] = probabilities.astype(np.float32)
@@ -265,3 +270,35 @@ def write_annotation(
             {"n_cells": np.bincount(codes, minlength=len(classes) + 1)}, index=pd.Index([*classes, unknown_label])
         ),
     }
+
+
+def write_hierarchy_levels(
+    adata: AnnData,
+    prefix: str,
+    hierarchy: LabelHierarchy,
+    prediction: HierarchicalPrediction,
+    unknown: np.ndarray,
+    unknown_label: str,
+) -> dict:
+    """Write one label column per hierarchy level and the deepest confident label; return their ``uns`` record.
+
+    ``adata.obs[prefix + '_' + level]`` for each level (the top-down path), ``adata.obs[prefix + '_hierarchical']``
+    (the deepest label with enough probability: the cell's type, or its class or lineage where the type is
+    uncertain) and ``adata.obs[prefix + '_hierarchical_confidence']``. Cells in ``unknown`` get ``unknown_label``
+    everywhere.
+    """
+    if unknown_label in hierarchy.nodes:
+        raise ValueError(f"unknown_label={unknown_label!r} is a label of the hierarchy; pass another unknown_label.")
+    nodes = np.asarray(hierarchy.nodes, dtype=object)
+    for depth, level in enumerate(hierarchy.level_names):
+        labels = np.where(unknown, unknown_label, nodes[prediction.path[:, depth]])
+        adata.obs[f"{prefix}_{level}"] = _categorical(labels, nodes, unknown_label)
+    deepest = np.where(unknown | (prediction.deepest < 0), unknown_label, nodes[np.maximum(prediction.deepest, 0)])
+    adata.obs[f"{prefix}_hierarchical"] = _categorical(deepest, nodes, unknown_label)
+    adata.obs[f"{prefix}_hierarchical_confidence"] = prediction.confidence.astype(np.float32)
+    return {"levels": list(hierarchy.level_names), "parents": dict(hierarchy.parents)}
+
+
+def _categorical(labels: np.ndarray, nodes: np.ndarray, unknown_label: str) -> pd.Categorical:
+    used = set(labels.tolist())
+    return pd.Categorical(labels, categories=[n for n in [*nodes, unknown_label] if n in used])

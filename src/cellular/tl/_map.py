@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from cellular.data import check_finite_embedding
+from cellular.data import LabelHierarchy, check_finite_embedding
 from cellular.index import ReferenceIndex
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
-from ._common import ServedQuery, check_model, model_record, package_uns, serve_query
+from ._common import ServedQuery, check_model, model_record, package_uns, serve_query, write_hierarchy_levels
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -27,6 +27,7 @@ def cellular_map(
     temperature: float | None = None,
     min_probability: float = 0.5,
     unknown_label: str = "Unknown",
+    hierarchy_threshold: float = 0.7,
     use_rep: str | None = None,
     batch_size: int = 4096,
     layer: str | None = SAME_AS_TRAINING,
@@ -69,6 +70,9 @@ def cellular_map(
         Cells whose largest vote share is below this value are labelled ``unknown_label``.
     unknown_label
         Label of unassigned cells.
+    hierarchy_threshold
+        For a model with a label hierarchy: the summed vote share a label needs to be the cell's deepest confident
+        label (see below).
     use_rep
         Key of ``adata.obsm`` already holding this model's embedding of ``adata``; embedded now when ``None``.
     batch_size, layer, log_normalized, gene_id_key, min_gene_overlap
@@ -102,6 +106,11 @@ def cellular_map(
         the cell lies farther from the atlas than atlas cells do).
     ``adata.obsm[key_added + '_neighbor_indices']``, ``adata.obsm[key_added + '_neighbor_distances']``
         ``(n_cells, k)`` reference row numbers (order of ``index.cell_names``) and distances, nearest first.
+    ``adata.obs[key_added + '_' + L + '_' + level]``, ``adata.obs[key_added + '_' + L + '_hierarchical']``
+        For the model's labels level ``L`` when the model has a label hierarchy: the labels of each hierarchy level
+        from the vote shares summed up the hierarchy (one consistent top-down path), and the deepest of them with a
+        summed vote share of at least ``hierarchy_threshold`` (a cell whose neighbours split between CD4 and CD8 T cells
+        gets "T cell"), with its share in ``..._hierarchical_confidence``.
     ``adata.uns['cellular'][key_added + '_map']``
         ``params``; ``levels`` (per level its ``classes`` and ``counts``, a DataFrame of cells per label);
         ``distance_summary`` (DataFrame of quantiles of the mean neighbour distance for the query and for reference
@@ -157,6 +166,15 @@ def cellular_map(
                 index=pd.Index([str(c) for c in labels.categories]),
             ),
         }
+    hierarchy = None if model is None else model.label_hierarchy
+    finest = None if model is None else model.setup_args["labels_key"]
+    if hierarchy is not None and finest in transfer.labels:
+        hierarchy = LabelHierarchy(hierarchy.parents, transfer.classes[finest], hierarchy.level_names)
+        prediction = hierarchy.predict(transfer.probabilities[finest], hierarchy_threshold)
+        unknown = np.zeros(adata.n_obs, dtype=bool)
+        level_records[finest]["hierarchy"] = write_hierarchy_levels(
+            adata, f"{key_added}_{finest}", hierarchy, prediction, unknown, unknown_label
+        )
     adata.obs[f"{key_added}_distance"] = transfer.mean_distance.astype(np.float32)
     adata.obs[f"{key_added}_distance_pvalue"] = transfer.distance_pvalue.astype(np.float32)
     adata.obsm[f"{key_added}_neighbor_indices"] = transfer.indices
@@ -170,6 +188,7 @@ def cellular_map(
             "temperature": float(index.temperature if temperature is None else temperature),
             "min_probability": float(min_probability),
             "unknown_label": unknown_label,
+            "hierarchy_threshold": float(hierarchy_threshold),
             "metric": index.metric,
             "backend": index.backend,
             "n_reference_cells": int(index.n_cells),

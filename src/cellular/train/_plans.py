@@ -12,7 +12,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput
 
 from cellular.module import CellularModule
-from cellular.nn import CellTypeClassifier
+from cellular.nn import CellTypeClassifier, hierarchical_cross_entropy
 
 from ._distributed import gather_minibatch
 
@@ -141,6 +141,10 @@ class ClassifierTrainingPlan(LightningModule):
         Adam settings.
     class_weights
         Cross-entropy weight per type, or ``None``.
+    ancestry
+        ``(n_types, n_nodes)`` ancestry matrix of a label hierarchy
+        (:attr:`cellular.data.LabelHierarchy.ancestry`): the loss is then the hierarchical cross-entropy
+        (:func:`cellular.nn.hierarchical_cross_entropy`), else the cross-entropy.
     """
 
     def __init__(
@@ -150,17 +154,22 @@ class ClassifierTrainingPlan(LightningModule):
         lr: float,
         weight_decay: float,
         class_weights: torch.Tensor | None = None,
+        ancestry: torch.Tensor | None = None,
     ):
         super().__init__()
         self.classifier = classifier
         self.lr = lr
         self.weight_decay = weight_decay
         self.register_buffer("class_weights", class_weights)
+        self.register_buffer("ancestry", ancestry)
         self._epoch_losses = {"train": _EpochMeans(), "stopping": _EpochMeans()}
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.classifier(batch[REGISTRY_KEYS.X_KEY])
-        return F.cross_entropy(logits, batch[REGISTRY_KEYS.LABELS_KEY], weight=self.class_weights)
+        labels = batch[REGISTRY_KEYS.LABELS_KEY]
+        if self.ancestry is not None:
+            return hierarchical_cross_entropy(logits, labels, self.ancestry, self.class_weights)
+        return F.cross_entropy(logits, labels, weight=self.class_weights)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
