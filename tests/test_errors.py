@@ -616,6 +616,107 @@ def case_marker_min_cells(ctx):
     cellular.tl.marker_importances(_counts(ctx.symphony), "cell_type", min_cells=10_000)
 
 
+def _grid_model_copy(ctx):
+    adata = _counts(ctx.symphony)
+    CELLULAR.setup_anndata(adata, labels_key="cell_type")
+    path = ctx.tmp_path / "grid"
+    CELLULAR(adata, encoder="gene_grid", n_top_genes=500).save(path, overwrite=True)
+    return path
+
+
+def case_damaged_grid_layout(ctx):
+    path = _grid_model_copy(ctx)
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    tensors["module.encoder.grid_positions"][1] = tensors["module.encoder.grid_positions"][0]
+    CELLULAR.load(_reseal(path, weights=tensors))
+
+
+def case_encoder_tensors_mismatch(ctx):
+    def claim_gene_grid(metadata):
+        metadata["module_kwargs"]["encoder"] = "gene_grid"
+
+    CELLULAR.load(_reseal(_saved_copy(ctx), claim_gene_grid))
+
+
+def case_encoder_name(ctx):
+    CELLULAR(_setup_only(ctx), encoder="cnn")
+
+
+def case_gene_layout_name(ctx):
+    CELLULAR(_setup_only(ctx), encoder="gene_grid", gene_layout="random")
+
+
+def case_grid_layout(ctx):
+    cellular.nn.GeneGridEncoder(3, grid_positions=torch.tensor([0, 0, 1]))
+
+
+def case_grid_positions_mlp(ctx):
+    from cellular.module import CellularModule
+
+    CellularModule(n_input=3, n_labels=2, n_batch=1, encoder="mlp", grid_positions=torch.tensor([0, 1, 2]))
+
+
+def _setup_only(ctx, **kwargs):
+    adata = _counts(ctx.symphony)
+    CELLULAR.setup_anndata(adata, **{"labels_key": "cell_type", **kwargs})
+    return adata
+
+
+def _broad(ctx):
+    adata = _counts(ctx.symphony)
+    adata.obs["broad"] = adata.obs["cell_type_broad"].astype(str)
+    return adata
+
+
+def case_hierarchy_missing_labels(ctx):
+    _setup_only(ctx, label_hierarchy={"CD4 T cell": "T cell"})
+
+
+def case_hierarchy_two_parents(ctx):
+    adata = _broad(ctx)
+    adata.obs.loc[adata.obs_names[adata.obs["cell_type"] == "CD4 T cell"][:3], "broad"] = "NK"
+    CELLULAR.setup_anndata(adata, labels_key=["broad", "cell_type"])
+
+
+def case_hierarchy_level_conflict(ctx):
+    adata = _broad(ctx)
+    adata.obs["lineage"] = np.where(adata.obs["broad"] == "Mono", "myeloid", "lymphoid")
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    labels[np.flatnonzero(labels == "B cell")[:3]] = "T"
+    adata.obs["cell_type"] = labels
+    CELLULAR.setup_anndata(adata, labels_key=["lineage", "broad", "cell_type"])
+
+
+def case_hierarchy_map_conflict(ctx):
+    CELLULAR.setup_anndata(_broad(ctx), labels_key=["broad", "cell_type"], label_hierarchy={"CD4 T cell": "NK"})
+
+
+def case_hierarchy_level_names(ctx):
+    _setup_only(ctx, label_hierarchy=cellular.data.lineage_map("pbmc"), label_levels=["lineage", "type"])
+
+
+def case_label_levels_without_hierarchy(ctx):
+    _setup_only(ctx, label_levels=["type"])
+
+
+def case_labels_key_list(ctx):
+    _setup_only(ctx, labels_key=["cell_type"])
+
+
+def case_label_hierarchy_type(ctx):
+    _setup_only(ctx, label_hierarchy=[("CD4 T cell", "T cell")])
+
+
+def case_unknown_label_in_hierarchy(ctx):
+    model = _setup(_counts(ctx.symphony), batch_key="batch", label_hierarchy=cellular.data.lineage_map("pbmc"))
+    model.train(max_epochs=1, progress_bar=False)
+    cellular.tl.cellular_annotate(_query(ctx.symphony), model, unknown_label="T cell")
+
+
+def case_threshold_range(ctx):
+    cellular.tl.cellular_map(_query(ctx.symphony), ctx.model, hierarchy_threshold=1.5)
+
+
 CASES = {
     name.removeprefix("case_").replace("_", "-"): case for name, case in globals().items() if name.startswith("case_")
 }

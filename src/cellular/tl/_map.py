@@ -109,13 +109,15 @@ def cellular_map(
     ``adata.obs[key_added + '_' + L + '_' + level]``, ``adata.obs[key_added + '_' + L + '_hierarchical']``
         For the model's labels level ``L`` when the model has a label hierarchy: the labels of each hierarchy level
         from the vote shares summed up the hierarchy (one consistent top-down path), and the deepest of them with a
-        summed vote share of at least ``hierarchy_threshold`` (a cell whose neighbours split between CD4 and CD8 T cells
-        gets "T cell"), with its share in ``..._hierarchical_confidence``.
+        summed vote share of at least ``hierarchy_threshold`` (a cell whose neighbours split between CD4 and CD8 T
+        cells gets "T cell"), with its share in ``..._hierarchical_confidence``.
     ``adata.uns['cellular'][key_added + '_map']``
         ``params``; ``levels`` (per level its ``classes`` and ``counts``, a DataFrame of cells per label);
         ``distance_summary`` (DataFrame of quantiles of the mean neighbour distance for the query and for reference
         cells).
     """
+    if not 0.0 <= hierarchy_threshold <= 1.0:
+        raise ValueError(f"hierarchy_threshold must lie in [0, 1], got {hierarchy_threshold}.")
     if model is None:
         index = _check_embedding_index(adata, index, use_rep)
     else:
