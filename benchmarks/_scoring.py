@@ -9,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from benchmarks._folds import BATCH, TRUE_LABELS, Fold
+from benchmarks._folds import BATCH, TRUE_LABELS, UNLABELLED, Fold
 
 
 def annotation_scores(fold: Fold, probabilities: np.ndarray) -> dict[str, float]:
@@ -32,6 +32,22 @@ def annotation_scores(fold: Fold, probabilities: np.ndarray) -> dict[str, float]
     }
     scores.update({f"f1:{cell_type}": value for cell_type, value in zip(present, per_type, strict=True)})
     return scores
+
+
+def hierarchical_scores(fold: Fold, probabilities: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    """Hierarchical precision / recall / F1 (Kiritchenko) on the dataset's lineage map, over test cells of trained
+    types; ``labels`` (which may name a parent type) when given, else the most probable type."""
+    from benchmarks._methods import fold_lineage_map
+    from cellular.metrics import hierarchical_f1
+
+    parents = fold_lineage_map(fold)
+    truth = fold.test_labels()
+    known = np.isin(truth, fold.classes)
+    if parents is None or not known.any():
+        return {}
+    predicted = np.asarray(fold.classes, dtype=object)[probabilities.argmax(axis=1)] if labels is None else labels
+    scores = hierarchical_f1(truth[known], np.asarray(predicted)[known], parents, unknown_label=UNLABELLED)
+    return {f"hierarchical_{name}": value for name, value in scores.items()}
 
 
 def novelty_scores(fold: Fold, novelty: np.ndarray) -> dict[str, float]:

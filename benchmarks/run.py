@@ -81,7 +81,13 @@ def limit_library_threads(threads: int) -> None:
 
 def run_fold(fold, methods, settings, score_annotation: bool, score_integration: bool) -> list[dict]:
     from benchmarks._methods import METHODS, FoldCache
-    from benchmarks._scoring import PeakMemory, annotation_scores, novelty_scores, scib_scores
+    from benchmarks._scoring import (
+        PeakMemory,
+        annotation_scores,
+        hierarchical_scores,
+        novelty_scores,
+        scib_scores,
+    )
 
     rows: list[dict] = []
     cache = FoldCache()
@@ -112,6 +118,7 @@ def run_fold(fold, methods, settings, score_annotation: bool, score_integration:
             continue
         if score_annotation:
             scores = annotation_scores(fold, output.probabilities)
+            scores.update(hierarchical_scores(fold, output.probabilities, output.labels))
             summary.append(f"{key}={scores.get('macro_f1', float('nan')):.3f}")
         elif fold.task == "novel":
             scores = novelty_scores(fold, output.novelty)

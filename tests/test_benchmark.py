@@ -16,7 +16,7 @@ def smoke_run(shared_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("field")
     args = [
         "--tasks", "lobo", "integration", "map", "novel",
-        "--methods", "cellular", "cellular_knn", "pca_knn",
+        "--methods", "cellular", "cellular_knn", "pca_knn", "cellular_gene_grid", "cellular_hierarchy",
         "--datasets", "pbmc_symphony_3tech",
         "--map-pairs", "pbmc3k_seurat:pbmc_symphony_3tech",
         "--max-epochs", "3", "--max-folds", "1", "--threads", "2",
@@ -33,23 +33,28 @@ def test_smoke_run_writes_long_results_summary_and_figures(smoke_run):
     assert set(results["task"]) == {"lobo", "integration", "map", "novel"}
     assert "failed" not in set(results["metric"])
     lobo = results[results["task"] == "lobo"]
-    assert set(lobo["method"]) == {"cellular", "cellular_knn", "pca_knn"}
+    methods = {"cellular", "cellular_knn", "pca_knn", "cellular_gene_grid", "cellular_hierarchy"}
+    assert set(lobo["method"]) == methods
     assert set(lobo["fold"]) == {"3pv1"}  # --max-folds 1: the first batch only
     scores = lobo[lobo["metric"].isin(["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1"])]["value"]
-    assert scores.between(0, 1).all() and len(scores) == 12
+    assert scores.between(0, 1).all() and len(scores) == 4 * len(methods)
+    hierarchical = results[results["metric"] == "hierarchical_f1"]  # PBMC folds: the lineage map applies
+    assert set(hierarchical["task"]) == {"lobo", "map"} and set(hierarchical["method"]) == methods
+    assert hierarchical["value"].between(0, 1).all()
     assert lobo["metric"].str.startswith("f1:").any()
     for metric in ("fit_seconds", "predict_seconds", "peak_rss_mb", "fit_cells_per_second"):
         assert (lobo[lobo["metric"] == metric]["value"] > 0).all()
     integration = results[results["task"] == "integration"]
-    assert set(integration["method"]) == {"cellular", "pca_knn"}  # the kNN path shares the classifier's embedding
+    # the kNN and hierarchy paths share an embedding with a reported one
+    assert set(integration["method"]) == {"cellular", "cellular_gene_grid", "pca_knn"}
     total = integration[integration["metric"] == "Total"].set_index("method")["value"]
     parts = integration[integration["metric"].isin(["Bio conservation", "Batch correction"])]
     parts = parts.pivot(index="method", columns="metric", values="value")
     np.testing.assert_allclose(total, 0.6 * parts["Bio conservation"] + 0.4 * parts["Batch correction"], rtol=1e-6)
     novel = results[(results["task"] == "novel") & (results["metric"] == "auroc")]
-    assert len(novel) == 3 and novel["fold"].iloc[0].startswith("B cell")
+    assert len(novel) == len(methods) and novel["fold"].iloc[0].startswith("B cell")
     text = summary.read_text()
-    for heading in ("### Targets", "Annotation macro-F1", "Novel cell-type detection AUROC", "scIB overall"):
+    for heading in ("### Targets", "Annotation macro-F1", "Hierarchical F1", "Novel cell-type detection AUROC", "scIB"):
         assert heading in text
     for figure in ("annotation_macro_f1.png", "novelty_auroc.png", "scib_table.png"):
         assert (out / figure).stat().st_size > 0 and f"]({figure})" in text
