@@ -5,6 +5,7 @@ markdown table at the end, written to ``benchmarks/results/train_speed.{csv,md}`
 
     python benchmarks/train_speed.py                    # 10k and 100k cells x 2000 genes, CPU
     python benchmarks/train_speed.py --cells 10000 --epochs 3 --device cuda
+    python benchmarks/train_speed.py --cells 10000 --encoders mlp gene_grid --out encoder_speed   # the two encoders
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_one(n_cells: int, n_genes: int, epochs: int, batch_size: int, device: str, library_size: float) -> dict:
+def run_one(
+    n_cells: int, n_genes: int, epochs: int, batch_size: int, device: str, library_size: float, encoder: str
+) -> dict:
     import numpy as np
     import torch
 
@@ -38,7 +41,7 @@ def run_one(n_cells: int, n_genes: int, epochs: int, batch_size: int, device: st
 
     cellular.CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
     t0 = time.perf_counter()
-    model = cellular.CELLULAR(adata, n_top_genes=n_genes)
+    model = cellular.CELLULAR(adata, n_top_genes=n_genes, encoder=encoder)
     t_init = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -64,6 +67,7 @@ def run_one(n_cells: int, n_genes: int, epochs: int, batch_size: int, device: st
     t_embed = time.perf_counter() - t0
     assert np.isfinite(z).all()
     return {
+        "encoder": encoder,
         "cells": n_cells,
         "genes": n_genes,
         "density": round(density, 3),
@@ -89,17 +93,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--encoders", nargs="+", choices=("mlp", "gene_grid"), default=["mlp"])
+    parser.add_argument("--out", default="train_speed", help="name of the results files in benchmarks/results")
     parser.add_argument("--library-size", type=float, default=3000.0, help="mean counts per cell (sets the density)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results as they are")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.single:
-        row = run_one(args.cells[0], args.genes, args.epochs, args.batch_size, args.device, args.library_size)
+        row = run_one(
+            args.cells[0], args.genes, args.epochs, args.batch_size, args.device, args.library_size, args.encoders[0]
+        )
         print(json.dumps(row))
         return
     rows = []
-    for n_cells in args.cells:
+    for n_cells, encoder in [(n, e) for n in args.cells for e in args.encoders]:
         command = [
             sys.executable,
             __file__,
@@ -116,6 +124,8 @@ def main() -> None:
             args.device,
             "--library-size",
             str(args.library_size),
+            "--encoders",
+            encoder,
         ]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         row = json.loads(result.stdout.strip().splitlines()[-1])
@@ -133,8 +143,8 @@ def main() -> None:
     print("\n" + text)
     if args.device == "cpu" and not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        table.to_csv(RESULTS / "train_speed.csv", index=False)
-        (RESULTS / "train_speed.md").write_text(text)
+        table.to_csv(RESULTS / f"{args.out}.csv", index=False)
+        (RESULTS / f"{args.out}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -483,3 +483,25 @@ def test_faiss_backend_without_faiss_fails_before_training(cli, tmp_path, monkey
     options = ["--labels-key", "cell_type", "-o", tmp_path / "m", "--index-backend", "faiss"]
     code, _, err = run("train", cli.reference, *options)
     assert code == 1 and 'pip install "cellular-sc[faiss]"' in err and not trained
+
+
+def test_train_with_label_levels_and_the_gene_grid_encoder(cli, tmp_path):
+    model = tmp_path / "levels"
+    options = ["--labels-key", "cell_type_broad", "cell_type", "--encoder", "gene_grid", "--n-top-genes", "300"]
+    code, _, err = run("train", cli.reference, *options, "--batch-key", "batch", "-o", model, *TRAINING, "--quiet")
+    assert code == 0, err
+    loaded = CELLULAR.load(model)
+    assert loaded.module.encoder_name == "gene_grid" and loaded.n_latent == 64
+    assert loaded.label_hierarchy.level_names == ["cell_type_broad", "cell_type"]
+    assert loaded.reference_index_.label_levels == ["cell_type_broad", "cell_type"]
+    out = tmp_path / "annotated.h5ad"
+    code, _, err = run("annotate", cli.query, "-m", model, "-o", out, "--hierarchy-threshold", "0.9", "--quiet")
+    assert code == 0, err
+    annotated = ad.read_h5ad(out)
+    expected = ad.read_h5ad(cli.query)
+    cellular.tl.cellular_annotate(expected, loaded, hierarchy_threshold=0.9)
+    for column in ("cellular_label_cell_type_broad", "cellular_label_cell_type", "cellular_label_hierarchical"):
+        assert (annotated.obs[column].astype(str) == expected.obs[column].astype(str)).all()
+    code, _, err = run("map", cli.query, "-m", model, "-o", tmp_path / "mapped.h5ad", "--quiet")
+    assert code == 0, err
+    assert "cellular_cell_type_hierarchical" in ad.read_h5ad(tmp_path / "mapped.h5ad").obs

@@ -43,20 +43,30 @@ def train(args: argparse.Namespace) -> int:
             raise CommandError(str(error)) from None
 
     from cellular import CELLULAR
+    from cellular.data import lineage_map
 
     start = time.perf_counter()
     adata = read_h5ad(reference, backed=args.backed)
     progress = show_progress(args)
+    labels_key = args.labels_key[-1]
     CELLULAR.setup_anndata(
         adata,
-        labels_key=args.labels_key,
+        labels_key=args.labels_key if len(args.labels_key) > 1 else labels_key,
         batch_key=args.batch_key,
         layer=args.layer,
         unlabeled_category=args.unlabeled_category,
         log_normalized=args.log_normalized,
         gene_id_key=args.gene_id_key,
+        label_hierarchy=None if args.lineage_map is None else lineage_map(args.lineage_map),
     )
-    model = CELLULAR(adata, n_latent=args.n_latent, n_top_genes=args.n_top_genes, seed=args.seed)
+    model = CELLULAR(
+        adata,
+        n_latent=args.n_latent,
+        n_top_genes=args.n_top_genes,
+        encoder=args.encoder,
+        gene_layout=args.gene_layout,
+        seed=args.seed,
+    )
     classifier_kwargs = {"progress_bar": progress}
     if args.classifier_epochs is not None:
         classifier_kwargs["max_epochs"] = args.classifier_epochs
@@ -73,7 +83,7 @@ def train(args: argparse.Namespace) -> int:
         logger.info("Building the reference index of %d cells.", adata.n_obs)
         model.build_reference_index(
             adata,
-            label_keys=args.index_label_keys or [args.labels_key],
+            label_keys=args.index_label_keys or args.labels_key,
             unlabeled_category=args.unlabeled_category,
             backend=args.index_backend,
             progress_bar=progress,
@@ -91,7 +101,7 @@ def train(args: argparse.Namespace) -> int:
     say(
         args,
         f"cellular train: {adata.n_obs} cells x {adata.n_vars} genes from {reference}; "
-        f"{len(model.cell_types)} cell types in obs[{args.labels_key!r}]"
+        f"{len(model.cell_types)} cell types in obs[{labels_key!r}]"
         + (f" ({n_unlabelled} cells {args.unlabeled_category!r}, unlabelled)" if n_unlabelled else "")
         + (f", {model.n_batches} batches in obs[{args.batch_key!r}]" if args.batch_key else ""),
     )
@@ -226,6 +236,7 @@ def annotate(args: argparse.Namespace) -> int:
         fdr=args.fdr,
         min_confidence=args.min_confidence,
         unknown_label=args.unknown_label,
+        hierarchy_threshold=args.hierarchy_threshold,
         **_served(reading, args),
     )
     write_h5ad(adata, output, args.overwrite)
@@ -298,6 +309,7 @@ def map_(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         min_probability=args.min_probability,
         unknown_label=args.unknown_label,
+        hierarchy_threshold=args.hierarchy_threshold,
         progress_bar=show_progress(args),
         **_served(reading, args),
     )

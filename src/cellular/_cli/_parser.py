@@ -210,7 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         "example:\n  cellular train ref.h5ad --labels-key cell_type --batch-key batch -o model/",
     )
     train.add_argument("reference", metavar="REF.h5ad", type=Path, help="labelled reference cells")
-    train.add_argument("--labels-key", required=True, metavar="COLUMN", help="obs column with the cell-type labels")
+    train.add_argument(
+        "--labels-key",
+        required=True,
+        nargs="+",
+        metavar="COLUMN",
+        help="obs column with the cell-type labels; several columns (coarse to fine, e.g. lineage cell_type) give "
+        "labels at several levels, predicted consistently",
+    )
     train.add_argument("--batch-key", metavar="COLUMN", help="obs column with the batches (default: one batch)")
     train.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", type=Path, help="folder to save to")
     train.add_argument("--overwrite", action="store_true", help="replace a model already saved in MODEL_DIR")
@@ -227,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--gene-id-key", metavar="COLUMN", help="var column of stable gene ids to record (e.g. Ensembl)")
     data.add_argument(
+        "--lineage-map",
+        choices=("pbmc", "pancreas"),
+        help="place the labels in the package's lineage hierarchy for this tissue (type -> class -> lineage)",
+    )
+    data.add_argument(
         "--backed",
         action="store_true",
         help="keep the reference's expression on disk and read it in chunks (automatic above 2 GiB)",
@@ -235,7 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--n-top-genes", type=_positive_int, default=2000, metavar="N", help="highly variable genes (default: 2000)"
     )
-    model.add_argument("--n-latent", type=_positive_int, default=100, metavar="N", help="embedding size (default: 100)")
+    model.add_argument(
+        "--encoder",
+        choices=("mlp", "gene_grid"),
+        default="mlp",
+        help="mlp (the paper's) or gene_grid (Spoticell's fingerprint encoder; slower) (default: mlp)",
+    )
+    model.add_argument(
+        "--gene-layout",
+        choices=("coexpression", "alphabetical"),
+        default="coexpression",
+        help="where the gene_grid encoder places the genes (default: coexpression)",
+    )
+    model.add_argument(
+        "--n-latent", type=_positive_int, metavar="N", help="embedding size (default: 100; 64 with --encoder gene_grid)"
+    )
     model.add_argument(
         "--epochs", type=_positive_int, metavar="N", help="maximum training epochs (default: about 2,000 steps)"
     )
@@ -313,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--no-novel-as-unknown", action="store_true", help="keep the most probable type for cells flagged as novel"
     )
+    _add_hierarchy_threshold(options)
     options.add_argument(
         "--unknown-label", default="Unknown", metavar="LABEL", help="label of unassigned cells (default: Unknown)"
     )
@@ -393,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="cells whose largest vote share is below P are labelled Unknown (default: 0.5)",
     )
+    _add_hierarchy_threshold(options)
     options.add_argument(
         "--unknown-label", default="Unknown", metavar="LABEL", help="label of unassigned cells (default: Unknown)"
     )
@@ -418,3 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--overwrite", action="store_true", help="replace a model already saved in MODEL_DIR")
     return parser
+
+
+def _add_hierarchy_threshold(group) -> None:
+    group.add_argument(
+        "--hierarchy-threshold",
+        type=_fraction,
+        default=0.7,
+        metavar="P",
+        help="models with a label hierarchy: the probability the deepest confident label needs; an uncertain type "
+        "backs off to its parent (default: 0.7)",
+    )
