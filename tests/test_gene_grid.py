@@ -52,9 +52,12 @@ def test_fingerprints_feed_annotation_and_the_index(grid_model, symphony_split):
     cellular.tl.cellular_map(query, grid_model, index)
     mapped = f1_score(truth[known], query.obs["cellular_cell_type"].astype(str).to_numpy()[known], average="macro")
     baseline = pca_knn_macro_f1(grid_model, train, test)
-    print(f"annotate {annotated:.3f}, map {mapped:.3f}, PCA {baseline:.3f}")
+    cellular.tl.novel_types(query, grid_model, alpha=0.05)
+    false_novel = float(query.obs["cellular_novel"].to_numpy()[known].mean())
+    print(f"annotate {annotated:.3f}, map {mapped:.3f}, PCA {baseline:.3f}; known flagged novel {false_novel:.3f}")
     assert annotated >= baseline - 0.05
     assert mapped >= baseline - 0.05
+    assert false_novel < 0.2
 
 
 def test_save_load_keeps_layout_and_fingerprints(grid_model, symphony_split, tmp_path):

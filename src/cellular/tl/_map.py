@@ -171,7 +171,10 @@ def cellular_map(
     hierarchy = None if model is None else model.label_hierarchy
     finest = None if model is None else model.setup_args["labels_key"]
     if hierarchy is not None and finest in transfer.labels:
-        hierarchy = LabelHierarchy(hierarchy.parents, transfer.classes[finest], hierarchy.level_names)
+        names = hierarchy.level_names
+        hierarchy = LabelHierarchy(hierarchy.parents, transfer.classes[finest])
+        if hierarchy.n_levels == len(names):  # the index's types may span fewer levels than the model's
+            hierarchy = LabelHierarchy(hierarchy.parents, transfer.classes[finest], names)
         prediction = hierarchy.predict(transfer.probabilities[finest], hierarchy_threshold)
         unknown = np.zeros(adata.n_obs, dtype=bool)
         level_records[finest]["hierarchy"] = write_hierarchy_levels(
