@@ -36,3 +36,14 @@ def pca_knn_macro_f1(model, train, test, labels_key="cell_type"):
     known = np.isin(test_labels, model.cell_types)
     knn = KNeighborsClassifier(n_neighbors=15).fit(reference[labelled], train_labels[labelled])
     return f1_score(test_labels[known], knn.predict(query[known]), average="macro")
+
+
+def model_knn_macro_f1(model, train, test, labels_key="cell_type"):
+    """Macro-F1 on ``test`` cells of known types of a 15-NN cosine vote in the model's embedding of ``train``."""
+    z_train, z_test = model.get_latent_representation(train), model.get_latent_representation(test)
+    labels = train.obs[labels_key].astype(str).to_numpy()
+    labelled = np.isin(labels, model.cell_types)
+    truth = test.obs[labels_key].astype(str).to_numpy()
+    known = np.isin(truth, model.cell_types)
+    knn = KNeighborsClassifier(n_neighbors=15, metric="cosine").fit(z_train[labelled], labels[labelled])
+    return f1_score(truth[known], knn.predict(z_test[known]), average="macro")

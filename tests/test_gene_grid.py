@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from helpers import pca_knn_macro_f1
+from helpers import model_knn_macro_f1, pca_knn_macro_f1
 from sklearn.metrics import f1_score
-from sklearn.neighbors import KNeighborsClassifier
 
 import cellular
 from cellular import CELLULAR
@@ -27,15 +26,8 @@ def grid_model(symphony_split):
 
 def test_gene_grid_model_beats_pca_on_a_held_out_technology(grid_model, symphony_split):
     train, test = symphony_split
-    z_train = grid_model.get_latent_representation()
-    z_test = grid_model.get_latent_representation(test)
-    assert z_train.shape == (train.n_obs, 64)  # Spoticell's fingerprint size by default
-    labels = train.obs["cell_type"].astype(str).to_numpy()
-    labelled = labels != "Unknown"
-    truth = test.obs["cell_type"].astype(str).to_numpy()
-    known = np.isin(truth, grid_model.cell_types)
-    knn = KNeighborsClassifier(n_neighbors=15, metric="cosine").fit(z_train[labelled], labels[labelled])
-    f1 = f1_score(truth[known], knn.predict(z_test[known]), average="macro")
+    assert grid_model.get_latent_representation().shape == (train.n_obs, 64)  # Spoticell's fingerprint size
+    f1 = model_knn_macro_f1(grid_model, train, test)
     baseline = pca_knn_macro_f1(grid_model, train, test)
     print(f"gene-grid kNN macro-F1 {f1:.3f} vs PCA {baseline:.3f}")
     assert f1 >= baseline
