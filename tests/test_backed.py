@@ -209,3 +209,31 @@ def test_marker_ranking_reads_a_bounded_sample_of_a_backed_query(symphony_model,
         if group["markers"]:
             shared = set(sampled[name]["markers"][:10]) & set(group["markers"][:10])
             assert len(shared) >= 5, (name, group, sampled[name])
+
+
+def test_backed_training_reads_windows_of_minibatches(files, monkeypatch):
+    """A backed file is read a window of minibatches at a time (one sorted read), not minibatch by minibatch, and
+    depth thinning still draws the same numbers as in memory."""
+    from cellular.data._expression import BackedColumns
+
+    reads = []
+    original = BackedColumns.__getitem__
+
+    def counting(self, index):
+        reads.append(len(index))
+        return original(self, index)
+
+    embeddings = {}
+    for mode in ("memory", "backed"):
+        adata = ad.read_h5ad(files["train"], backed="r" if mode == "backed" else None)
+        CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+        model = CELLULAR(adata, n_top_genes=300, depth_thinning=0.5)
+        if mode == "backed":
+            monkeypatch.setattr(BackedColumns, "__getitem__", counting)
+        model.train(max_epochs=3, batch_size=64, early_stopping=False, progress_bar=False, classifier=False)
+        monkeypatch.undo()
+        embeddings[mode] = model.get_latent_representation()
+    n_minibatches = 3 * int(np.ceil(0.9 * adata.n_obs / 64))
+    print(f"{len(reads)} reads of {sum(reads)} rows for {n_minibatches} training minibatches (+ validation)")
+    assert 0 < len(reads) <= 2 * 3  # one training and one validation window per epoch
+    np.testing.assert_array_equal(embeddings["memory"], embeddings["backed"])

@@ -327,6 +327,12 @@ class NormalizedExpression:
             block.data = np.log1p(block.data * factors)
         return block.toarray()
 
+    def subset(self, rows: np.ndarray) -> NormalizedExpression:
+        """The cells ``rows`` (sorted, distinct) held in memory, read from disk in one read when backed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        factors = None if self.size_factors is None else self.size_factors[rows]
+        return NormalizedExpression(sp.csr_matrix(self.matrix[rows], dtype=np.float32), factors)
+
     @property
     def is_backed(self) -> bool:
         """Whether the cells are read from disk minibatch by minibatch."""
