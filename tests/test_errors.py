@@ -650,6 +650,10 @@ def case_grid_layout(ctx):
     cellular.nn.GeneGridEncoder(3, grid_positions=torch.tensor([0, 0, 1]))
 
 
+def case_layout_expression(ctx):
+    cellular.data.gene_grid_layout(["CD3E", "CD19", "LYZ"], "coexpression")
+
+
 def case_grid_positions_mlp(ctx):
     from cellular.module import CellularModule
 

@@ -54,7 +54,12 @@ def gene_grid_layout(
         positions[order] = np.arange(n_genes)
         return positions
     if expression is None or expression.shape[1] != n_genes:
-        raise ValueError("The co-expression layout needs a (cells x genes) expression sample with a column per gene.")
+        shape = None if expression is None else tuple(expression.shape)
+        raise ValueError(
+            f"The co-expression layout needs a (cells x genes) expression sample with one column per gene "
+            f"({n_genes} genes), got {shape}. Pass expression=... with the genes' normalised values, or "
+            "method='alphabetical'."
+        )
     coordinates = _spectral_coordinates(np.asarray(expression, dtype=np.float64), seed)
     rows = np.argsort(coordinates[:, 0], kind="stable")
     positions = np.empty(n_genes, dtype=np.int64)
