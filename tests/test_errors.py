@@ -721,6 +721,25 @@ def case_threshold_range(ctx):
     cellular.tl.cellular_map(_query(ctx.symphony), ctx.model, hierarchy_threshold=1.5)
 
 
+def case_damaged_batch_moments(ctx):
+    path = _saved_copy(ctx, "moments")
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    tensors["moments.batch_compositions"] = -tensors["moments.batch_compositions"] - 1.0
+    CELLULAR.load(_reseal(path, weights=tensors))
+
+
+def case_batch_names_length(ctx):
+    query = _query(ctx.symphony)
+    ctx.model._read(query, None, None, None, 0.0, batch_names=["a", "b"])
+
+
+def case_query_batch_missing(ctx):
+    query = _query(ctx.symphony)
+    query.obs["batch"] = query.obs["batch"].astype(object)
+    query.obs.iloc[0, query.obs.columns.get_loc("batch")] = np.nan
+    ctx.model.get_latent_representation(query, min_gene_overlap=0.0)
+
+
 CASES = {
     name.removeprefix("case_").replace("_", "-"): case for name, case in globals().items() if name.startswith("case_")
 }

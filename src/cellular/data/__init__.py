@@ -18,6 +18,7 @@ from ._hierarchies import (
     lineage_map,
 )
 from ._layout import GENE_LAYOUTS, gene_grid_layout, grid_neighbour_correlation, grid_side
+from ._moments import BatchMoments, BatchStandardization
 from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
@@ -25,6 +26,8 @@ __all__ = [
     "GENE_LAYOUTS",
     "LINEAGE_MAPS",
     "ancestors",
+    "BatchMoments",
+    "BatchStandardization",
     "DepthThinning",
     "GeneAlignment",
     "GeneFeatures",

@@ -296,11 +296,15 @@ class NormalizedExpression:
     size_factors
         ``target_sum / library_size`` per cell when ``matrix`` holds counts; ``None`` when it is already
         log-normalised.
+    standardization
+        Per-batch moment matching applied to the log-normalised minibatches (:class:`BatchStandardization`), or
+        ``None``.
     """
 
-    def __init__(self, matrix: sp.csr_matrix, size_factors: np.ndarray | None):
+    def __init__(self, matrix: sp.csr_matrix, size_factors: np.ndarray | None, standardization=None):
         self.matrix = matrix
         self.size_factors = size_factors
+        self.standardization = standardization
 
     @property
     def n_cells(self) -> int:
@@ -325,13 +329,17 @@ class NormalizedExpression:
             # Normalise the stored entries only (log1p(0) = 0), before densifying.
             factors = np.repeat(size_factors.astype(np.float32), np.diff(block.indptr))
             block.data = np.log1p(block.data * factors)
-        return block.toarray()
+        dense = block.toarray()
+        if self.standardization is not None:
+            self.standardization.apply(dense, index)
+        return dense
 
     def subset(self, rows: np.ndarray) -> NormalizedExpression:
         """The cells ``rows`` (sorted, distinct) held in memory, read from disk in one read when backed."""
         rows = np.asarray(rows, dtype=np.int64)
         factors = None if self.size_factors is None else self.size_factors[rows]
-        return NormalizedExpression(sp.csr_matrix(self.matrix[rows], dtype=np.float32), factors)
+        standardization = None if self.standardization is None else self.standardization.subset(rows)
+        return NormalizedExpression(sp.csr_matrix(self.matrix[rows], dtype=np.float32), factors, standardization)
 
     @property
     def is_backed(self) -> bool:

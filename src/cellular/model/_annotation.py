@@ -317,7 +317,8 @@ class AnnotationMixin:
             sample = np.sort(rng.choice(sample, MAX_HIDDEN_REFERENCE_CELLS, replace=False))
 
         def encoded(rows, hidden):
-            expression, _ = self._read(self.adata[rows], SAME_AS_TRAINING, None, None, 1.0)
+            names = np.asarray(self.batches, dtype=object)[self.registered_batches()[rows]]
+            expression, _ = self._read(self.adata[rows], SAME_AS_TRAINING, None, None, 1.0, batch_names=names)
             return self._encode(expression, 4096, device, hidden=hidden)[1]
 
         space = HiddenSpace.fit(encoded(sample, "raw"), seed)

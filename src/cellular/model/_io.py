@@ -26,6 +26,7 @@ from cellular._files import (
     verify_metadata,
     write_metadata,
 )
+from cellular.data._moments import BatchMoments
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
 from cellular.nn import ENCODERS, check_grid_positions
@@ -193,6 +194,8 @@ class SaveLoadMixin:
         tensors.update(classifier_tensors)
         if self.calibration_cells_ is not None:
             tensors.update(self.calibration_cells_.to_tensors())
+        if getattr(self, "batch_moments_", None) is not None:
+            tensors.update({name: torch.as_tensor(values) for name, values in self.batch_moments_.to_tensors().items()})
         for name in ("train_indices_", "validation_indices_"):
             value = getattr(self, name)
             if value is not None:
@@ -303,6 +306,16 @@ class SaveLoadMixin:
             if history is None
             else {k: pd.DataFrame({k: v}, index=pd.RangeIndex(len(v), name="epoch")) for k, v in history.items()}
         )
+        model.batch_moments_ = None
+        if "moments.mean" in tensors:
+            try:
+                model.batch_moments_ = BatchMoments.from_tensors(
+                    tensors, model.batches, len(model.genes), len(model.cell_types)
+                )
+            except (KeyError, ValueError):
+                raise damaged(
+                    dir_path / _WEIGHTS_FILE, "holds batch moments that do not fit the model's genes and batches", _FIX
+                ) from None
         model.train_indices_ = _numpy_or_none(tensors.get("indices.train_indices_"))
         model.validation_indices_ = _numpy_or_none(tensors.get("indices.validation_indices_"))
         model.reference_index_ = None
