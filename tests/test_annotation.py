@@ -87,13 +87,15 @@ def test_novel_cell_line_is_detected_and_known_lines_are_rarely_flagged(cellbenc
 
 def test_hardest_cell_line_is_found_through_the_hidden_layer():
     """HCC827 held out of training, test plate celseq2_3cl: it resembles the trained lines, so the embedding alone
-    maps it onto them (AUROC 0.80); the hidden-layer distance separates it better."""
+    maps it onto them (AUROC 0.80); the hidden-layer distance separates it better. Without batch moment matching:
+    this plate holds three lines, one of them novel, and matching its moments costs this fold some AUROC (0.89 ->
+    0.88 at seed 0; benchmarks page), which is not what this test is about."""
     data = read_dataset("cellbench_lung_celllines")
     test = data[data.obs["batch"] == "celseq2_3cl"].copy()
     train = data[(data.obs["batch"] != "celseq2_3cl") & (data.obs["cell_type"] != "HCC827")].copy()
     train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
-    model = CELLULAR(train)
+    model = CELLULAR(train, match_batch_moments=False)
     model.train(progress_bar=False)
     is_novel = (test.obs["cell_type"] == "HCC827").to_numpy()
     frame = model.get_novelty_scores(test)

@@ -65,6 +65,7 @@ def train(args: argparse.Namespace) -> int:
         n_top_genes=args.n_top_genes,
         encoder=args.encoder,
         gene_layout=args.gene_layout,
+        match_batch_moments=not args.no_batch_moments,
         seed=args.seed,
     )
     classifier_kwargs = {"progress_bar": progress}

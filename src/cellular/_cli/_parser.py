@@ -263,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-latent", type=_positive_int, metavar="N", help="embedding size (default: 100; 64 with --encoder gene_grid)"
     )
     model.add_argument(
+        "--no-batch-moments",
+        action="store_true",
+        help="do not match each batch's gene means and spreads to the reference's (default: matched, in training "
+        "and for every query batch of the --batch-key column)",
+    )
+    model.add_argument(
         "--epochs", type=_positive_int, metavar="N", help="maximum training epochs (default: about 2,000 steps)"
     )
     model.add_argument(

@@ -24,7 +24,7 @@ MOMENT_EPS = 0.01
 # Query batches with fewer cells are matched together; if all of them together are fewer, they are left as they are.
 MIN_BATCH_CELLS = 30
 # Rounds of re-estimating a query batch's composition from the model's predictions, and the cells they classify.
-COMPOSITION_ROUNDS = 2
+COMPOSITION_ROUNDS = 4
 COMPOSITION_SAMPLE_CELLS = 20_000
 # Cells read at a time (one minibatch's worth: memory stays bounded as when embedding).
 MOMENT_CHUNK_CELLS = 2048
@@ -197,8 +197,9 @@ class BatchMoments:
         embedded as in training whatever else is embedded with them. Every other batch is matched with the moments
         of its own cells (one extra pass over the data): first to the pooled reference moments, then, with
         ``classify``, :data:`COMPOSITION_ROUNDS` times to the reference moments of the composition its cells are
-        predicted to have. Batches of fewer than :data:`MIN_BATCH_CELLS` cells are matched together, and left as
-        they are when all of them together are fewer.
+        predicted to have, with the batch's own moments taken over the cells of known types only (on a sample of
+        up to :data:`COMPOSITION_SAMPLE_CELLS` cells). Batches of fewer than :data:`MIN_BATCH_CELLS` cells are
+        matched together, and left as they are when all of them together are fewer.
 
         Parameters
         ----------
@@ -209,8 +210,9 @@ class BatchMoments:
         present
             Which of the model's genes the data measures (absent genes stay absent).
         classify
-            ``classify(expression) -> (n_cells, n_types)`` type probabilities of (a sample of) the cells read with
-            the standardization attached, or ``None``.
+            ``classify(expression) -> (probabilities, known)``: ``(n_cells, n_types)`` type probabilities of (a
+            sample of) the cells read with the standardization attached, and whether each is of a known type (not
+            flagged novel); or ``None``.
         """
         n_cells = expression.n_cells
         names = (
@@ -255,15 +257,24 @@ class BatchMoments:
         if rows.size > COMPOSITION_SAMPLE_CELLS:
             rows = np.sort(np.random.default_rng(0).choice(rows, COMPOSITION_SAMPLE_CELLS, replace=False))
         sample = expression.subset(rows)
+        groups = codes[rows] - n_stored
+        current = standardization
         for _ in range(COMPOSITION_ROUNDS):
-            sample.standardization = standardization.subset(rows)
-            probabilities = np.asarray(classify(sample), dtype=np.float64)
-            groups = codes[rows] - n_stored
+            sample.standardization = current.subset(rows)
+            probabilities, known = classify(sample)
+            known = np.asarray(known, dtype=bool)
+            # Cells the reference does not explain (novel types) neither set the composition nor the batch's
+            # moments: matched on them, a novel population would be made to look like the types it is taken for.
+            # A batch with too few such cells uses all of its cells.
+            trusted = np.bincount(groups[known], minlength=n_groups) >= MIN_BATCH_CELLS
+            used = known | ~trusted[groups]
             predicted = np.zeros((n_groups, self.n_types))
-            np.add.at(predicted, groups, probabilities)
+            np.add.at(predicted, groups[used], np.asarray(probabilities, dtype=np.float64)[used])
+            used_means, used_stds, _ = group_moments(sample, np.where(used, groups, -1), n_groups)
             compositions[n_stored:] = predicted / np.maximum(predicted.sum(1, keepdims=True), 1e-12)
-            standardization = BatchStandardization(codes, *self._affine_for(means, stds, compositions, present))
-        return standardization
+            means[n_stored:], stds[n_stored:] = used_means, used_stds
+            current = BatchStandardization(codes, *self._affine_for(means, stds, compositions, present))
+        return current
 
     def _affine_for(self, means, stds, compositions, present):
         target_means, target_stds = self.targets(compositions)

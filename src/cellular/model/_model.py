@@ -41,6 +41,9 @@ from ._targets import pca_centroids
 
 logger = logging.getLogger(__name__)
 
+# Query cells with a novelty p-value at most this are left out of their batch's moments and composition.
+MOMENT_NOVELTY_ALPHA = 0.05
+
 
 @dataclass
 class QueryEmbedding:
@@ -773,8 +776,17 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             device = torch.device(self.device)
             mask = None if present is None or present.all() else present
 
+            novelty = getattr(self, "novelty_reference_", None)
+            space = None if novelty is None else novelty.hidden
+
             def classify(cells):
-                return self.probabilities_from_embedding(self._encode(cells, 4096, device, gene_mask=mask))
+                encoded = self._encode(cells, 4096, device, gene_mask=mask, hidden=space)
+                z, hidden = encoded if space is not None else (encoded, None)
+                probabilities = self.probabilities_from_embedding(z)
+                if novelty is None:
+                    return probabilities, np.ones(len(z), dtype=bool)
+                known = novelty.pvalues(novelty.scores(z, probabilities, hidden)) > MOMENT_NOVELTY_ALPHA
+                return probabilities, known
 
         names = batch_names_of(self, adata, batch_names)
         expression.standardization = moments.standardization_for(expression, names, present, classify)
