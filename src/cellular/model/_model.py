@@ -220,16 +220,16 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             self.gene_count_fractions = _mean_count_shares(expression)
             expression.size_factors = inverse_library * target_sum
         self.target_sum: float | None = target_sum
+        self.reference_index_: ReferenceIndex | None = None
+        grid_positions = None
+        if encoder == "gene_grid":  # the layout reads co-expression in the log-normalised values themselves
+            grid_positions = torch.from_numpy(_layout(expression, genes, gene_layout, seed))
         self.batch_moments_: BatchMoments | None = None
-        if match_batch_moments:
+        if match_batch_moments:  # the PCA centroid targets, like the encoder, see the matched values
             self.batch_moments_ = BatchMoments.fit(expression, batches, labels, self.batches, len(cell_types))
             expression.standardization = self.batch_moments_.standardization_for(
                 expression, np.asarray(self.batches, dtype=object)[batches]
             )
-        self.reference_index_: ReferenceIndex | None = None
-        grid_positions = None
-        if encoder == "gene_grid":
-            grid_positions = torch.from_numpy(_layout(expression, genes, gene_layout, seed))
 
         centroids, present = pca_centroids(expression, labels, batches, len(cell_types), self.n_batches, n_latent, seed)
         del expression
