@@ -47,3 +47,18 @@ def model_knn_macro_f1(model, train, test, labels_key="cell_type"):
     known = np.isin(truth, model.cell_types)
     knn = KNeighborsClassifier(n_neighbors=15, metric="cosine").fit(z_train[labelled], labels[labelled])
     return f1_score(truth[known], knn.predict(z_test[known]), average="macro")
+
+
+def normalized_expression(model, adata):
+    """``adata``'s expression over the model's genes, normalised as the model does (no moment matching)."""
+    from cellular.data import read_expression
+
+    expression, _ = read_expression(
+        adata,
+        model.genes,
+        layer=None,
+        log_normalized=False,
+        target_sum=model.target_sum,
+        gene_count_fractions=model.gene_count_fractions,
+    )
+    return expression

@@ -5,30 +5,19 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from conftest import read_dataset
+from helpers import normalized_expression
 from sklearn.metrics import f1_score
 
 import cellular
 from cellular import CELLULAR
-from cellular.data import BatchMoments, read_expression
+from cellular.data import BatchMoments
 from cellular.data import _moments as moments_module
 from cellular.data._moments import group_moments
 
 
-def _normalized(model, adata):
-    expression, _ = read_expression(
-        adata,
-        model.genes,
-        layer=None,
-        log_normalized=False,
-        target_sum=model.target_sum,
-        gene_count_fractions=model.gene_count_fractions,
-    )
-    return expression
-
-
 def test_group_moments_equal_a_naive_computation(symphony_model, symphony, monkeypatch):
     monkeypatch.setattr(moments_module, "MOMENT_CHUNK_CELLS", 97)  # several chunks
-    expression = _normalized(symphony_model, symphony)
+    expression = normalized_expression(symphony_model, symphony)
     dense = expression.rows(np.arange(expression.n_cells)).astype(np.float64)
     codes = symphony.obs["batch"].cat.codes.to_numpy().astype(np.int64)
     codes[::7] = -1  # skipped cells
@@ -44,7 +33,7 @@ def test_stored_moments_and_composition_targets(symphony_model):
     model = symphony_model
     moments = model.batch_moments_
     train = model.adata
-    dense = _normalized(model, train).rows(np.arange(train.n_obs)).astype(np.float64)
+    dense = normalized_expression(model, train).rows(np.arange(train.n_obs)).astype(np.float64)
     labels = model.registered_labels()
     np.testing.assert_allclose(moments.mean, dense.mean(0), atol=1e-5)
     np.testing.assert_allclose(moments.std, dense.std(0), atol=1e-5)

@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SYMPHONY_HELD_OUT, mark_singletons_unlabelled, model_knn_macro_f1, pca_knn_macro_f1
+from helpers import (
+    SYMPHONY_HELD_OUT,
+    mark_singletons_unlabelled,
+    model_knn_macro_f1,
+    normalized_expression,
+    pca_knn_macro_f1,
+)
 
 from cellular import CELLULAR
-from cellular.data import read_expression
 from cellular.dataloaders import CellularDataModule, MinibatchSampler
 from cellular.train import CellularTrainingPlan
 
@@ -84,14 +89,7 @@ def test_early_stopping_restores_the_best_epoch(symphony):
     assert summary["epochs_run"] == len(validation) < 40
     assert summary["best_epoch"] == int(validation.idxmin()) < summary["epochs_run"] - 1
 
-    expression, _ = read_expression(
-        small,
-        model.genes,
-        layer=None,
-        log_normalized=False,
-        target_sum=model.target_sum,
-        gene_count_fractions=model.gene_count_fractions,
-    )
+    expression = normalized_expression(model, small)
     names = np.asarray(model.batches, dtype=object)[model.registered_batches()]
     expression.standardization = model.batch_moments_.standardization_for(expression, names)  # as in training
     data = CellularDataModule(

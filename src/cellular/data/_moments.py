@@ -256,7 +256,7 @@ class BatchMoments:
         rows = np.flatnonzero(codes >= n_stored)
         if rows.size > COMPOSITION_SAMPLE_CELLS:
             rows = np.sort(np.random.default_rng(0).choice(rows, COMPOSITION_SAMPLE_CELLS, replace=False))
-        sample = _read_sample(expression, rows)
+        sample = expression.subset(rows)
         groups = codes[rows] - n_stored
         current = standardization
         for _ in range(COMPOSITION_ROUNDS):
@@ -325,14 +325,3 @@ class BatchStandardization:
     def subset(self, rows: np.ndarray) -> BatchStandardization:
         """The same map for the cells ``rows``."""
         return BatchStandardization(self.codes[np.asarray(rows)], self.scale, self.offset)
-
-
-def _read_sample(expression, rows: np.ndarray):
-    """The cells ``rows`` (sorted) in memory, read window by window: a backed file is never read in one span."""
-    if not expression.is_backed:
-        return expression.subset(rows)
-    windows = np.split(rows, np.flatnonzero(np.diff(rows // MOMENT_CHUNK_CELLS)) + 1)
-    parts = [expression.subset(window) for window in windows]
-    matrix = sp.vstack([part.matrix for part in parts], format="csr")
-    factors = None if expression.size_factors is None else np.concatenate([part.size_factors for part in parts])
-    return type(expression)(matrix, factors)

@@ -194,7 +194,7 @@ class SaveLoadMixin:
         tensors.update(classifier_tensors)
         if self.calibration_cells_ is not None:
             tensors.update(self.calibration_cells_.to_tensors())
-        if getattr(self, "batch_moments_", None) is not None:
+        if self.batch_moments_ is not None:
             tensors.update({name: torch.as_tensor(values) for name, values in self.batch_moments_.to_tensors().items()})
         for name in ("train_indices_", "validation_indices_"):
             value = getattr(self, name)

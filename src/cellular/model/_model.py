@@ -768,7 +768,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
 
         Nothing for a model trained without it.
         """
-        moments = getattr(self, "batch_moments_", None)
+        moments = self.batch_moments_
         if moments is None:
             return
         classify = None
@@ -802,7 +802,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         fractions = None if self.gene_count_fractions is None else self.gene_count_fractions.tolist()
         normalisation = {"genes": self.genes, "target_sum": self.target_sum, "fractions": fractions}
         digest.update(json.dumps(normalisation).encode())
-        moments = getattr(self, "batch_moments_", None)
+        moments = self.batch_moments_
         if moments is not None:
             digest.update(json.dumps(moments.batches).encode())
             for name, values in sorted(moments.to_tensors().items()):
