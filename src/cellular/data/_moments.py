@@ -195,11 +195,15 @@ class BatchMoments:
 
         Cells of a training batch (by name) use that batch's stored moments and composition, so training cells are
         embedded as in training whatever else is embedded with them. Every other batch is matched with the moments
-        of its own cells (one extra pass over the data): first to the pooled reference moments, then, with
-        ``classify``, :data:`COMPOSITION_ROUNDS` times to the reference moments of the composition its cells are
-        predicted to have, with the batch's own moments taken over the cells of known types only (on a sample of
-        up to :data:`COMPOSITION_SAMPLE_CELLS` cells). Batches of fewer than :data:`MIN_BATCH_CELLS` cells are
-        matched together, and left as they are when all of them together are fewer.
+        of its own cells (one extra pass over the data). Without ``classify`` it is matched to the pooled reference
+        moments. With ``classify``, candidate maps are scored on a sample of up to
+        :data:`COMPOSITION_SAMPLE_CELLS` cells by the share of the batch's cells the reference explains (not
+        flagged novel): the batch left unmatched, matched to the pooled moments, then :data:`COMPOSITION_ROUNDS`
+        times matched to the reference moments of the composition its cells are predicted to have (with the
+        batch's own moments taken over its cells of known types only). Each batch keeps the candidate that
+        explains at least as many of its cells as every earlier one, so a batch of a few types, far from the
+        reference's composition, is not pushed off every type. Batches of fewer than :data:`MIN_BATCH_CELLS` cells
+        are matched together, and left as they are when all of them together are fewer.
 
         Parameters
         ----------
@@ -250,31 +254,58 @@ class BatchMoments:
             query_means, query_stds, _ = group_moments(expression, query_codes, n_groups)
             means, stds = np.vstack([means, query_means]), np.vstack([stds, query_stds])
             compositions = np.vstack([compositions, np.zeros((n_groups, self.n_types))])
-        standardization = BatchStandardization(codes, *self._affine_for(means, stds, compositions, present))
+        scale, offset = self._affine_for(means, stds, compositions, present)
         if not n_groups or classify is None:
-            return standardization
+            return BatchStandardization(codes, scale, offset)
         rows = np.flatnonzero(codes >= n_stored)
         if rows.size > COMPOSITION_SAMPLE_CELLS:
             rows = np.sort(np.random.default_rng(0).choice(rows, COMPOSITION_SAMPLE_CELLS, replace=False))
         sample = expression.subset(rows)
         groups = codes[rows] - n_stored
-        current = standardization
-        for _ in range(COMPOSITION_ROUNDS):
-            sample.standardization = current.subset(rows)
+
+        def explained(candidate):
+            """Type probabilities, known-type flags and, per query group, the share of its sample cells known."""
+            sample.standardization = BatchStandardization(codes[rows], *candidate)
             probabilities, known = classify(sample)
             known = np.asarray(known, dtype=bool)
+            share = np.bincount(groups[known], minlength=n_groups) / np.maximum(
+                np.bincount(groups, minlength=n_groups), 1
+            )
+            return np.asarray(probabilities, dtype=np.float64), known, share
+
+        # Each query group keeps the candidate map under which the reference explains (does not flag as novel) the
+        # largest share of its cells. The unmatched values are the first candidate: matched to the pooled moments,
+        # a batch whose composition is far from the reference's (a few cell lines of many) can be pushed off every
+        # type. A round's proposal replaces a group's map only when it explains at least as many of its cells.
+        pooled = (scale, offset)
+        scale, offset = scale.copy(), offset.copy()
+        scale[n_stored:], offset[n_stored:] = 1.0, 0.0
+        probabilities, known, best = explained((scale, offset))
+        proposal = pooled
+        for round_ in range(COMPOSITION_ROUNDS + 1):
+            proposal_probabilities, proposal_known, share = explained(proposal)
+            better = share >= best
+            scale[n_stored:][better], offset[n_stored:][better] = (
+                proposal[0][n_stored:][better],
+                proposal[1][n_stored:][better],
+            )
+            cells = better[groups]
+            probabilities[cells], known[cells] = proposal_probabilities[cells], proposal_known[cells]
+            best = np.maximum(best, share)
+            if round_ == COMPOSITION_ROUNDS:
+                break
             # Cells the reference does not explain (novel types) neither set the composition nor the batch's
             # moments: matched on them, a novel population would be made to look like the types it is taken for.
             # A batch with too few such cells uses all of its cells.
             trusted = np.bincount(groups[known], minlength=n_groups) >= MIN_BATCH_CELLS
             used = known | ~trusted[groups]
             predicted = np.zeros((n_groups, self.n_types))
-            np.add.at(predicted, groups[used], np.asarray(probabilities, dtype=np.float64)[used])
+            np.add.at(predicted, groups[used], probabilities[used])
             used_means, used_stds, _ = group_moments(sample, np.where(used, groups, -1), n_groups)
             compositions[n_stored:] = predicted / np.maximum(predicted.sum(1, keepdims=True), 1e-12)
             means[n_stored:], stds[n_stored:] = used_means, used_stds
-            current = BatchStandardization(codes, *self._affine_for(means, stds, compositions, present))
-        return current
+            proposal = self._affine_for(means, stds, compositions, present)
+        return BatchStandardization(codes, scale, offset)
 
     def _affine_for(self, means, stds, compositions, present):
         target_means, target_stds = self.targets(compositions)
