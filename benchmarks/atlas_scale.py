@@ -10,10 +10,12 @@ the same types. Each (size, mode) runs in its own process, so its peak RSS is it
 4. reference index build (pynndescent) on that embedding;
 5. mapping the 100k-cell query (read from disk too in backed mode).
 
-``backed`` reads both files with ``read_h5ad(..., backed="r")``; ``memory`` loads them. Results go to
+``backed`` reads both files with ``read_h5ad(..., backed="r")``; ``memory`` loads them; ``collection`` reads the
+reference from :data:`COLLECTION_PARTS` files and the query from two (``cellular.data.read_collection``: several
+h5ad files as one, expression on disk). Results go to
 ``benchmarks/results/atlas_scale.{csv,md,png}``; finished runs are kept and skipped (delete a row to rerun it).
 
-    python benchmarks/atlas_scale.py                                   # 100k, 300k, 1M backed; 100k, 300k memory
+    python benchmarks/atlas_scale.py             # 100k, 300k, 1M backed and collection; 100k, 300k memory
     python benchmarks/atlas_scale.py --sizes 100000 --modes backed     # one run
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 QUERY_CELLS = 100_000
+COLLECTION_PARTS = 4
 
 
 def _rss_mb() -> float:
@@ -50,17 +53,50 @@ def _files(workdir: Path, n_cells: int, n_genes: int) -> tuple[Path, Path]:
     return reference, query
 
 
+def _collection_files(workdir: Path, n_cells: int, n_genes: int) -> tuple[list[Path], list[Path]]:
+    """The reference in :data:`COLLECTION_PARTS` files and the query in two (distinct cell seeds: distinct names)."""
+    import cellular
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = ([], [])
+    for parts, cells, first_seed, name in (
+        (paths[0], n_cells, 10, f"atlas_{n_cells}x{n_genes}"),
+        (paths[1], QUERY_CELLS, 30, f"query_{QUERY_CELLS}x{n_genes}"),
+    ):
+        n_parts = COLLECTION_PARTS if parts is paths[0] else 2
+        for part in range(n_parts):
+            path = workdir / f"{name}_part{part + 1}of{n_parts}.h5ad"
+            if not path.exists():
+                partial = path.with_suffix(".partial.h5ad")
+                cellular.data.write_synthetic_h5ad(
+                    partial, cells // n_parts, n_genes, seed=0, cell_seed=first_seed + part
+                )
+                partial.rename(path)
+            parts.append(path)
+    return paths
+
+
+def _read(paths, mode: str):
+    import anndata as ad
+
+    import cellular
+
+    if mode == "collection":
+        return cellular.data.read_collection(paths)
+    return ad.read_h5ad(paths, backed="r" if mode == "backed" else None)
+
+
 def run_one(n_cells: int, mode: str, n_genes: int, steps: int, workdir: Path) -> dict:
     import anndata as ad
     import numpy as np
 
     import cellular
 
-    reference_path, query_path = _files(workdir, n_cells, n_genes)  # written by the parent process
-    backed = "r" if mode == "backed" else None
+    files = _collection_files if mode == "collection" else _files
+    reference_path, query_path = files(workdir, n_cells, n_genes)  # written by the parent process
     row = {"cells": n_cells, "mode": mode, "genes": n_genes}
     start = time.perf_counter()
-    reference = ad.read_h5ad(reference_path, backed=backed)
+    reference = _read(reference_path, mode)
     row["read_s"] = round(time.perf_counter() - start, 1)
     row["rss_after_read_mb"] = round(_rss_mb())
 
@@ -92,7 +128,7 @@ def run_one(n_cells: int, mode: str, n_genes: int, steps: int, workdir: Path) ->
     index = model.build_reference_index(reference, use_rep="X_cellular")
     row["index_build_s"] = round(time.perf_counter() - start, 1)
 
-    query = ad.read_h5ad(query_path, backed=backed)
+    query = _read(query_path, mode)
     truth = query.obs["cell_type"].astype(str).to_numpy()
     start = time.perf_counter()
     cellular.tl.cellular_map(query, model, index)
@@ -128,16 +164,19 @@ def _plot(table, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
-    parser.add_argument("--modes", nargs="+", default=["backed", "memory"], choices=["backed", "memory"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["backed", "memory", "collection"], choices=["backed", "memory", "collection"]
+    )
     parser.add_argument("--max-memory-cells", type=int, default=300_000, help="largest in-memory run")
     parser.add_argument("--genes", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cellular_atlas"))
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--write-files", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--write-files", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_files:
-        _files(args.workdir, args.write_files, args.genes)
+        files = _collection_files if args.write_files[1] == "collection" else _files
+        files(args.workdir, int(args.write_files[0]), args.genes)
         return
     if args.single:
         row = run_one(int(args.single[0]), args.single[1], args.genes, args.steps, args.workdir)
@@ -156,7 +195,7 @@ def main() -> None:
             if ((done["cells"] == n_cells) & (done["mode"] == mode)).any():
                 continue
             # Written by a process of its own: Linux carries a parent's peak RSS over into its children.
-            writer = [sys.executable, __file__, "--write-files", str(n_cells), "--genes", str(args.genes)]
+            writer = [sys.executable, __file__, "--write-files", str(n_cells), mode, "--genes", str(args.genes)]
             subprocess.run([*writer, "--workdir", str(args.workdir)], check=True)
             command = [sys.executable, __file__, "--single", str(n_cells), mode, "--genes", str(args.genes)]
             command += ["--steps", str(args.steps), "--workdir", str(args.workdir)]

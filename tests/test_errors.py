@@ -740,6 +740,86 @@ def case_query_batch_missing(ctx):
     ctx.model.get_latent_representation(query, min_gene_overlap=0.0)
 
 
+def _query_files(ctx, n_files=2):
+    query = _query(ctx.symphony)
+    paths = []
+    for position in range(n_files):
+        part = query[position::n_files].copy()
+        part.obs_names = [f"{name}-{position}" for name in part.obs_names]
+        paths.append(ctx.tmp_path / f"query{position}.h5ad")
+        part.write_h5ad(paths[-1])
+    return paths
+
+
+def case_collection_direct(ctx):
+    from anndata.experimental import AnnCollection
+
+    members = [ad.read_h5ad(path, backed="r") for path in _query_files(ctx)]
+    ctx.model.get_latent_representation(AnnCollection(members, join_vars="inner"))
+
+
+def case_collection_member_not_backed(ctx):
+    from anndata.experimental import AnnCollection
+
+    members = [ad.read_h5ad(path) for path in _query_files(ctx)]
+    cellular.data.read_collection(AnnCollection(members, join_vars="inner"))
+
+
+def case_collection_single_path(ctx):
+    cellular.data.read_collection(str(_query_files(ctx)[0]))
+
+
+def case_collection_no_files(ctx):
+    cellular.data.read_collection([])
+
+
+def case_collection_file_not_found(ctx):
+    cellular.data.read_collection([ctx.tmp_path / "absent.h5ad"])
+
+
+def case_collection_keys(ctx):
+    cellular.data.read_collection(_query_files(ctx), keys=["a", "a"])
+
+
+def case_collection_no_shared_genes(ctx):
+    first, second = _query_files(ctx)
+    renamed = ad.read_h5ad(second)
+    renamed.var_names = [f"other-{name}" for name in renamed.var_names]
+    renamed.write_h5ad(second)
+    cellular.data.read_collection([first, second])
+
+
+def case_collection_duplicate_cells(ctx):
+    path = _query_files(ctx, n_files=1)[0]
+    copy = ctx.tmp_path / "copy.h5ad"
+    copy.write_bytes(path.read_bytes())
+    cellular.data.read_collection([path, copy])
+
+
+def case_collection_damaged(ctx):
+    adata = cellular.data.read_collection(_query_files(ctx))
+    del adata.obs["cellular_collection_row"]
+    ctx.model.get_latent_representation(adata)
+
+
+def case_collection_file_gone(ctx):
+    paths = _query_files(ctx)
+    adata = cellular.data.read_collection(paths)
+    paths[1].unlink()
+    ctx.model.get_latent_representation(adata)
+
+
+def case_collection_file_changed(ctx):
+    paths = _query_files(ctx)
+    adata = cellular.data.read_collection(paths)
+    ad.read_h5ad(paths[1])[:5].copy().write_h5ad(paths[1])
+    ctx.model.get_latent_representation(adata)
+
+
+def case_collection_layer_missing(ctx):
+    ctx.model.get_latent_representation(cellular.data.read_collection(_query_files(ctx)), layer="counts")
+
+
 CASES = {
     name.removeprefix("case_").replace("_", "-"): case for name, case in globals().items() if name.startswith("case_")
 }

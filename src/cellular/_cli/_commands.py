@@ -13,7 +13,7 @@ from ._common import (
     CommandError,
     UsageError,
     counts_line,
-    existing_file,
+    existing_files,
     existing_model_folder,
     load_model,
     logger,
@@ -29,7 +29,7 @@ from ._common import (
 
 def train(args: argparse.Namespace) -> int:
     """``cellular train``: set up, train and index a model on a reference h5ad, and save it."""
-    reference = existing_file(args.reference, "reference file")
+    reference = existing_files(args.reference, "reference file")
     output = model_output_folder(args.output, args.overwrite)
     if args.no_index and (args.index_label_keys or args.index_backend != "auto"):
         raise UsageError("--index-label-keys and --index-backend have no effect with --no-index; drop one of them")
@@ -93,7 +93,7 @@ def train(args: argparse.Namespace) -> int:
         model.save(folder)
         # Query commands refit the model on a query's genes when it lacks many of them; they find the reference here.
         (folder / TRAINING_DATA_FILE).write_text(
-            json.dumps({"path": str(reference.resolve()), "size": reference.stat().st_size})
+            json.dumps({"paths": [str(p.resolve()) for p in reference], "sizes": [p.stat().st_size for p in reference]})
         )
 
     labels = model.registered_labels()
@@ -101,7 +101,7 @@ def train(args: argparse.Namespace) -> int:
     summary = model.training_summary_
     say(
         args,
-        f"cellular train: {adata.n_obs} cells x {adata.n_vars} genes from {reference}; "
+        f"cellular train: {adata.n_obs} cells x {adata.n_vars} genes from {', '.join(map(str, reference))}; "
         f"{len(model.cell_types)} cell types in obs[{labels_key!r}]"
         + (f" ({n_unlabelled} cells {args.unlabeled_category!r}, unlabelled)" if n_unlabelled else "")
         + (f", {model.n_batches} batches in obs[{args.batch_key!r}]" if args.batch_key else ""),
@@ -128,12 +128,12 @@ def train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- query commands
 def _prepare_query(args: argparse.Namespace):
     """Check the paths and load the model: ``(model, output path, options of how to read the query)``."""
-    query = existing_file(args.query, "query file")
+    query = existing_files(args.query, "query file")
     model_dir = existing_model_folder(args.model)
     output = new_output_file(args.output, query, args.overwrite)
     reference = None
     if args.reference is not None:
-        reference = read_h5ad(existing_file(args.reference, "reference file"), backed=args.backed)
+        reference = read_h5ad(existing_files(args.reference, "reference file"), backed=args.backed)
     model = load_model(model_dir, args.accelerator, reference)
     if args.layer is None:
         layer = model.setup_args["layer"]
@@ -175,13 +175,20 @@ def _with_training_data(model, adata, args: argparse.Namespace, reading: dict):
     if not record_path.exists():
         return model
     record = json.loads(record_path.read_text())
-    reference = Path(record["path"])
-    if not reference.exists() or reference.stat().st_size != record["size"]:
+    # folders saved before multi-file references record one "path" and "size"
+    reference = [Path(p) for p in record.get("paths", [record.get("path")])]
+    sizes = record.get("sizes", [record.get("size")])
+    if not all(path.exists() and path.stat().st_size == size for path, size in zip(reference, sizes, strict=True)):
         logger.warning(
-            "The model's training data %s is gone or changed; it cannot be refitted on the query's genes.", reference
+            "The model's training data %s is gone or changed; it cannot be refitted on the query's genes.",
+            ", ".join(map(str, reference)),
         )
         return model
-    say(args, f"  the query lacks many of the model's genes: refitting on the shared genes with {reference}")
+    say(
+        args,
+        f"  the query lacks many of the model's genes: refitting on the shared genes with "
+        f"{', '.join(map(str, reference))}",
+    )
     return load_model(args.model, args.accelerator, read_h5ad(reference, backed=args.backed))
 
 

@@ -43,6 +43,14 @@ def existing_file(path: Path, what: str) -> Path:
     return path
 
 
+def existing_files(paths: list[Path], what: str) -> list[Path]:
+    """:func:`existing_file` for each of ``paths``; a :class:`UsageError` when one is named twice."""
+    resolved = [existing_file(path, what).resolve() for path in paths]
+    if len(set(resolved)) != len(resolved):
+        raise UsageError(f"a {what} is named twice; name each file once")
+    return list(paths)
+
+
 def existing_model_folder(path: Path) -> Path:
     """``path``, or a :class:`UsageError` when it is not an existing folder."""
     if not path.exists():
@@ -52,12 +60,12 @@ def existing_model_folder(path: Path) -> Path:
     return path
 
 
-def new_output_file(output: Path, query: Path, overwrite: bool) -> Path:
-    """``output``, or a :class:`UsageError` when it exists (without ``overwrite``), is a folder or is the input."""
+def new_output_file(output: Path, queries: list[Path], overwrite: bool) -> Path:
+    """``output``, or a :class:`UsageError` when it exists (without ``overwrite``), is a folder or an input."""
     if output.exists() or output.is_symlink():
         if output.is_dir():
             raise UsageError(f"output {str(output)!r} is a folder; pass the path of the .h5ad file to write")
-        if output.resolve() == query.resolve():
+        if any(output.resolve() == query.resolve() for query in queries):
             raise UsageError(f"output {str(output)!r} is the input file, which is never modified; write another file")
         if not overwrite:
             raise UsageError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
@@ -68,14 +76,24 @@ def new_output_file(output: Path, query: Path, overwrite: bool) -> Path:
 BACKED_ABOVE_BYTES = 2 * 1024**3
 
 
-def read_h5ad(path: Path, backed: bool = False):
-    """The AnnData in ``path``, or a :class:`CommandError` saying why it cannot be read.
+def read_h5ad(paths: Path | list[Path], backed: bool = False):
+    """The AnnData in ``paths``, or a :class:`CommandError` saying why it cannot be read.
 
     With ``backed`` (or a file above :data:`BACKED_ABOVE_BYTES`) the expression stays on disk: cells are read in
-    chunks as they are needed and the file is opened read-only.
+    chunks as they are needed and the file is opened read-only. Several files are read as one
+    (:func:`cellular.data.read_collection`: shared genes and obs columns), their expression left on disk.
     """
     import anndata
 
+    if isinstance(paths, list) and len(paths) > 1:
+        from cellular.data import read_collection
+
+        logger.info("Reading %d files as one (expression stays on disk).", len(paths))
+        try:
+            return read_collection(paths)
+        except Exception as error:  # h5py and anndata raise many types for files that are not h5ad
+            raise CommandError(f"cannot read {', '.join(map(str, paths))} as one: {error_message(error)}") from error
+    path = paths[0] if isinstance(paths, list) else paths
     backed = backed or path.stat().st_size > BACKED_ABOVE_BYTES
     logger.info("Reading %s%s.", path, " (backed: expression stays on disk)" if backed else "")
     try:

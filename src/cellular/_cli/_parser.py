@@ -123,7 +123,14 @@ def _add_command(
 
 
 def _add_query_options(parser: argparse.ArgumentParser, key_added: str, key_help: str, writes: str) -> None:
-    parser.add_argument("query", metavar="QUERY.h5ad", type=Path, help="query cells (genes matched by name)")
+    parser.add_argument(
+        "query",
+        metavar="QUERY.h5ad",
+        type=Path,
+        nargs="+",
+        help="query cells (genes matched by name); several files are read as one, their expression left on disk "
+        "(the output then holds the results without the expression)",
+    )
     parser.add_argument(
         "-m", "--model", required=True, metavar="MODEL_DIR", type=Path, help="folder written by `cellular train`"
     )
@@ -161,8 +168,9 @@ def _add_query_options(parser: argparse.ArgumentParser, key_added: str, key_help
         "--reference",
         metavar="REF.h5ad",
         type=Path,
-        help="the model's training data; lets a query that lacks many of the model's genes be served by a model "
-        "refitted on the shared genes (see --panel)",
+        nargs="+",
+        help="the model's training data (one file or several); lets a query that lacks many of the model's genes be "
+        "served by a model refitted on the shared genes (see --panel)",
     )
     if key_added != "X_cellular":
         reading.add_argument(
@@ -209,7 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
         _TRAIN_DESCRIPTION,
         "example:\n  cellular train ref.h5ad --labels-key cell_type --batch-key batch -o model/",
     )
-    train.add_argument("reference", metavar="REF.h5ad", type=Path, help="labelled reference cells")
+    train.add_argument(
+        "reference",
+        metavar="REF.h5ad",
+        type=Path,
+        nargs="+",
+        help="labelled reference cells; several files are read as one (shared genes and obs columns), their "
+        "expression left on disk",
+    )
     train.add_argument(
         "--labels-key",
         required=True,

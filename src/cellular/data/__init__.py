@@ -1,3 +1,4 @@
+from ._collection import CollectionMatrix, read_collection
 from ._datasets import data_dir, pbmc68k_reduced_lognorm, read_shared_dataset
 from ._expression import (
     DepthThinning,
@@ -28,6 +29,7 @@ __all__ = [
     "ancestors",
     "BatchMoments",
     "BatchStandardization",
+    "CollectionMatrix",
     "DepthThinning",
     "GeneAlignment",
     "GeneFeatures",
@@ -46,6 +48,7 @@ __all__ = [
     "lineage_map",
     "n_epoch_minibatches",
     "pbmc68k_reduced_lognorm",
+    "read_collection",
     "read_expression",
     "read_shared_dataset",
     "sequential_minibatches",

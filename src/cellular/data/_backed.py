@@ -15,7 +15,9 @@ ROW_CHUNK = 20_000
 
 def is_backed(matrix) -> bool:
     """Whether ``matrix`` is read from disk (``read_h5ad(..., backed="r")``) rather than held in memory."""
-    return isinstance(matrix, CSRDataset | CSCDataset | h5py.Dataset)
+    from ._collection import CollectionMatrix
+
+    return isinstance(matrix, CSRDataset | CSCDataset | h5py.Dataset | CollectionMatrix)
 
 
 def check_row_readable(matrix, where: str) -> None:

@@ -13,9 +13,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from anndata.experimental import AnnCollection
+from anndata.experimental.multi_files._anncollection import AnnCollectionView
 
 from . import _backed
 from ._backed import check_row_readable, is_backed, read_rows, row_chunks
+from ._collection import is_collection, open_collection
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,17 @@ COUNTS_FIX = (
 
 
 def get_matrix(adata: AnnData, layer: str | None) -> np.ndarray | sp.spmatrix:
-    """Return ``adata.X`` or ``adata.layers[layer]``, with a clear error for a missing layer."""
+    """Return ``adata.X`` or ``adata.layers[layer]``, with a clear error for a missing layer.
+
+    For an AnnData of :func:`~cellular.data.read_collection`, the files' ``X`` (or ``layer``), read on demand.
+    """
+    if isinstance(adata, AnnCollection | AnnCollectionView):
+        raise TypeError(
+            "An AnnCollection cannot be used directly: pass cellular.data.read_collection(collection) (or the list "
+            "of h5ad paths), an AnnData whose expression stays in the files and which takes the results."
+        )
+    if is_collection(adata):
+        return open_collection(adata, layer)
     if layer is None:
         if adata.X is None:
             raise ValueError("adata.X is empty; store the expression in adata.X or name the layer that holds it.")
