@@ -381,7 +381,7 @@ def test_query_lacking_most_model_genes_is_served_by_a_refit_on_the_recorded_ref
     moved = tmp_path / "model"
     shutil.copytree(cli.model, moved)
     record = json.loads((moved / "training_data.json").read_text())
-    (moved / "training_data.json").write_text(json.dumps({**record, "size": record["size"] + 1}))
+    (moved / "training_data.json").write_text(json.dumps({**record, "sizes": [size + 1 for size in record["sizes"]]}))
     code, _, err = run("annotate", path, "-m", moved, "-o", tmp_path / "refused.h5ad")
     assert code == 1 and "Attach the training data" in err and "--reference" in err
     code, _, err = run("annotate", path, "-m", moved, "-o", tmp_path / "annotated.h5ad", "--reference", cli.reference)
