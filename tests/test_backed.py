@@ -204,11 +204,15 @@ def test_marker_ranking_reads_a_bounded_sample_of_a_backed_query(symphony_model,
     n_groups = len(full) + 1  # the candidate groups and the known cells
     assert read and read[-1] <= 40 * n_groups < test.n_obs
     assert sampled.keys() == full.keys()
+    compared = 0
     for name, group in full.items():  # same cells, same groups; the top markers agree on the sample
         assert sampled[name]["n_cells"] == group["n_cells"]
-        if group["markers"]:
+        # a group of a few cells has noisy markers whichever sample of the other cells it is ranked against
+        if group["markers"] and group["n_cells"] >= 20:
+            compared += 1
             shared = set(sampled[name]["markers"][:10]) & set(group["markers"][:10])
             assert len(shared) >= 5, (name, group, sampled[name])
+    assert compared, {name: group["n_cells"] for name, group in full.items()}
 
 
 def test_backed_training_reads_windows_of_minibatches(files, monkeypatch):
