@@ -26,6 +26,7 @@ VARIANTS = {
     "panel masking 0.5": {"panel_masking": 0.5},
     "depth thinning 0.5": {"depth_thinning": 0.5},
     "panel masking 0.2": {"panel_masking": 0.2},
+    "hidden 256/128": {"hidden_sizes": (256, 128)},
 }
 KEYS = ["variant", "spec", "seed"]
 

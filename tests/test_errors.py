@@ -642,6 +642,14 @@ def case_encoder_name(ctx):
     CELLULAR(_setup_only(ctx), encoder="cnn")
 
 
+def case_hidden_sizes(ctx):
+    CELLULAR(_setup_only(ctx), hidden_sizes=(256,))
+
+
+def case_hidden_sizes_encoder(ctx):
+    CELLULAR(_setup_only(ctx), encoder="gene_grid", hidden_sizes=(256, 128))
+
+
 def case_gene_layout_name(ctx):
     CELLULAR(_setup_only(ctx), encoder="gene_grid", gene_layout="random")
 

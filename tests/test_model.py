@@ -178,6 +178,30 @@ def test_same_seed_gives_identical_training(symphony):
     assert not np.allclose(first, other)
 
 
+def test_encoder_widths_are_set_saved_and_restored(symphony, tmp_path):
+    """hidden_sizes sets the MLP's widths; the saved model rebuilds them and embeds identically, and a restricted
+    model keeps them."""
+    small = symphony[symphony.obs["batch"] == "5p"].copy()
+    mark_singletons_unlabelled(small)
+    CELLULAR.setup_anndata(small, labels_key="cell_type")
+    model = CELLULAR(small, n_latent=16, n_top_genes=300, hidden_sizes=(48, 24))
+    widths = [layer.out_features for layer in model.module.encoder.layers if hasattr(layer, "out_features")]
+    assert widths == [48, 24, 16]
+    paper = CELLULAR(small, n_latent=16, n_top_genes=300)
+    assert [layer.out_features for layer in paper.module.encoder.layers if hasattr(layer, "out_features")] == [
+        150,
+        75,
+        16,
+    ]
+    model.train(max_epochs=2, progress_bar=False, classifier=False)
+    model.save(tmp_path / "narrow")
+    loaded = CELLULAR.load(tmp_path / "narrow")
+    query = symphony[symphony.obs["batch"] == "3pv1"].copy()
+    np.testing.assert_array_equal(loaded.get_latent_representation(query), model.get_latent_representation(query))
+    restricted = model.restrict_to_genes(model.genes[::2])
+    assert restricted.module.encoder.layers[1].out_features == 48
+
+
 def test_hvg_selection_and_target_sum(symphony):
     data = symphony[:300].copy()
     mark_singletons_unlabelled(data)

@@ -95,6 +95,12 @@ _SCHEMA = {
             "properties": {
                 **{key: {"type": "integer", "minimum": 1} for key in ("n_input", "n_labels", "n_batch", "n_latent")},
                 "encoder": {"enum": sorted(ENCODERS)},
+                "hidden_sizes": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 1},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
             },
         },
         "genes": {**STRINGS, "minItems": 2},

@@ -53,6 +53,8 @@ class CellularModule(BaseModuleClass):
     encoder
         ``"mlp"`` (:class:`~cellular.nn.CellularEncoder`, the paper's) or ``"gene_grid"``
         (:class:`~cellular.nn.GeneGridEncoder`, Spoticell's fingerprint encoder).
+    hidden_sizes
+        Widths of the MLP encoder's two hidden layers; the paper's ``(n_input/2, n_input/4)`` when ``None``.
     grid_positions
         Gene-grid layout (grid cell of each gene) of a ``"gene_grid"`` encoder; input order when ``None``.
     """
@@ -78,6 +80,7 @@ class CellularModule(BaseModuleClass):
         min_panel_fraction: float = 0.1,
         encoder: str = "mlp",
         grid_positions: Tensor | None = None,
+        hidden_sizes: tuple[int, int] | None = None,
     ):
         super().__init__()
         if not temperature_min <= temperature_init <= temperature_max:
@@ -99,7 +102,7 @@ class CellularModule(BaseModuleClass):
         self.min_panel_fraction = min_panel_fraction
 
         self.encoder_name = encoder
-        self.encoder = make_encoder(encoder, n_input, n_latent, dropout_rate)
+        self.encoder = make_encoder(encoder, n_input, n_latent, dropout_rate, hidden_sizes)
         if grid_positions is not None:
             if encoder != "gene_grid":
                 raise ValueError("grid_positions is a gene_grid encoder's layout; the mlp encoder has none.")

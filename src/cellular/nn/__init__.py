@@ -1,7 +1,7 @@
 from ._augment import random_panel_masks
 from ._classifier import CellTypeClassifier, fit_temperature
-from ._encoder import CellularEncoder, masked_layer_norm
-from ._encoders import ENCODERS, make_encoder
+from ._encoder import CellularEncoder, check_hidden_sizes, masked_layer_norm
+from ._encoders import ENCODERS, check_encoder_hidden_sizes, make_encoder
 from ._gene_grid import GeneGridEncoder, ResidualConvBlock, check_grid_positions
 from ._losses import (
     batch_mixing_loss,
@@ -18,7 +18,9 @@ __all__ = [
     "ENCODERS",
     "GeneGridEncoder",
     "ResidualConvBlock",
+    "check_encoder_hidden_sizes",
     "check_grid_positions",
+    "check_hidden_sizes",
     "make_encoder",
     "batch_mixing_loss",
     "centroid_distance_loss",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -9,8 +11,9 @@ from torch import Tensor, nn
 class CellularEncoder(nn.Module):
     """The paper's MLP encoder from normalised expression to the embedding.
 
-    ``LayerNorm -> Linear(d, d/2) -> LayerNorm -> ReLU -> Dropout -> Linear(d/2, d/4) -> LayerNorm -> ReLU ->
-    Linear(d/4, n_latent)`` with ``d`` the number of input genes.
+    ``LayerNorm -> Linear(d, h1) -> LayerNorm -> ReLU -> Dropout -> Linear(h1, h2) -> LayerNorm -> ReLU ->
+    Linear(h2, n_latent)`` with ``d`` the number of input genes and, by default, the paper's widths ``h1 = d/2`` and
+    ``h2 = d/4``.
 
     Given a mask of the genes a cell's data measures, the first LayerNorm takes its mean and variance over the
     measured genes only and the unmeasured genes enter the first Linear as zero, so an absent gene is read as "not
@@ -25,12 +28,22 @@ class CellularEncoder(nn.Module):
         Embedding dimension.
     dropout_rate
         Dropout after the first hidden layer.
+    hidden_sizes
+        Widths ``(h1, h2)`` of the two hidden layers; the paper's ``(d/2, d/4)`` when ``None``. The first layer is
+        most of the encoder's work (``d * h1`` weights), so narrower layers train proportionally faster.
     """
 
-    def __init__(self, n_input: int, n_latent: int = 100, dropout_rate: float = 0.2):
+    def __init__(
+        self,
+        n_input: int,
+        n_latent: int = 100,
+        dropout_rate: float = 0.2,
+        hidden_sizes: tuple[int, int] | None = None,
+    ):
         super().__init__()
-        n_hidden_1 = max(n_input // 2, 1)
-        n_hidden_2 = max(n_input // 4, 1)
+        if hidden_sizes is None:
+            hidden_sizes = (max(n_input // 2, 1), max(n_input // 4, 1))
+        n_hidden_1, n_hidden_2 = check_hidden_sizes(hidden_sizes)
         self.layers = nn.Sequential(
             nn.LayerNorm(n_input),
             nn.Linear(n_input, n_hidden_1),
@@ -71,6 +84,21 @@ class CellularEncoder(nn.Module):
         first_norm = self.layers[0]
         normalized = masked_layer_norm(x, gene_mask, first_norm.weight, first_norm.bias, first_norm.eps)
         return self.layers[1:4](normalized)
+
+
+def check_hidden_sizes(hidden_sizes) -> tuple[int, int]:
+    """``hidden_sizes`` as two positive integers, or a ``ValueError`` naming the fix."""
+    sizes = list(hidden_sizes) if isinstance(hidden_sizes, list | tuple) else None
+    if sizes is None or len(sizes) != 2 or not all(_is_positive_integer(size) for size in sizes):
+        raise ValueError(
+            f"hidden_sizes must be two positive integers (the widths of the two hidden layers), got "
+            f"{hidden_sizes!r}; pass e.g. (256, 128), or None for the paper's (genes/2, genes/4)."
+        )
+    return int(sizes[0]), int(sizes[1])
+
+
+def _is_positive_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def masked_layer_norm(x: Tensor, gene_mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:

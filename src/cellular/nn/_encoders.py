@@ -8,14 +8,31 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._encoder import CellularEncoder
+from ._encoder import CellularEncoder, check_hidden_sizes
 from ._gene_grid import GeneGridEncoder
 
 ENCODERS: dict[str, type[nn.Module]] = {"mlp": CellularEncoder, "gene_grid": GeneGridEncoder}
 
 
-def make_encoder(name: str, n_input: int, n_latent: int, dropout_rate: float) -> nn.Module:
-    """A fresh encoder of kind ``name`` (``"mlp"`` or ``"gene_grid"``)."""
+def make_encoder(
+    name: str, n_input: int, n_latent: int, dropout_rate: float, hidden_sizes: tuple[int, int] | None = None
+) -> nn.Module:
+    """A fresh encoder of kind ``name`` (``"mlp"`` or ``"gene_grid"``); ``hidden_sizes`` sets the MLP's widths."""
     if name not in ENCODERS:
         raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {name!r}.")
-    return ENCODERS[name](n_input, n_latent=n_latent, dropout_rate=dropout_rate)
+    hidden_sizes = check_encoder_hidden_sizes(name, hidden_sizes)
+    if hidden_sizes is None:
+        return ENCODERS[name](n_input, n_latent=n_latent, dropout_rate=dropout_rate)
+    return CellularEncoder(n_input, n_latent=n_latent, dropout_rate=dropout_rate, hidden_sizes=hidden_sizes)
+
+
+def check_encoder_hidden_sizes(name: str, hidden_sizes) -> tuple[int, int] | None:
+    """``hidden_sizes`` checked for encoder ``name``: only the mlp encoder has hidden widths to set."""
+    if hidden_sizes is None:
+        return None
+    if name != "mlp":
+        raise ValueError(
+            f"hidden_sizes sets the widths of the mlp encoder; the {name} encoder has no such layers. Leave "
+            "hidden_sizes=None with this encoder."
+        )
+    return check_hidden_sizes(hidden_sizes)
