@@ -21,9 +21,8 @@ def make_encoder(
     if name not in ENCODERS:
         raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {name!r}.")
     hidden_sizes = check_encoder_hidden_sizes(name, hidden_sizes)
-    if hidden_sizes is None:
-        return ENCODERS[name](n_input, n_latent=n_latent, dropout_rate=dropout_rate)
-    return CellularEncoder(n_input, n_latent=n_latent, dropout_rate=dropout_rate, hidden_sizes=hidden_sizes)
+    widths = {} if hidden_sizes is None else {"hidden_sizes": hidden_sizes}
+    return ENCODERS[name](n_input, n_latent=n_latent, dropout_rate=dropout_rate, **widths)
 
 
 def check_encoder_hidden_sizes(name: str, hidden_sizes) -> tuple[int, int] | None:
