@@ -650,6 +650,10 @@ def case_hidden_sizes_encoder(ctx):
     CELLULAR(_setup_only(ctx), encoder="gene_grid", hidden_sizes=(256, 128))
 
 
+def case_hidden_sizes_name(ctx):
+    CELLULAR(_setup_only(ctx), hidden_sizes="wide")
+
+
 def case_gene_layout_name(ctx):
     CELLULAR(_setup_only(ctx), encoder="gene_grid", gene_layout="random")
 

@@ -185,14 +185,13 @@ def test_encoder_widths_are_set_saved_and_restored(symphony, tmp_path):
     mark_singletons_unlabelled(small)
     CELLULAR.setup_anndata(small, labels_key="cell_type")
     model = CELLULAR(small, n_latent=16, n_top_genes=300, hidden_sizes=(48, 24))
-    widths = [layer.out_features for layer in model.module.encoder.layers if hasattr(layer, "out_features")]
-    assert widths == [48, 24, 16]
-    paper = CELLULAR(small, n_latent=16, n_top_genes=300)
-    assert [layer.out_features for layer in paper.module.encoder.layers if hasattr(layer, "out_features")] == [
-        150,
-        75,
-        16,
-    ]
+
+    def encoder_widths(built):
+        return [layer.out_features for layer in built.module.encoder.layers if hasattr(layer, "out_features")]
+
+    assert encoder_widths(CELLULAR(small, n_latent=16, n_top_genes=300, hidden_sizes="paper")) == [150, 75, 16]
+    assert encoder_widths(CELLULAR(small, n_latent=16, n_top_genes=300)) == [256, 128, 16]
+    assert encoder_widths(model) == [48, 24, 16]
     model.train(max_epochs=2, progress_bar=False, classifier=False)
     model.save(tmp_path / "narrow")
     loaded = CELLULAR.load(tmp_path / "narrow")

@@ -92,7 +92,7 @@ def check_hidden_sizes(hidden_sizes) -> tuple[int, int]:
     if sizes is None or len(sizes) != 2 or not all(_is_positive_integer(size) for size in sizes):
         raise ValueError(
             f"hidden_sizes must be two positive integers (the widths of the two hidden layers), got "
-            f"{hidden_sizes!r}; pass e.g. (256, 128), or None for the paper's (genes/2, genes/4)."
+            f"{hidden_sizes!r}; pass e.g. (256, 128)."
         )
     return int(sizes[0]), int(sizes[1])
 
