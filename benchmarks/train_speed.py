@@ -6,6 +6,7 @@ markdown table at the end, written to ``benchmarks/results/train_speed.{csv,md}`
     python benchmarks/train_speed.py                    # 10k and 100k cells x 2000 genes, CPU
     python benchmarks/train_speed.py --cells 10000 --epochs 3 --device cuda
     python benchmarks/train_speed.py --cells 10000 --encoders mlp gene_grid --out encoder_speed   # the two encoders
+    python benchmarks/train_speed.py --widths default paper --library-size 700 --out widths_speed  # MLP widths
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run_one(
-    n_cells: int, n_genes: int, epochs: int, batch_size: int, device: str, library_size: float, encoder: str
+    n_cells: int,
+    n_genes: int,
+    epochs: int,
+    batch_size: int,
+    device: str,
+    library_size: float,
+    encoder: str,
+    widths: str = "default",
 ) -> dict:
     import numpy as np
     import torch
@@ -41,7 +49,8 @@ def run_one(
 
     cellular.CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
     t0 = time.perf_counter()
-    model = cellular.CELLULAR(adata, n_top_genes=n_genes, encoder=encoder)
+    hidden_sizes = "paper" if widths == "paper" else None
+    model = cellular.CELLULAR(adata, n_top_genes=n_genes, encoder=encoder, hidden_sizes=hidden_sizes)
     t_init = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -68,6 +77,7 @@ def run_one(
     assert np.isfinite(z).all()
     return {
         "encoder": encoder,
+        "widths": widths if encoder == "mlp" else "",
         "cells": n_cells,
         "genes": n_genes,
         "density": round(density, 3),
@@ -94,6 +104,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--encoders", nargs="+", choices=("mlp", "gene_grid"), default=["mlp"])
+    parser.add_argument(
+        "--widths", nargs="+", choices=("default", "paper"), default=["default"], help="MLP hidden widths"
+    )
     parser.add_argument("--out", default="train_speed", help="name of the results files in benchmarks/results")
     parser.add_argument("--library-size", type=float, default=3000.0, help="mean counts per cell (sets the density)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results as they are")
@@ -102,12 +115,19 @@ def main() -> None:
 
     if args.single:
         row = run_one(
-            args.cells[0], args.genes, args.epochs, args.batch_size, args.device, args.library_size, args.encoders[0]
+            args.cells[0],
+            args.genes,
+            args.epochs,
+            args.batch_size,
+            args.device,
+            args.library_size,
+            args.encoders[0],
+            args.widths[0],
         )
         print(json.dumps(row))
         return
     rows = []
-    for n_cells, encoder in [(n, e) for n in args.cells for e in args.encoders]:
+    for n_cells, encoder, widths in [(n, e, w) for n in args.cells for e in args.encoders for w in args.widths]:
         command = [
             sys.executable,
             __file__,
@@ -126,6 +146,8 @@ def main() -> None:
             str(args.library_size),
             "--encoders",
             encoder,
+            "--widths",
+            widths,
         ]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         row = json.loads(result.stdout.strip().splitlines()[-1])
