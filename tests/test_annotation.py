@@ -86,20 +86,22 @@ def test_novel_cell_line_is_detected_and_known_lines_are_rarely_flagged(cellbenc
 
 
 def test_hardest_cell_line_is_found_through_the_hidden_layer():
-    """HCC827 held out of training, test plate celseq2_3cl: it resembles the trained lines, so the embedding alone
-    maps it onto them (AUROC 0.80); the hidden-layer distance separates it better. Without batch moment matching:
-    this plate holds three lines, one of them novel, and matching its moments costs this fold some AUROC (0.89 ->
-    0.88 at seed 0; benchmarks page), which is not what this test is about."""
+    """HCC827 held out of training, test plate celseq2_3cl: it resembles the trained lines, so the paper-width
+    encoder's embedding alone maps it onto them (AUROC 0.81 at seed 0); the hidden-layer distance separates it
+    better. The paper's widths are used because that embedding is the case the mechanism is for: the default
+    (256, 128) encoder's embedding alone already reaches 0.90-0.98 here depending on the seed, leaving the hidden
+    layer little to add. Without batch moment matching: this plate holds three lines, one of them novel, and
+    matching its moments costs this fold some AUROC (benchmarks page), which is not what this test is about."""
     data = read_dataset("cellbench_lung_celllines")
     test = data[data.obs["batch"] == "celseq2_3cl"].copy()
     train = data[(data.obs["batch"] != "celseq2_3cl") & (data.obs["cell_type"] != "HCC827")].copy()
     train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
-    model = CELLULAR(train, match_batch_moments=False)
+    model = CELLULAR(train, match_batch_moments=False, hidden_sizes="paper")
     model.train(progress_bar=False)
     is_novel = (test.obs["cell_type"] == "HCC827").to_numpy()
     frame = model.get_novelty_scores(test)
-    # The issue's target is 0.95 (measured: 0.89 with default settings, 0.955 with panel_masking=0.5).
+    # The issue's target is 0.95 (measured at seed 0: 0.89 with these settings, 0.92 with the default widths).
     assert roc_auc_score(is_novel, frame["score"]) >= 0.85
     assert (frame["pvalue"].to_numpy()[~is_novel] <= 0.05).mean() <= 0.10
     # Without the hidden-layer part the score misses it (the mechanism is what finds it).
