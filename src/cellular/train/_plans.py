@@ -110,7 +110,7 @@ class CellularTrainingPlan(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
-        self.log("temperature", float(self.module.temperature), on_step=False, on_epoch=True)
+        self.log("temperature", float(self.module.temperature.detach()), on_step=False, on_epoch=True)
         self.log("lr", float(self.optimizers().param_groups[0]["lr"]), on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
