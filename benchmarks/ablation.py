@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# Model settings (``CELLULAR(**kwargs)``); "classifier" holds settings of the classifier head (``train_classifier``).
+# Model settings (``CELLULAR(**kwargs)``); "train" holds settings of the encoder's training (``train``) and
+# "classifier" those of the classifier head (``train_classifier``).
 FORMER_DEFAULT = {"hidden_sizes": "paper", "classifier": {"lr": 1e-3}}
 VARIANTS = {
     "default": {},
     "paper widths, head lr 1e-3 (former default)": FORMER_DEFAULT,
     "hidden 256/128, head lr 1e-3": {"classifier": {"lr": 1e-3}},
+    "encoder patience 10, lr 2e-3": {"train": {"early_stopping_patience": 10, "lr": 2e-3}},
     "panel masking 0.5 + depth thinning 0.5": {**FORMER_DEFAULT, "panel_masking": 0.5, "depth_thinning": 0.5},
     "panel masking 0.5": {**FORMER_DEFAULT, "panel_masking": 0.5},
     "depth thinning 0.5": {**FORMER_DEFAULT, "depth_thinning": 0.5},
@@ -51,9 +53,9 @@ def _fold_rows(fold, variant: str, settings: dict, seed: int) -> list[dict]:
     train = fold.train.copy()
     start = time.perf_counter()
     cellular.CELLULAR.setup_anndata(train, labels_key=LABELS, batch_key=BATCH, unlabeled_category=UNLABELLED)
-    model_kwargs = {key: value for key, value in settings.items() if key != "classifier"}
+    model_kwargs = {key: value for key, value in settings.items() if key not in ("train", "classifier")}
     model = cellular.CELLULAR(train, seed=seed, **model_kwargs)
-    model.train(progress_bar=False, classifier_kwargs=settings.get("classifier"))
+    model.train(progress_bar=False, classifier_kwargs=settings.get("classifier"), **settings.get("train", {}))
     fit_seconds = time.perf_counter() - start
     test_z = model.get_latent_representation(fold.test, min_gene_overlap=0.0)
     classifier = pd.DataFrame(model.probabilities_from_embedding(test_z), columns=model.cell_types)
