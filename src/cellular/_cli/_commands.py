@@ -364,7 +364,7 @@ def demo(args: argparse.Namespace) -> int:
         log_normalized=True,
         max_epochs=args.epochs,
         model_kwargs={"n_latent": args.n_latent},
-        train_kwargs={"progress_bar": not args.quiet, "seed": args.seed, "classifier_kwargs": classifier_kwargs},
+        train_kwargs={"progress_bar": show_progress(args), "seed": args.seed, "classifier_kwargs": classifier_kwargs},
     )
     seconds = time.perf_counter() - start
     summary = model.training_summary_
