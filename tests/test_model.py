@@ -200,6 +200,13 @@ def test_encoder_widths_are_set_saved_and_restored(symphony, tmp_path):
     restricted = model.restrict_to_genes(model.genes[::2])
     assert restricted.module.encoder.layers[1].out_features == 48
 
+    # A model saved before (256, 128) became the default: paper widths, recorded as absent, with hidden_sizes=None
+    # among its settings. Its refit keeps the paper's widths for the shared genes.
+    old = CELLULAR(small, n_latent=16, n_top_genes=300, hidden_sizes="paper")
+    old.init_params_["non_kwargs"]["hidden_sizes"] = None
+    old.train(max_epochs=2, progress_bar=False, classifier=False)
+    assert encoder_widths(old.restrict_to_genes(old.genes[::2])) == [75, 37, 16]
+
 
 def test_hvg_selection_and_target_sum(symphony):
     data = symphony[:300].copy()

@@ -263,6 +263,10 @@ class PanelMixin:
         # The refitted model reads every gene of the query it serves; panel augmentation only costs it quality there
         # (benchmarks/panel_robustness.py).
         settings.update(genes=shared, target_sum=None, panel_masking=0.0, depth_thinning=0.0)
+        if settings.get("encoder", "mlp") == "mlp":
+            # The widths the module was built with: models saved before (256, 128) became the default record the
+            # paper's widths as absent, with hidden_sizes=None among their settings.
+            settings["hidden_sizes"] = self._module_kwargs.get("hidden_sizes", "paper")
         restricted = type(self)(self.adata, **settings)
         train_settings = dict(self.train_params_ or {})
         train_settings["progress_bar"] = progress_bar
