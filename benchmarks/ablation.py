@@ -5,7 +5,7 @@ by macro-F1 of the classifier head and of the reference-index kNN vote, exactly 
 scores them.
 
     python -m benchmarks.ablation --seeds 0 1 2 --out benchmarks/results            # all variants
-    python -m benchmarks.ablation --variants "default (no augmentation)" "panel masking 0.2" --seeds 0  # quicker
+    python -m benchmarks.ablation --variants default "panel masking 0.2" --seeds 0  # quicker
 
 Writes ``ablation.csv`` (one row per variant, fold, seed and path; resumable: finished (variant, dataset, seed)
 groups are skipped) and ``ablation.md`` (per dataset, mean ± sd over seeds of the fold means).

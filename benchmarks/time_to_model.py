@@ -5,7 +5,7 @@ setup and model construction, encoder training, then classifier head + calibrati
 batch is scored by the classifier's macro-F1 on known types, as ``python -m benchmarks.run`` scores it. The
 issue target is a median time to a trained model of at most 5 s over Symphony and Kang folds.
 
-    python -m benchmarks.time_to_model                                   # both variants, seeds 0 1 2
+    python -m benchmarks.time_to_model                                   # every variant, seeds 0 1 2
     python -m benchmarks.time_to_model --variants default --seeds 0
 
 Writes ``time_to_model.csv`` (one row per variant, fold and seed; resumable: finished (variant, dataset, seed)

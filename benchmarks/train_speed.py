@@ -6,7 +6,7 @@ markdown table at the end, written to ``benchmarks/results/train_speed.{csv,md}`
     python benchmarks/train_speed.py                    # 10k and 100k cells x 2000 genes, CPU
     python benchmarks/train_speed.py --cells 10000 --epochs 3 --device cuda
     python benchmarks/train_speed.py --cells 10000 --encoders mlp gene_grid --out encoder_speed   # the two encoders
-    python benchmarks/train_speed.py --widths default paper --library-size 700 --out widths_speed  # MLP widths
+    python benchmarks/train_speed.py --cells 10000 --widths default paper --library-size 300 --out widths_speed
 """
 
 from __future__ import annotations
