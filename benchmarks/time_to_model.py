@@ -24,12 +24,10 @@ import numpy as np
 import pandas as pd
 
 # Model settings (``CELLULAR(**kwargs)``); "classifier" holds settings of the classifier head (``train_classifier``).
-# Every variant but "default" keeps 2,000 HVGs, the default when it was measured.
 VARIANTS = {
     "default": {},
-    "2,000 HVGs (former default)": {"n_top_genes": 2000},
-    "paper widths, head lr 1e-3": {"n_top_genes": 2000, "hidden_sizes": "paper", "classifier": {"lr": 1e-3}},
-    "hidden 256/128, head lr 1e-3": {"n_top_genes": 2000, "classifier": {"lr": 1e-3}},
+    "paper widths, head lr 1e-3 (former default)": {"hidden_sizes": "paper", "classifier": {"lr": 1e-3}},
+    "hidden 256/128, head lr 1e-3": {"classifier": {"lr": 1e-3}},
 }
 DATASETS = ["pbmc_symphony_3tech", "pbmc_kang2018_ifnb_subset"]
 KEYS = ["variant", "dataset", "seed"]

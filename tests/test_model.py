@@ -221,22 +221,6 @@ def test_hvg_selection_and_target_sum(symphony):
     assert len(everything.genes) == int(expressed.sum())
 
 
-def test_default_gene_count_is_half_the_genes_within_bounds(symphony):
-    """Without n_top_genes a model takes half of the reference's genes (between 200 and 2,000): the same genes as
-    asking for that many, which are the top of the full ranking."""
-    assert [cellular.pp.default_n_top_genes(n) for n in (150, 300, 1767, 3999, 30_000)] == [150, 200, 883, 1999, 2000]
-    data = symphony[:300].copy()
-    mark_singletons_unlabelled(data)
-    CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
-    default = CELLULAR(data)
-    assert len(default.genes) == data.n_vars // 2
-    assert default.genes == CELLULAR(data, n_top_genes=data.n_vars // 2).genes
-    assert set(default.genes) < set(CELLULAR(data, n_top_genes=50_000).genes)
-    panel = data[:, :200].copy()  # a 200-gene panel keeps all of its genes
-    CELLULAR.setup_anndata(panel, labels_key="cell_type", batch_key="batch")
-    assert CELLULAR(panel).genes == CELLULAR(panel, n_top_genes=50_000).genes
-
-
 def test_log_normalised_input_and_dense_matrix(symphony):
     data = symphony[:400].copy()
     mark_singletons_unlabelled(data)

@@ -28,7 +28,7 @@ from cellular.dataloaders import CellularDataModule
 from cellular.index import ReferenceIndex
 from cellular.module import CellularModule
 from cellular.nn import ENCODERS, centroid_target_distances, check_encoder_hidden_sizes, inverse_frequency_weights
-from cellular.pp import default_n_top_genes, highly_variable_genes
+from cellular.pp import highly_variable_genes
 from cellular.train import CellularTrainingPlan, EpochProgressBar, RestoreBestWeights, quiet_lightning
 
 from ._annotation import AnnotationMixin
@@ -77,11 +77,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         Embedding dimension; 100 for the ``"mlp"`` encoder and 64 for ``"gene_grid"`` (Spoticell's fingerprint
         size) when ``None``.
     n_top_genes
-        Number of highly variable genes chosen on ``adata`` (all expressed genes when fewer). When ``None``, half of
-        ``adata``'s genes, at least 200 (all of them when fewer) and at most 2,000
-        (:func:`cellular.pp.default_n_top_genes`): on a reference already filtered to a few thousand genes, taking
-        all of them feeds the encoder genes that vary little, and half of them transfers labels better (benchmarks
-        page, "Ablation").
+        Number of highly variable genes chosen on ``adata`` (all expressed genes when fewer).
     genes
         Use exactly these genes instead of choosing highly variable ones.
     dropout_rate
@@ -149,7 +145,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         self,
         adata: AnnData,
         n_latent: int | None = None,
-        n_top_genes: int | None = None,
+        n_top_genes: int = 2000,
         genes: list[str] | None = None,
         dropout_rate: float = 0.2,
         target_sum: float | None = None,
@@ -180,8 +176,6 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             raise ValueError(f"gene_layout must be one of {list(GENE_LAYOUTS)}, got {gene_layout!r}.")
         if n_latent is None:
             n_latent = 64 if encoder == "gene_grid" else 100
-        if n_top_genes is None:
-            n_top_genes = default_n_top_genes(adata.n_vars)
         if n_latent < 1 or n_top_genes < 1:
             raise ValueError(f"n_latent and n_top_genes must be positive, got {n_latent} and {n_top_genes}.")
         _check_augmentation(panel_masking, min_panel_fraction, "panel_masking", "min_panel_fraction")

@@ -11,18 +11,6 @@ import scipy.sparse as sp
 from cellular.data import NormalizedExpression
 
 N_MEAN_BINS = 20
-# Bounds of the default number of highly variable genes (half of the genes).
-MIN_DEFAULT_TOP_GENES = 200
-MAX_DEFAULT_TOP_GENES = 2000
-
-
-def default_n_top_genes(n_genes: int) -> int:
-    """The number of highly variable genes a model chooses by default among ``n_genes`` genes.
-
-    Half of them, at least :data:`MIN_DEFAULT_TOP_GENES` (all of them when there are fewer) and at most
-    :data:`MAX_DEFAULT_TOP_GENES`: a genome-wide reference gives 2,000; one already filtered to 1,767 genes gives 883.
-    """
-    return int(min(MAX_DEFAULT_TOP_GENES, max(n_genes // 2, min(n_genes, MIN_DEFAULT_TOP_GENES))))
 
 
 def gene_moments(log_expression: sp.csr_matrix | NormalizedExpression) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
