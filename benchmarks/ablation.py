@@ -32,6 +32,8 @@ VARIANTS = {
     "paper widths, head lr 1e-3 (former default)": FORMER_DEFAULT,
     "hidden 256/128, head lr 1e-3": {"classifier": {"lr": 1e-3}},
     "encoder patience 10, lr 2e-3": {"train": {"early_stopping_patience": 10, "lr": 2e-3}},
+    "default + panel masking 0.5 + depth thinning 0.5": {"panel_masking": 0.5, "depth_thinning": 0.5},
+    "default + panel masking 0.2": {"panel_masking": 0.2},
     "panel masking 0.5 + depth thinning 0.5": {**FORMER_DEFAULT, "panel_masking": 0.5, "depth_thinning": 0.5},
     "panel masking 0.5": {**FORMER_DEFAULT, "panel_masking": 0.5},
     "depth thinning 0.5": {**FORMER_DEFAULT, "depth_thinning": 0.5},
