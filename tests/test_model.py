@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from helpers import SYMPHONY_HELD_OUT as HELD_OUT
 from helpers import mark_singletons_unlabelled, pca_baseline, pca_knn_macro_f1
 from sklearn.metrics import silhouette_score
@@ -104,6 +105,46 @@ def test_save_load_round_trip(trained, split, tmp_path):
 
     with_data = CELLULAR.load(tmp_path / "model", adata=trained.adata.copy())
     np.testing.assert_array_equal(with_data.get_latent_representation(), trained.get_latent_representation())
+
+
+def test_models_saved_with_an_affine_input_layer_norm_still_load(trained, split, tmp_path):
+    """Earlier versions gave the input LayerNorm per-gene affine parameters (today's models have none): such a file
+    loads with them, and embeds as the equivalent network with the affine map folded into the first Linear."""
+    import json
+
+    from cellular._files import write_metadata
+
+    assert not any(name.startswith("encoder.layers.0.") for name in trained.module.state_dict())
+    trained.save(tmp_path / "old")
+    tensors = torch.load(tmp_path / "old" / "model.pt", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    gene_scale = 0.5 + torch.rand(len(trained.genes), generator=generator)
+    gene_shift = 0.1 * torch.randn(len(trained.genes), generator=generator)
+    tensors["module.encoder.layers.0.weight"], tensors["module.encoder.layers.0.bias"] = gene_scale, gene_shift
+    torch.save(tensors, tmp_path / "old" / "model.pt")
+    metadata = json.loads((tmp_path / "old" / "model.json").read_text())
+    metadata.pop("metadata_sha256")
+    del metadata["module_kwargs"]["input_norm_affine"]
+    metadata["tensors"] = {name: list(tensor.shape) for name, tensor in tensors.items()}
+    write_metadata(
+        tmp_path / "old" / "model.json", metadata, tmp_path / "old" / "model.pt", "tensors", metadata["tensors"]
+    )
+    old = CELLULAR.load(tmp_path / "old")
+    assert old.module.encoder.layers[0].elementwise_affine
+
+    # W (scale * x + shift) + b == (W diag(scale)) x + (W shift + b): the same network without the affine map.
+    folded = CELLULAR.load(tmp_path / "old")
+    first = folded.module.encoder.layers[1]
+    with torch.no_grad():
+        first.bias += first.weight @ gene_shift
+        first.weight *= gene_scale
+        folded.module.encoder.layers[0].weight.fill_(1.0)
+        folded.module.encoder.layers[0].bias.zero_()
+    query = split[1]
+    np.testing.assert_allclose(
+        old.get_latent_representation(query), folded.get_latent_representation(query), rtol=1e-4, atol=1e-4
+    )
+    assert not np.allclose(old.get_latent_representation(query), trained.get_latent_representation(query), atol=1e-3)
 
 
 def test_model_file_holds_no_pickled_objects(trained, tmp_path):

@@ -44,6 +44,16 @@ def test_masked_layer_norm_matches_layer_norm_of_the_measured_genes_and_ignores_
     torch.testing.assert_close(masked_layer_norm(noisy, mask, weight, bias, 1e-5), got)
     encoder = CellularEncoder(30, n_latent=4).eval()
     torch.testing.assert_close(encoder(noisy, mask), encoder(x, mask))
+    # Without affine parameters (the default input LayerNorm) as well, and for an encoder that has them.
+    plain = masked_layer_norm(x, mask, None, None, 1e-5)
+    for row in range(5):
+        kept = mask[row]
+        torch.testing.assert_close(
+            plain[row, kept], torch.nn.functional.layer_norm(x[row, kept], (int(kept.sum()),)), atol=1e-5, rtol=1e-5
+        )
+        assert torch.all(plain[row, ~kept] == 0)
+    affine = CellularEncoder(30, n_latent=4, input_affine=True).eval()
+    torch.testing.assert_close(affine(noisy, mask), affine(x, mask))
 
 
 def test_random_panel_masks_keep_the_requested_shares():

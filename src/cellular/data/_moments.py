@@ -342,15 +342,16 @@ class BatchStandardization:
     def apply(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Map the dense rows ``x`` of the cells ``index`` (in place) and return them."""
         codes = self.codes[np.asarray(index)]
-        # One vectorised update per group present (a minibatch holds few), in place: no minibatch-sized copies.
+        # One vectorised in-place update per group present (a minibatch holds few); a group's rows are gathered
+        # once and written back once.
         for group in np.unique(codes[codes >= 0]):
             rows = codes == group
-            if rows.all():
-                x *= self.scale[group]
-                x += self.offset[group]
-                np.maximum(x, 0.0, out=x)
-            else:
-                x[rows] = np.maximum(x[rows] * self.scale[group] + self.offset[group], 0.0)
+            part = x if rows.all() else x[np.flatnonzero(rows)]
+            part *= self.scale[group]
+            part += self.offset[group]
+            np.maximum(part, 0.0, out=part)
+            if part is not x:
+                x[rows] = part
         return x
 
     def subset(self, rows: np.ndarray) -> BatchStandardization:

@@ -95,6 +95,7 @@ _SCHEMA = {
             "properties": {
                 **{key: {"type": "integer", "minimum": 1} for key in ("n_input", "n_labels", "n_batch", "n_latent")},
                 "encoder": {"enum": sorted(ENCODERS)},
+                "input_norm_affine": {"type": "boolean"},
                 "hidden_sizes": {
                     "type": "array",
                     "items": {"type": "integer", "minimum": 1},
@@ -285,6 +286,8 @@ class SaveLoadMixin:
         model.depth_thinning = dict(metadata.get("depth_thinning") or {"probability": 0.0, "min_fraction": 1.0})
         model.seed = metadata["seed"]
         model._module_kwargs = dict(metadata["module_kwargs"])
+        if model._module_kwargs.get("encoder", "mlp") == "mlp":
+            model._module_kwargs.setdefault("input_norm_affine", True)
         model.init_params_ = {"kwargs": {}, "non_kwargs": metadata["init_params"]}
         model.module = CellularModule(**model._module_kwargs)
         device = resolve_device(accelerator, devices)

@@ -268,6 +268,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         }
         if hidden_sizes is not None:  # the paper's widths are recorded as absent, as in models saved before them
             self._module_kwargs["hidden_sizes"] = list(hidden_sizes)
+        if encoder == "mlp":  # absent in models saved before it became an option: theirs had the affine parameters
+            self._module_kwargs["input_norm_affine"] = False
         self.depth_thinning = {
             "probability": 0.0 if log_normalized else depth_thinning,
             "min_fraction": min_depth_fraction,
@@ -602,7 +604,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             torch.manual_seed(seed)
             runner()
         self.module.eval()
-        self.history_ = _history_frames(self.history_ or {})
+        self.history_ = _history_frames({**(self.history_ or {}), **_epoch_frames(training_plan.epoch_history)})
         broken = self.non_finite_weights()
         losses = [self.history_[key].to_numpy() for key in ("train_loss", "validation_loss") if key in self.history_]
         # Diverged: the weights are not finite, or no epoch ended with a finite loss (early stopping restores the
@@ -1049,6 +1051,11 @@ def _mean_count_shares(expression) -> np.ndarray:
     for start, stop, block in expression.stored_chunks():
         totals += np.asarray((sp.diags(expression.size_factors[start:stop]) @ block).sum(axis=0)).reshape(-1)
     return totals / max(expression.n_cells, 1)
+
+
+def _epoch_frames(history: dict[str, list[float]]) -> dict[str, pd.DataFrame]:
+    """Per-epoch values as one-column frames indexed by epoch, like scvi-tools' ``history``."""
+    return {name: pd.DataFrame({name: values}, index=pd.RangeIndex(len(values))) for name, values in history.items()}
 
 
 def _history_frames(history: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

@@ -57,6 +57,9 @@ class CellularModule(BaseModuleClass):
         Widths of the MLP encoder's two hidden layers; the paper's ``(n_input/2, n_input/4)`` when ``None``.
     grid_positions
         Gene-grid layout (grid cell of each gene) of a ``"gene_grid"`` encoder; input order when ``None``.
+    input_norm_affine
+        Per-gene affine parameters in the MLP encoder's input LayerNorm: off for new models (they only
+        re-parametrise the first Linear layer and cost training time), on in models saved by earlier versions.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class CellularModule(BaseModuleClass):
         encoder: str = "mlp",
         grid_positions: Tensor | None = None,
         hidden_sizes: tuple[int, int] | None = None,
+        input_norm_affine: bool = False,
     ):
         super().__init__()
         if not temperature_min <= temperature_init <= temperature_max:
@@ -102,7 +106,7 @@ class CellularModule(BaseModuleClass):
         self.min_panel_fraction = min_panel_fraction
 
         self.encoder_name = encoder
-        self.encoder = make_encoder(encoder, n_input, n_latent, dropout_rate, hidden_sizes)
+        self.encoder = make_encoder(encoder, n_input, n_latent, dropout_rate, hidden_sizes, input_norm_affine)
         if grid_positions is not None:
             if encoder != "gene_grid":
                 raise ValueError("grid_positions is a gene_grid encoder's layout; the mlp encoder has none.")

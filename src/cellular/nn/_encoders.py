@@ -15,14 +15,25 @@ ENCODERS: dict[str, type[nn.Module]] = {"mlp": CellularEncoder, "gene_grid": Gen
 
 
 def make_encoder(
-    name: str, n_input: int, n_latent: int, dropout_rate: float, hidden_sizes: tuple[int, int] | None = None
+    name: str,
+    n_input: int,
+    n_latent: int,
+    dropout_rate: float,
+    hidden_sizes: tuple[int, int] | None = None,
+    input_norm_affine: bool = False,
 ) -> nn.Module:
-    """A fresh encoder of kind ``name`` (``"mlp"`` or ``"gene_grid"``); ``hidden_sizes`` sets the MLP's widths."""
+    """A fresh encoder of kind ``name`` (``"mlp"`` or ``"gene_grid"``).
+
+    ``hidden_sizes`` sets the MLP's widths and ``input_norm_affine`` gives its input LayerNorm per-gene affine
+    parameters (see :class:`CellularEncoder`).
+    """
     if name not in ENCODERS:
         raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {name!r}.")
     hidden_sizes = check_encoder_hidden_sizes(name, hidden_sizes)
-    widths = {} if hidden_sizes is None else {"hidden_sizes": hidden_sizes}
-    return ENCODERS[name](n_input, n_latent=n_latent, dropout_rate=dropout_rate, **widths)
+    options = {} if hidden_sizes is None else {"hidden_sizes": hidden_sizes}
+    if name == "mlp":
+        options["input_affine"] = bool(input_norm_affine)
+    return ENCODERS[name](n_input, n_latent=n_latent, dropout_rate=dropout_rate, **options)
 
 
 def check_encoder_hidden_sizes(name: str, hidden_sizes) -> tuple[int, int] | None:

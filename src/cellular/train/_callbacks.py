@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 
@@ -40,7 +39,7 @@ class RestoreBestWeights(Callback):
         value = float(trainer.callback_metrics[self.monitor])
         if value < self.best_value - self.min_delta:
             self.best_value, self.best_epoch = value, trainer.current_epoch
-            self._best_state = copy.deepcopy(pl_module.state_dict())
+            self._best_state = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._best_state is not None:
