@@ -309,6 +309,27 @@ def case_damaged_calibration_cells(ctx):
     CELLULAR.load(path)
 
 
+def case_damaged_novelty_space(ctx):
+    path = _legacy_copy(ctx)
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    tensors["novelty.gene_reference"] = tensors["novelty.gene_reference"][:, :-1]
+    torch.save(tensors, path / "model.pt")
+    CELLULAR.load(path)
+
+
+def case_novelty_projections_missing(ctx):
+    query = _query(ctx.symphony)
+    z = ctx.model.get_latent_representation(query, min_gene_overlap=0.0)
+    ctx.model.novelty_scores_from_embedding(z, ctx.model.probabilities_from_embedding(z), query.obs_names)
+
+
+def case_novelty_projections_width(ctx):
+    query = _query(ctx.symphony)
+    embedded = ctx.model.embed_query(query)
+    probabilities = ctx.model.probabilities_from_embedding(embedded.z)
+    ctx.model.novelty_scores_from_embedding(embedded.z, probabilities, query.obs_names, hidden=embedded.hidden[:, :3])
+
+
 def case_changed_file(ctx):
     path = _saved_copy(ctx)
     data = bytearray((path / "model.pt").read_bytes())

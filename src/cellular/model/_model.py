@@ -731,15 +731,15 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         adata, batch_size, layer, log_normalized, gene_id_key, min_gene_overlap, progress_bar
             As in :meth:`get_latent_representation` (``min_gene_overlap`` defaults to 0 here).
         with_hidden
-            Also project the cells into the novelty score's hidden-layer space (when the model has one).
+            Also project the cells into the novelty score's hidden-layer and gene spaces (when the model has them).
 
         Returns
         -------
-        The embedding ``z``, the cells' projections into the novelty score's hidden-layer space (``hidden``; ``None``
+        The embedding ``z``, the cells' projections into the novelty score's spaces (``hidden``; ``None``
         for a model without a classifier head or saved before that space existed), and the gene ``alignment``.
         """
         expression, alignment = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
-        space = self.novelty_reference_.hidden if self.has_classifier and with_hidden else None
+        space = self.novelty_reference_.spaces if self.has_classifier and with_hidden else None
         device = torch.device(self.device)
         encoded = self._encode(
             expression, batch_size, device, progress_bar=progress_bar, gene_mask=alignment.present, hidden=space
@@ -790,7 +790,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             mask = None if present is None or present.all() else present
 
             novelty = getattr(self, "novelty_reference_", None)
-            space = None if novelty is None else novelty.hidden
+            space = None if novelty is None else novelty.spaces
 
             def classify(cells):
                 encoded = self._encode(cells, 4096, device, gene_mask=mask, hidden=space)
@@ -865,8 +865,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
     ):
         """Embedding of normalised expression; with ``hidden`` also the first hidden layer of each cell.
 
-        ``hidden="raw"`` returns ``(z, activations)``; a :class:`~cellular.model._novelty.HiddenSpace` returns
-        ``(z, projections)`` into it, computed minibatch by minibatch.
+        ``hidden="raw"`` returns ``(z, activations)``; :class:`~cellular.model._novelty.NoveltySpaces` return
+        ``(z, projections)`` into them (genes absent from the query, ``gene_mask``, read at the training mean),
+        computed minibatch by minibatch.
         """
         module = self.module.to(device)
         module.eval()
@@ -886,7 +887,10 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                 out[index] = module.encoder.from_hidden(activations).cpu().numpy()
                 if hidden is not None:
                     activations = activations.cpu().numpy()
-                    values = activations if isinstance(hidden, str) else hidden.project(activations)
+                    if isinstance(hidden, str):
+                        values = activations
+                    else:
+                        values = hidden.project(x.cpu().numpy(), activations, gene_mask)
                     if hidden_out is None:
                         hidden_out = np.empty((expression.n_cells, values.shape[1]), dtype=np.float32)
                     hidden_out[index] = values

@@ -13,7 +13,8 @@ from cellular.metrics import conformal_pvalues
 # Quantile of the held-out reference cells that puts the two score components on one scale.
 _SPREAD_PRIOR_CELLS = 10.0
 _SCALE_QUANTILE = 0.9
-# The hidden-layer part of the score: PCA components kept, training cells compared against, neighbours averaged.
+# The hidden-layer and gene parts of the score: PCA components kept, training cells compared against, neighbours
+# averaged.
 HIDDEN_COMPONENTS = 50
 MAX_HIDDEN_REFERENCE_CELLS = 20_000
 HIDDEN_NEIGHBORS = 15
@@ -26,45 +27,109 @@ def unit_rows(z: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class HiddenSpace:
-    """The encoder's first hidden layer, reduced by PCA, with a sample of training cells to measure distances to.
+class PCASpace:
+    """Cells reduced by PCA, with a sample of training cells to measure distances to.
 
     Attributes
     ----------
     mean, components
-        PCA of the hidden activations of training cells: ``(n_hidden,)`` and ``(n_hidden, n_components)``.
+        PCA of training cells: ``(n_features,)`` and ``(n_features, n_components)``.
     reference
-        ``(n_cells, n_components)`` unit-length projections of up to :data:`MAX_HIDDEN_REFERENCE_CELLS` training
-        cells.
+        ``(n_cells, n_components)`` projections of up to :data:`MAX_HIDDEN_REFERENCE_CELLS` training cells.
+    unit_length
+        Whether projections are scaled to unit length (directions compared, as in the hidden layer) or kept as they
+        are (expression levels compared, as in the input genes).
     """
 
     mean: np.ndarray
     components: np.ndarray
     reference: np.ndarray
+    unit_length: bool = True
 
     @classmethod
-    def fit(cls, hidden: np.ndarray, seed: int, n_components: int = HIDDEN_COMPONENTS) -> HiddenSpace:
-        """PCA of training cells' hidden activations (a sample of them when there are many)."""
+    def fit(cls, values: np.ndarray, seed: int, unit_length: bool, n_components: int = HIDDEN_COMPONENTS) -> PCASpace:
+        """PCA of training cells' values (a sample of them when there are many)."""
         rng = np.random.default_rng(seed)
-        if hidden.shape[0] > MAX_HIDDEN_REFERENCE_CELLS:
-            hidden = hidden[np.sort(rng.choice(hidden.shape[0], MAX_HIDDEN_REFERENCE_CELLS, replace=False))]
-        mean = hidden.mean(axis=0)
-        n_components = max(1, min(n_components, hidden.shape[0] - 1, hidden.shape[1]))
-        _, _, right = torch.pca_lowrank(torch.from_numpy(hidden - mean), q=n_components, center=False, niter=4)
-        space = cls(mean.astype(np.float32), right.numpy().astype(np.float32), np.zeros((0, n_components), np.float32))
-        space.reference = space.project(hidden)
+        if values.shape[0] > MAX_HIDDEN_REFERENCE_CELLS:
+            values = values[np.sort(rng.choice(values.shape[0], MAX_HIDDEN_REFERENCE_CELLS, replace=False))]
+        mean = values.mean(axis=0)
+        n_components = max(1, min(n_components, values.shape[0] - 1, values.shape[1]))
+        _, _, right = torch.pca_lowrank(torch.from_numpy(values - mean), q=n_components, center=False, niter=4)
+        empty = np.zeros((0, n_components), np.float32)
+        space = cls(mean.astype(np.float32), right.numpy().astype(np.float32), empty, unit_length)
+        space.reference = space.project(values)
         return space
 
-    def project(self, hidden: np.ndarray) -> np.ndarray:
-        """Unit-length PCA projections of hidden activations."""
-        return unit_rows((np.asarray(hidden, dtype=np.float32) - self.mean) @ self.components)
+    def project(self, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        """Projections of cells; features not ``present`` in the data are read at the training mean."""
+        centered = np.asarray(values, dtype=np.float32) - self.mean
+        if present is not None and not present.all():
+            centered[:, ~present] = 0.0
+        projected = centered @ self.components
+        return unit_rows(projected) if self.unit_length else projected
 
     def distances(self, projected: np.ndarray, k: int = HIDDEN_NEIGHBORS) -> np.ndarray:
         """Mean distance of projected cells to their ``k`` nearest reference cells."""
         reference = torch.from_numpy(np.ascontiguousarray(self.reference))
         k = min(k, self.reference.shape[0])
-        _, distances = exact_knn(reference, projected.astype(np.float32), k, metric="euclidean")
+        _, distances = exact_knn(reference, np.ascontiguousarray(projected, dtype=np.float32), k, metric="euclidean")
         return distances.mean(axis=1).astype(np.float64)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {
+            f"{prefix}_mean": self.mean,
+            f"{prefix}_components": self.components,
+            f"{prefix}_reference": self.reference,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str, unit_length: bool) -> PCASpace | None:
+        if f"{prefix}_components" not in arrays:
+            return None
+        components = np.asarray(arrays[f"{prefix}_components"], dtype=np.float32)
+        mean = np.asarray(arrays[f"{prefix}_mean"], dtype=np.float32)
+        reference = np.asarray(arrays[f"{prefix}_reference"], dtype=np.float32)
+        if mean.shape != components.shape[:1] or reference.shape[1:] != components.shape[1:]:
+            raise ValueError(f"The saved novelty {prefix} space is inconsistent; the model file is damaged.")
+        return cls(mean, components, reference, unit_length)
+
+
+@dataclass
+class NoveltySpaces:
+    """Where the novelty score measures distances to training cells besides the embedding.
+
+    Attributes
+    ----------
+    hidden
+        The encoder's first hidden layer (unit-length PCA projections): keeps differences the contrastive embedding
+        collapses.
+    genes
+        The encoder's input (log-normalised, batch-matched expression; PCA projections at their scale), or ``None``:
+        keeps differences the encoder's weights discard, e.g. between stages of a differentiation trajectory.
+    """
+
+    hidden: PCASpace
+    genes: PCASpace | None = None
+
+    def project(self, inputs: np.ndarray, activations: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        """One row per cell: its hidden-layer projection, then its input projection (when that space exists)."""
+        parts = [self.hidden.project(activations)]
+        if self.genes is not None:
+            parts.append(self.genes.project(inputs, present))
+        return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+    def distances(self, projections: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hidden-layer and input distances of cells given their :meth:`project` rows (``None``: no input space)."""
+        n_hidden = self.hidden.components.shape[1]
+        width = n_hidden + (0 if self.genes is None else self.genes.components.shape[1])
+        if projections.ndim != 2 or projections.shape[1] != width:
+            raise ValueError(
+                f"The novelty projections have {projections.shape[1:]} columns where this model's spaces have {width}: "
+                "they come from another model. Pass hidden=model.embed_query(adata).hidden from this model."
+            )
+        hidden = self.hidden.distances(projections[:, :n_hidden])
+        genes = None if self.genes is None else self.genes.distances(projections[:, n_hidden:])
+        return hidden, genes
 
 
 @dataclass
@@ -85,11 +150,11 @@ class NoveltyReference:
         Sorted novelty scores of the calibration cells (held-out reference cells of known types).
     calibration_source
         ``"validation"`` when the calibration cells were held out of encoder training, ``"training"`` otherwise.
-    hidden
-        The encoder's first hidden layer and training cells in it; the score then adds the mean distance to the
-        nearest training cells there (``None``: a model saved before this part existed).
-    hidden_scale, hidden_weight
-        90 % quantile of that distance on the calibration cells, and its weight in the score.
+    spaces
+        The encoder's first hidden layer and, optionally, its input genes, with training cells in them; the score
+        then adds the mean distance to the nearest training cells in each (``None``: a model saved before).
+    hidden_scale, hidden_weight, gene_scale, gene_weight
+        90 % quantile of each distance on the calibration cells, and its weight in the score.
     """
 
     prototypes: np.ndarray
@@ -99,9 +164,11 @@ class NoveltyReference:
     uncertainty_weight: float
     calibration_scores: np.ndarray
     calibration_source: str
-    hidden: HiddenSpace | None = None
+    spaces: NoveltySpaces | None = None
     hidden_scale: float = 1.0
     hidden_weight: float = 1.0
+    gene_scale: float = 1.0
+    gene_weight: float = 0.0
 
     @classmethod
     def fit(
@@ -113,14 +180,16 @@ class NoveltyReference:
         probabilities_calibration: np.ndarray,
         calibration_source: str,
         uncertainty_weight: float = 0.1,
-        hidden: HiddenSpace | None = None,
-        hidden_calibration: np.ndarray | None = None,
+        spaces: NoveltySpaces | None = None,
+        projections_calibration: np.ndarray | None = None,
         hidden_weight: float = 1.0,
+        gene_weight: float = 0.0,
     ) -> NoveltyReference:
         """Prototypes and spreads from training cells, score scales and calibration scores from held-out cells.
 
-        With ``hidden`` (fitted on training cells) and the calibration cells' projections in it
-        (``hidden_calibration``), the score adds the hidden-layer distance with weight ``hidden_weight``.
+        With ``spaces`` (fitted on training cells) and the calibration cells' projections into them
+        (``projections_calibration``), the score adds the hidden-layer distance with weight ``hidden_weight`` and
+        the input-gene distance with weight ``gene_weight``.
         """
         unit = unit_rows(z_train)
         counts = np.bincount(labels_train, minlength=n_types)
@@ -142,13 +211,14 @@ class NoveltyReference:
             uncertainty_weight=float(uncertainty_weight),
             calibration_scores=np.zeros(0),
             calibration_source=calibration_source,
-            hidden=hidden,
+            spaces=spaces,
             hidden_weight=float(hidden_weight),
+            gene_weight=float(gene_weight),
         )
-        return reference.recalibrated(z_calibration, probabilities_calibration, hidden_calibration)
+        return reference.recalibrated(z_calibration, probabilities_calibration, projections_calibration)
 
     def recalibrated(
-        self, z_calibration: np.ndarray, probabilities_calibration: np.ndarray, hidden_calibration=None
+        self, z_calibration: np.ndarray, probabilities_calibration: np.ndarray, projections_calibration=None
     ) -> NoveltyReference:
         """A copy with score scales and conformal scores taken from these calibration cells (prototypes kept)."""
         distance, _ = self.nearest_type(z_calibration)
@@ -158,11 +228,12 @@ class NoveltyReference:
             distance_scale=max(float(np.quantile(distance, _SCALE_QUANTILE)), 1e-6),
             uncertainty_scale=max(float(np.quantile(uncertainty, _SCALE_QUANTILE)), 1e-3),
         )
-        hidden_distance = None
-        if self.hidden is not None:
-            hidden_distance = self.hidden.distances(hidden_calibration)
+        hidden_distance, gene_distance = self.space_distances(projections_calibration)
+        if hidden_distance is not None:
             reference.hidden_scale = max(float(np.quantile(hidden_distance, _SCALE_QUANTILE)), 1e-6)
-        reference.calibration_scores = np.sort(reference.combine(distance, uncertainty, hidden_distance))
+        if gene_distance is not None:
+            reference.gene_scale = max(float(np.quantile(gene_distance, _SCALE_QUANTILE)), 1e-6)
+        reference.calibration_scores = np.sort(reference.combine(distance, uncertainty, hidden_distance, gene_distance))
         return reference
 
     def nearest_type(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,26 +242,35 @@ class NoveltyReference:
         nearest = scaled.argmin(axis=1)
         return scaled[np.arange(scaled.shape[0]), nearest], nearest
 
-    def hidden_distances(self, hidden: np.ndarray | None) -> np.ndarray | None:
-        """Hidden-layer distances of cells given their projections (``None`` when the score has no such part)."""
-        if self.hidden is None:
-            return None
-        if hidden is None:
-            raise ValueError("This novelty score needs the cells' hidden-layer projections.")
-        return self.hidden.distances(hidden)
+    def space_distances(self, projections: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Hidden-layer and input-gene distances of cells given their projections (``None`` for a missing part)."""
+        if self.spaces is None:
+            return None, None
+        if projections is None:
+            raise ValueError(
+                "This model's novelty score needs the cells' projections into its hidden-layer and gene spaces; pass "
+                "hidden=model.embed_query(adata).hidden."
+            )
+        return self.spaces.distances(projections)
 
-    def scores(self, z: np.ndarray, probabilities: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray:
-        """Novelty score of embedded cells given their class probabilities (and hidden-layer projections)."""
+    def scores(self, z: np.ndarray, probabilities: np.ndarray, projections: np.ndarray | None = None) -> np.ndarray:
+        """Novelty score of embedded cells given their class probabilities (and projections into the spaces)."""
         distance, _ = self.nearest_type(z)
-        return self.combine(distance, 1.0 - probabilities.max(axis=1), self.hidden_distances(hidden))
+        return self.combine(distance, 1.0 - probabilities.max(axis=1), *self.space_distances(projections))
 
     def combine(
-        self, distance: np.ndarray, uncertainty: np.ndarray, hidden_distance: np.ndarray | None = None
+        self,
+        distance: np.ndarray,
+        uncertainty: np.ndarray,
+        hidden_distance: np.ndarray | None = None,
+        gene_distance: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Scaled prototype distance plus weighted uncertainty and hidden-layer distance, each on its own scale."""
+        """Scaled prototype distance plus weighted uncertainty, hidden-layer and gene distances, each on its scale."""
         score = distance / self.distance_scale + self.uncertainty_weight * uncertainty / self.uncertainty_scale
         if hidden_distance is not None:
             score = score + self.hidden_weight * hidden_distance / self.hidden_scale
+        if gene_distance is not None:
+            score = score + self.gene_weight * gene_distance / self.gene_scale
         return score
 
     def pvalues(self, scores: np.ndarray) -> np.ndarray:
@@ -214,12 +294,10 @@ class NoveltyReference:
             "spreads": self.spreads,
             "calibration_scores": self.calibration_scores,
         }
-        if self.hidden is not None:
-            arrays.update(
-                hidden_mean=self.hidden.mean,
-                hidden_components=self.hidden.components,
-                hidden_reference=self.hidden.reference,
-            )
+        if self.spaces is not None:
+            arrays.update(self.spaces.hidden.to_arrays("hidden"))
+            if self.spaces.genes is not None:
+                arrays.update(self.spaces.genes.to_arrays("gene"))
         return arrays
 
     def to_metadata(self) -> dict:
@@ -230,18 +308,16 @@ class NoveltyReference:
             "calibration_source": self.calibration_source,
             "hidden_scale": self.hidden_scale,
             "hidden_weight": self.hidden_weight,
+            "gene_scale": self.gene_scale,
+            "gene_weight": self.gene_weight,
         }
 
     @classmethod
     def from_saved(cls, arrays: dict[str, np.ndarray], metadata: dict) -> NoveltyReference:
-        hidden = None
-        if "hidden_components" in arrays:
-            components = np.asarray(arrays["hidden_components"], dtype=np.float32)
-            mean = np.asarray(arrays["hidden_mean"], dtype=np.float32)
-            reference = np.asarray(arrays["hidden_reference"], dtype=np.float32)
-            if mean.shape != components.shape[:1] or reference.shape[1:] != components.shape[1:]:
-                raise ValueError("The saved novelty hidden-layer space is inconsistent; the model file is damaged.")
-            hidden = HiddenSpace(mean, components, reference)
+        hidden = PCASpace.from_arrays(arrays, "hidden", unit_length=True)
+        genes = PCASpace.from_arrays(arrays, "gene", unit_length=False)
+        if genes is not None and hidden is None:
+            raise ValueError("The saved novelty gene space is inconsistent; the model file is damaged.")
         return cls(
             prototypes=np.asarray(arrays["prototypes"], dtype=np.float32),
             spreads=np.asarray(arrays["spreads"], dtype=np.float64),
@@ -250,9 +326,11 @@ class NoveltyReference:
             uncertainty_weight=float(metadata["uncertainty_weight"]),
             calibration_scores=np.asarray(arrays["calibration_scores"], dtype=np.float64),
             calibration_source=str(metadata["calibration_source"]),
-            hidden=hidden,
+            spaces=None if hidden is None else NoveltySpaces(hidden, genes),
             hidden_scale=float(metadata.get("hidden_scale", 1.0)),
             hidden_weight=float(metadata.get("hidden_weight", 1.0)),
+            gene_scale=float(metadata.get("gene_scale", 1.0)),
+            gene_weight=float(metadata.get("gene_weight", 0.0)) if genes is not None else 0.0,
         )
 
 

@@ -174,7 +174,7 @@ class PanelMixin:
             return None
         calibration = PanelCalibration(int(present.sum()), self.expression_share(present))
         expression, alignment = self._read(cells.as_query(self.genes, present), None, None, None, 0.0)
-        space = self.novelty_reference_.hidden if self.has_classifier else None
+        space = self.novelty_reference_.spaces if self.has_classifier else None
         encoded = self._encode(expression, 4096, torch.device(self.device), gene_mask=alignment.present, hidden=space)
         z, hidden = encoded if space is not None else (encoded, None)
         labels = cells.labels

@@ -75,7 +75,7 @@ def serve_query(
     ``panel="auto"`` follows the rule above :data:`DIRECT_PREFERRED_SHARE`; ``"direct"`` and ``"refit"`` force one
     path (a refit is :meth:`~cellular.CELLULAR.restrict_to_genes`, cached on the model). A directly served query that
     lacks genes is calibrated under its panel (:meth:`~cellular.CELLULAR.calibrate_for_panel`). ``novelty=True``
-    also keeps the cells' hidden-layer projections the novelty score needs.
+    also keeps the cells' projections into the novelty score's spaces.
     """
     if panel not in PANEL_PATHS:
         raise ValueError(f"panel must be one of {PANEL_PATHS}, got {panel!r}.")
