@@ -53,7 +53,8 @@ def novel_types(
     """Flag cells that belong to none of the model's reference cell types.
 
     Every cell gets a novelty score (distance to the nearest reference type prototype in the embedding, scaled by
-    that type's spread, plus classifier uncertainty; see :meth:`~cellular.CELLULAR.get_novelty_scores`) and a
+    that type's spread, plus classifier uncertainty and distances to the nearest training cells in the encoder's
+    hidden layer and input genes; see :meth:`~cellular.CELLULAR.get_novelty_scores`) and a
     split-conformal p-value computed against reference cells held out of training. Flagging ``pvalue <= alpha``
     flags about ``alpha`` of the cells of known types when the query is like the reference (a strong batch effect
     raises that rate); ``fdr=True`` instead flags cells whose Benjamini–Hochberg q-value is at most ``alpha``,
