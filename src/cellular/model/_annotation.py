@@ -26,7 +26,7 @@ MIN_CALIBRATION_CELLS = 20
 REPRESENTATION_METHODS = ("centroid", "median", "medoid")
 # train_classifier arguments that fit_classifier takes as they are (the searched ones excepted)
 NOVELTY_WEIGHTS = ("novelty_uncertainty_weight", "novelty_hidden_weight", "novelty_gene_weight")
-NOVELTY_GENE_WEIGHT = 2.0
+NOVELTY_GENE_WEIGHT = 1.0
 _FIT_SETTINGS = ("weight_decay", "max_epochs", "batch_size", "class_weighted", "early_stopping_patience")
 
 
@@ -107,7 +107,7 @@ class AnnotationMixin:
             Weight of the distance to the nearest training cells in the encoder's input (the log-normalised,
             batch-matched genes, PCA to 50 dimensions), which keeps differences the encoder's weights discard: on the
             field benchmark's held-out types it lifts the endocrinogenesis and Symphony AUROC (benchmarks page,
-            "Novelty score parts"). ``None``: 2.0 for a model that matches batch moments, else 0, because unmatched
+            "Novelty score parts"). ``None``: 1.0 for a model that matches batch moments, else 0, because unmatched
             inputs carry a new batch's shift and the distance would flag its known cells. ``0`` leaves it out and
             stores no gene space with the model.
         accelerator, devices
@@ -507,7 +507,7 @@ class AnnotationMixin:
         15 nearest training cells in the encoder's first hidden layer (PCA to 50 dimensions, up to 20,000 training
         cells), weighted by ``novelty_hidden_weight`` (1.0), and the same distance in the encoder's input genes
         (log-normalised and batch-matched; genes a query lacks are read at the training mean), weighted by
-        ``novelty_gene_weight`` (2.0 when the model matches batch moments). The p-value of a
+        ``novelty_gene_weight`` (1.0 when the model matches batch moments). The p-value of a
         score is the fraction of calibration cells (held-out reference cells of known types) scoring at least as
         high, so flagging cells with ``pvalue <= alpha`` flags about ``alpha`` of cells of known types when the query
         resembles the reference; use :func:`cellular.tl.novel_types` for flags and FDR control.
