@@ -16,13 +16,13 @@ skipped) and ``novelty_parts.md``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from benchmarks._script import quiet_threads, resumed_rows, script_parser
 
 DATASETS = ["cellbench_lung_celllines", "pancreas_endocrinogenesis_mouse", "pbmc_symphony_3tech"]
 GENE_WEIGHTS = [0.0, 1.0, 2.0]
@@ -75,9 +75,7 @@ def run(datasets: list[str], seeds: list[int], data_dir: Path, out: Path) -> pd.
     from benchmarks.run import folds_for
 
     csv = out / "novelty_parts.csv"
-    frame = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=KEYS)
-    done = set(map(tuple, frame[KEYS].astype(str).to_numpy())) if len(frame) else set()
-    rows = frame.to_dict("records")
+    rows, done = resumed_rows(csv, KEYS)
     for dataset in datasets:
         for seed in seeds:
             if (dataset, str(seed)) in done:
@@ -133,26 +131,13 @@ def report(frame: pd.DataFrame, out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CELLULAR_DATA_DIR", "../shared/data")))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--report-only", action="store_true")
+    parser = script_parser(__doc__, DATASETS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         frame = pd.read_csv(args.out / "novelty_parts.csv")
     else:
-        import logging
-        import warnings
-
-        import torch
-
-        torch.set_num_threads(args.threads)
-        logging.getLogger("cellular").setLevel(logging.ERROR)
-        warnings.simplefilter("ignore")
+        quiet_threads(args.threads)
         frame = run(args.datasets, args.seeds, args.data_dir, args.out)
     print(report(frame, args.out))
 

@@ -14,14 +14,14 @@ groups are skipped) and ``time_to_model.md``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from benchmarks._script import quiet_threads, resumed_rows, script_parser
 
 # Model settings (``CELLULAR(**kwargs)``); "classifier" holds settings of the classifier head (``train_classifier``);
 # "input_norm_affine" gives the encoder's input LayerNorm per-gene affine parameters, as before they were dropped.
@@ -84,9 +84,7 @@ def run(variants: list[str], datasets: list[str], seeds: list[int], data_dir: Pa
     from benchmarks.run import folds_for
 
     csv = out / "time_to_model.csv"
-    frame = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=KEYS)
-    done = set(map(tuple, frame[KEYS].astype(str).to_numpy())) if len(frame) else set()
-    rows = frame.to_dict("records")
+    rows, done = resumed_rows(csv, KEYS)
     for dataset in datasets:
         for seed in seeds:
             for variant in variants:
@@ -134,27 +132,14 @@ def report(frame: pd.DataFrame, out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, DATASETS)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--datasets", nargs="+", default=DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CELLULAR_DATA_DIR", "../shared/data")))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         frame = pd.read_csv(args.out / "time_to_model.csv")
     else:
-        import logging
-        import warnings
-
-        import torch
-
-        torch.set_num_threads(args.threads)
-        logging.getLogger("cellular").setLevel(logging.ERROR)
-        warnings.simplefilter("ignore")
+        quiet_threads(args.threads)
         frame = run(args.variants, args.datasets, args.seeds, args.data_dir, args.out)
     print(report(frame, args.out))
 

@@ -312,7 +312,9 @@ def case_damaged_calibration_cells(ctx):
 def case_damaged_novelty_space(ctx):
     path = _legacy_copy(ctx)
     tensors = torch.load(path / "model.pt", weights_only=True)
-    tensors["novelty.gene_reference"] = tensors["novelty.gene_reference"][:, :-1]
+    # Consistent in itself, but spanning one gene fewer than the model reads.
+    tensors["novelty.gene_mean"] = tensors["novelty.gene_mean"][:-1]
+    tensors["novelty.gene_components"] = tensors["novelty.gene_components"][:-1]
     torch.save(tensors, path / "model.pt")
     CELLULAR.load(path)
 

@@ -647,7 +647,7 @@ class AnnotationMixin:
         self.classifier_summary_ = metadata["summary"]
         self.classifier_history_ = pd.DataFrame(metadata["history"]).set_index("epoch")
         arrays = {k[len("novelty.") :]: v.numpy() for k, v in tensors.items() if k.startswith("novelty.")}
-        self.novelty_reference_ = NoveltyReference.from_saved(arrays, metadata["novelty"])
+        self.novelty_reference_ = NoveltyReference.from_saved(arrays, metadata["novelty"], len(self.genes))
 
 
 def cell_type_representations(

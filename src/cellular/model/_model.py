@@ -889,8 +889,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                     activations = activations.cpu().numpy()
                     if isinstance(hidden, str):
                         values = activations
-                    else:
-                        values = hidden.project(x.cpu().numpy(), activations, gene_mask)
+                    else:  # the inputs leave the device only when a gene space needs them
+                        inputs = x.cpu().numpy() if hidden.genes is not None else None
+                        values = hidden.project(inputs, activations, gene_mask)
                     if hidden_out is None:
                         hidden_out = np.empty((expression.n_cells, values.shape[1]), dtype=np.float32)
                     hidden_out[index] = values

@@ -83,13 +83,17 @@ class PCASpace:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str, unit_length: bool) -> PCASpace | None:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], prefix: str, unit_length: bool, n_features: int | None = None
+    ) -> PCASpace | None:
+        """The space saved under ``prefix`` (``None`` when absent), checked against ``n_features`` when given."""
         if f"{prefix}_components" not in arrays:
             return None
         components = np.asarray(arrays[f"{prefix}_components"], dtype=np.float32)
         mean = np.asarray(arrays[f"{prefix}_mean"], dtype=np.float32)
         reference = np.asarray(arrays[f"{prefix}_reference"], dtype=np.float32)
-        if mean.shape != components.shape[:1] or reference.shape[1:] != components.shape[1:]:
+        fits = n_features is None or mean.shape == (n_features,)
+        if not fits or mean.shape != components.shape[:1] or reference.shape[1:] != components.shape[1:]:
             raise ValueError(f"The saved novelty {prefix} space is inconsistent; the model file is damaged.")
         return cls(mean, components, reference, unit_length)
 
@@ -111,7 +115,9 @@ class NoveltySpaces:
     hidden: PCASpace
     genes: PCASpace | None = None
 
-    def project(self, inputs: np.ndarray, activations: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    def project(
+        self, inputs: np.ndarray | None, activations: np.ndarray, present: np.ndarray | None = None
+    ) -> np.ndarray:
         """One row per cell: its hidden-layer projection, then its input projection (when that space exists)."""
         parts = [self.hidden.project(activations)]
         if self.genes is not None:
@@ -313,9 +319,10 @@ class NoveltyReference:
         }
 
     @classmethod
-    def from_saved(cls, arrays: dict[str, np.ndarray], metadata: dict) -> NoveltyReference:
+    def from_saved(cls, arrays: dict[str, np.ndarray], metadata: dict, n_genes: int | None = None) -> NoveltyReference:
+        """The reference :meth:`to_arrays` and :meth:`to_metadata` saved; a gene space must span ``n_genes``."""
         hidden = PCASpace.from_arrays(arrays, "hidden", unit_length=True)
-        genes = PCASpace.from_arrays(arrays, "gene", unit_length=False)
+        genes = PCASpace.from_arrays(arrays, "gene", unit_length=False, n_features=n_genes)
         if genes is not None and hidden is None:
             raise ValueError("The saved novelty gene space is inconsistent; the model file is damaged.")
         return cls(

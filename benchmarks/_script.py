@@ -1,0 +1,40 @@
+"""What the resumable per-fold benchmark scripts share: their arguments, a quiet one-thread setup, resumed rows."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def script_parser(doc: str, datasets: list[str]) -> argparse.ArgumentParser:
+    """``--datasets --seeds --threads --data-dir --out --report-only``, with the script's docstring as help."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=datasets)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CELLULAR_DATA_DIR", "../shared/data")))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--report-only", action="store_true")
+    return parser
+
+
+def quiet_threads(threads: int) -> None:
+    """Run torch on ``threads`` threads, with the package's logs and library warnings silenced."""
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("cellular").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+
+def resumed_rows(csv: Path, keys: list[str]) -> tuple[list[dict], set[tuple[str, ...]]]:
+    """Rows already written to ``csv`` and the ``keys`` tuples (as text) they finish; nothing when it is absent."""
+    frame = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=keys)
+    done = set(map(tuple, frame[keys].astype(str).to_numpy())) if len(frame) else set()
+    return frame.to_dict("records"), done
