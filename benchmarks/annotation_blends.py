@@ -1,0 +1,155 @@
+"""Could a linear model on the encoder's inputs close the annotation gaps? Head, kNN, input-gene logistic regression.
+
+For every fold of the annotation tasks where CELLULAR trails a baseline or sits close to one (Kang and Symphony
+leave-one-batch-out, Baron, the three map pairs onto Symphony), one default model is trained (the field benchmark's
+``cellular`` model). Its classifier head and its reference-index kNN vote give class probabilities, as in the field
+benchmark; a multinomial logistic regression (scikit-learn, L2, ``C`` 0.1 and 1) is fitted on the labelled training
+cells' encoder inputs (log-normalised, batch-matched genes: what the encoder reads, taken from the model's reader) and
+applied to the test cells read the same way. Each source alone and each equal-weight average of probabilities is
+scored by macro-F1 over the test cells of trained types.
+
+    python -m benchmarks.annotation_blends                    # every task, seeds 0 1 2 (about 10 minutes)
+    python -m benchmarks.annotation_blends --seeds 0 --report-only
+
+Writes ``annotation_blends.csv`` (one row per fold, seed and source; resumable: finished (task, seed) groups are
+skipped) and ``annotation_blends.md``. An exploration: nothing here is a package default.
+"""
+
+from __future__ import annotations
+
+import platform
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks._script import quiet_threads, resumed_rows, script_parser
+
+TASKS = [
+    "lobo:pbmc_kang2018_ifnb_subset",
+    "lobo:pbmc_symphony_3tech",
+    "lobo:pancreas_baron_toy",
+    "map:pbmc3k_seurat:pbmc_symphony_3tech",
+    "map:pbmc3k_seurat@200:pbmc_symphony_3tech",
+    "map:pbmc_kang2018_ifnb_subset:pbmc_symphony_3tech",
+]
+KEYS = ["task", "seed"]
+REGULARISATION = (0.1, 1.0)
+
+
+def _sources(fold, seed: int) -> dict[str, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression
+
+    from benchmarks._methods import (
+        LABELS,
+        FoldCache,
+        Settings,
+        _cellular_model,
+        aligned,
+        cellular_classifier,
+        cellular_knn,
+        labelled_mask,
+    )
+    from cellular.model import SAME_AS_TRAINING
+
+    cache, settings = FoldCache(), Settings(seed=seed)
+    sources = {
+        "head": cellular_classifier(fold, cache, settings).probabilities,
+        "kNN": cellular_knn(fold, cache, settings).probabilities,
+    }
+    model, _ = _cellular_model(fold, cache, settings)
+
+    def inputs(adata):
+        expression, _ = model._read(adata, SAME_AS_TRAINING, None, None, 0.0)
+        return expression.rows(np.arange(expression.n_cells))
+
+    train_x, test_x = inputs(fold.train), inputs(fold.test)
+    labelled = labelled_mask(fold)
+    labels = fold.train.obs[LABELS].to_numpy()[labelled]
+    for c in REGULARISATION:
+        regression = LogisticRegression(C=c, max_iter=500).fit(train_x[labelled], labels)
+        frame = pd.DataFrame(regression.predict_proba(test_x), columns=regression.classes_)
+        sources[f"LR C={c:g}"] = aligned(frame, fold.classes)
+    return sources
+
+
+def _fold_rows(task: str, fold, seed: int) -> list[dict]:
+    from sklearn.metrics import f1_score
+
+    sources = _sources(fold, seed)
+    blends = dict(sources)
+    for size in (2, 3):
+        for names in combinations(sources, size):
+            if sum(name.startswith("LR") for name in names) <= 1:
+                blends[" + ".join(names)] = np.mean([sources[name] for name in names], axis=0)
+    truth = fold.test_labels()
+    known = np.isin(truth, fold.classes)
+    present = sorted(set(truth[known]))
+    rows = []
+    for name, probabilities in blends.items():
+        predicted = np.asarray(fold.classes)[probabilities.argmax(axis=1)][known]
+        score = f1_score(truth[known], predicted, labels=present, average="macro", zero_division=0.0)
+        rows.append({"task": task, "fold": fold.name, "seed": seed, "source": name, "macro_f1": score})
+    return rows
+
+
+def run(tasks: list[str], seeds: list[int], data_dir: Path, out: Path) -> pd.DataFrame:
+    from benchmarks.run import folds_for
+
+    csv = out / "annotation_blends.csv"
+    rows, done = resumed_rows(csv, KEYS)
+    for task in tasks:
+        kind, _, spec = task.partition(":")
+        for seed in seeds:
+            if (task, str(seed)) in done:
+                continue
+            new = [row for fold in folds_for(kind, spec, data_dir, seed) for row in _fold_rows(task, fold, seed)]
+            rows += new
+            pd.DataFrame(rows).to_csv(csv, index=False)
+            print(f"{task} | seed {seed}: {len({row['fold'] for row in new})} folds", flush=True)
+    return pd.DataFrame(rows)
+
+
+def report(frame: pd.DataFrame, out: Path) -> str:
+    per_seed = frame.groupby(["source", "task", "seed"])["macro_f1"].mean()
+    mean = per_seed.groupby(["source", "task"]).mean().unstack("task")
+    sd = per_seed.groupby(["source", "task"]).std(ddof=1).unstack("task")
+    tasks = [task for task in TASKS if task in mean.columns]
+    overall = per_seed.groupby(["source", "seed"]).mean().groupby("source").mean()
+    order = overall.sort_values(ascending=False).index
+    seeds = ", ".join(str(seed) for seed in sorted(set(frame["seed"])))
+    lines = [
+        "<!-- generated by benchmarks/annotation_blends.py; do not edit -->",
+        "",
+        f"Macro-F1, mean over folds, then mean ± sd over seeds {seeds}; machine: {platform.machine()} CPU. "
+        "LR: logistic regression on the encoder's inputs; `a + b`: equal-weight average of probabilities.",
+        "",
+        "| source | " + " | ".join(tasks) + " | mean |",
+        "|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for source in order:
+        cells = []
+        for task in tasks:
+            spread = sd.loc[source, task]
+            cells.append(f"{mean.loc[source, task]:.3f}" + ("" if np.isnan(spread) else f" ± {spread:.3f}"))
+        lines.append(f"| {source} | " + " | ".join(cells) + f" | {overall[source]:.3f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "annotation_blends.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = script_parser(__doc__, TASKS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        frame = pd.read_csv(args.out / "annotation_blends.csv")
+    else:
+        quiet_threads(args.threads)
+        frame = run(args.datasets, args.seeds, args.data_dir, args.out)
+    print(report(frame, args.out))
+
+
+if __name__ == "__main__":
+    main()
