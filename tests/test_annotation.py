@@ -111,6 +111,29 @@ def test_hardest_cell_line_is_found_through_the_hidden_layer():
     assert roc_auc_score(is_novel, without["score"]) < roc_auc_score(is_novel, frame["score"]) - 0.03
 
 
+def test_novelty_pvalues_are_calibrated_on_cells_read_as_a_new_batch():
+    """H2228 held out of CellBench, test plate celseq2_3cl: a new plate is matched by moments estimated from its own
+    cells, which its calibration cells, read with their training plates' stored moments, never are; p-values against
+    those scores flag many known cells of the new plate (24 % at seed 0). The model also reads its calibration cells
+    as new batches and computes query p-values against those scores."""
+    data = read_dataset("cellbench_lung_celllines")
+    test = data[data.obs["batch"] == "celseq2_3cl"].copy()
+    train = data[(data.obs["batch"] != "celseq2_3cl") & (data.obs["cell_type"] != "H2228")].copy()
+    train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
+    CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(train)
+    model.train(progress_bar=False)
+    assert model.classifier_summary_["novelty_calibration"] == "as new batches"
+    is_novel = (test.obs["cell_type"] == "H2228").to_numpy()
+    frame = model.get_novelty_scores(test)
+    assert roc_auc_score(is_novel, frame["score"]) >= 0.95
+    flagged = frame["pvalue"].to_numpy() <= 0.05
+    stored = model.novelty_reference_.matching_pvalues(frame["score"].to_numpy()) <= 0.05
+    assert flagged[~is_novel].mean() <= 0.10
+    assert stored[~is_novel].mean() > flagged[~is_novel].mean() + 0.04
+    assert flagged[is_novel].mean() >= 0.8
+
+
 def test_an_unseen_trajectory_stage_is_found_through_the_input_genes():
     """Pancreatic endocrinogenesis without the Ngn3-high progenitors, scored on a random 30 % of all cells: the
     progenitors sit between trained stages, so embedding and hidden layer place them among those stages (AUROC

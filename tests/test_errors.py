@@ -319,6 +319,14 @@ def case_damaged_novelty_space(ctx):
     CELLULAR.load(path)
 
 
+def case_damaged_novelty_calibration(ctx):
+    path = _legacy_copy(ctx)
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    tensors["novelty.query_calibration_scores"] = tensors["novelty.query_calibration_scores"][:-1]
+    torch.save(tensors, path / "model.pt")
+    CELLULAR.load(path)
+
+
 def case_novelty_projections_missing(ctx):
     query = _query(ctx.symphony)
     z = ctx.model.get_latent_representation(query, min_gene_overlap=0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import torch
 from anndata import AnnData
 
 from cellular.data import check_finite_embedding, stratified_split
+from cellular.data._moments import MIN_BATCH_CELLS
 from cellular.metrics import expected_calibration_error
 from cellular.nn import CellTypeClassifier, fit_temperature
 
@@ -308,6 +310,9 @@ class AnnotationMixin:
             hidden_weight=params.get("novelty_hidden_weight", 1.0),
             gene_weight=gene_weight,
         )
+        self.novelty_reference_, novelty_calibration = self._calibrated_as_new_batches(
+            self.novelty_reference_, calibration_idx, device
+        )
         self.classifier_history_ = pd.DataFrame.from_records(fit.history).set_index("epoch")
         self.classifier_summary_ = {
             "epochs_run": fit.epochs_run,
@@ -316,12 +321,42 @@ class AnnotationMixin:
             "n_training_cells": int(train_idx.size),
             "n_calibration_cells": int(calibration_idx.size),
             "calibration_source": source,
+            "novelty_calibration": novelty_calibration,
             "temperature": temperature,
             "calibration_accuracy": float((calibrated.argmax(1) == labels[calibration_idx]).mean()),
             "calibration_ece_raw": expected_calibration_error(raw, labels[calibration_idx]),
             "calibration_ece": expected_calibration_error(calibrated, labels[calibration_idx]),
             "seed": seed,
         }
+
+    def _calibrated_as_new_batches(self, reference: NoveltyReference, calibration_idx, device):
+        """The novelty reference with conformal scores of its calibration cells read the way a query is read.
+
+        A query batch is matched to the reference by gene moments estimated from its own cells. Calibration cells
+        read with their training batch's stored moments are spared that estimation, so their scores understate a
+        query's and too many of a new batch's known cells get flagged (CellBench: 11 % at alpha = 0.05). Each
+        training batch's calibration cells are therefore also read as a new batch (batches with too few of them
+        together, or with the largest), and query p-values use those scores; the score scales, and the stricter
+        p-values moment matching uses to leave likely novel cells out, stay. Unchanged for a model that does not
+        match batch moments or has too few calibration cells to estimate moments from. Returns the reference and
+        which calibration ran (``"as new batches"`` or ``"stored moments"``).
+        """
+        rows = np.asarray(calibration_idx)
+        if getattr(self, "batch_moments_", None) is None or rows.size < MIN_BATCH_CELLS:
+            return reference, "stored moments"
+        codes = self.registered_batches()[rows]
+        counts = np.bincount(codes, minlength=self.n_batches)
+        groups = np.where(counts >= MIN_BATCH_CELLS, np.arange(self.n_batches), self.n_batches)
+        if counts[counts < MIN_BATCH_CELLS].sum() < MIN_BATCH_CELLS:
+            groups[counts < MIN_BATCH_CELLS] = int(counts.argmax())
+        names = np.asarray([f"\x00calibration:{group}" for group in range(self.n_batches + 1)], dtype=object)
+        self.novelty_reference_ = reference  # the cells' known-type flags in moment matching use this reference
+        expression, _ = self._read(
+            self.adata[rows], SAME_AS_TRAINING, None, None, 1.0, batch_names=names[groups[codes]]
+        )
+        z, projections = self._encode(expression, 4096, device, hidden=reference.spaces)
+        scores = reference.scores(z, self.probabilities_from_embedding(z), projections)
+        return replace(reference, query_calibration_scores=np.sort(scores)), "as new batches"
 
     def _default_gene_weight(self) -> float:
         """The novelty score's gene weight when none is given: only inputs matched across batches are compared."""

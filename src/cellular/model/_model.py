@@ -798,7 +798,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
                 probabilities = self.probabilities_from_embedding(z)
                 if novelty is None:
                     return probabilities, np.ones(len(z), dtype=bool)
-                known = novelty.pvalues(novelty.scores(z, probabilities, hidden)) > MOMENT_NOVELTY_ALPHA
+                known = novelty.matching_pvalues(novelty.scores(z, probabilities, hidden)) > MOMENT_NOVELTY_ALPHA
                 return probabilities, known
 
         names = batch_names_of(self, adata, batch_names)

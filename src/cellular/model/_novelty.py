@@ -161,6 +161,11 @@ class NoveltyReference:
         then adds the mean distance to the nearest training cells in each (``None``: a model saved before).
     hidden_scale, hidden_weight, gene_scale, gene_weight
         90 % quantile of each distance on the calibration cells, and its weight in the score.
+    query_calibration_scores
+        Sorted scores of the same calibration cells read the way a query batch is read (matched by moments
+        estimated from their own cells): the conformal scores of :meth:`pvalues` when present. ``None`` for a
+        model that does not match batch moments, a calibration under a query's gene panel (whose cells are read as
+        a query already) and models saved before.
     """
 
     prototypes: np.ndarray
@@ -175,6 +180,7 @@ class NoveltyReference:
     hidden_weight: float = 1.0
     gene_scale: float = 1.0
     gene_weight: float = 0.0
+    query_calibration_scores: np.ndarray | None = None
 
     @classmethod
     def fit(
@@ -233,6 +239,7 @@ class NoveltyReference:
             self,
             distance_scale=max(float(np.quantile(distance, _SCALE_QUANTILE)), 1e-6),
             uncertainty_scale=max(float(np.quantile(uncertainty, _SCALE_QUANTILE)), 1e-3),
+            query_calibration_scores=None,
         )
         hidden_distance, gene_distance = self.space_distances(projections_calibration)
         if hidden_distance is not None:
@@ -279,20 +286,34 @@ class NoveltyReference:
             score = score + self.gene_weight * gene_distance / self.gene_scale
         return score
 
+    @property
+    def conformal_scores(self) -> np.ndarray:
+        """The calibration scores query p-values are computed against (read as a query when available)."""
+        return self.calibration_scores if self.query_calibration_scores is None else self.query_calibration_scores
+
     def pvalues(self, scores: np.ndarray) -> np.ndarray:
-        """Split-conformal p-values of novelty scores."""
+        """Split-conformal p-values of a query's novelty scores."""
+        return conformal_pvalues(self.conformal_scores, scores)
+
+    def matching_pvalues(self, scores: np.ndarray) -> np.ndarray:
+        """P-values against the calibration cells read with their stored batch moments.
+
+        Batch moment matching uses these to leave likely novel cells out of a query batch's moments: stricter than
+        :meth:`pvalues`, it keeps the moments of a batch that holds an unseen type closer to its known cells.
+        """
         return conformal_pvalues(self.calibration_scores, scores)
 
     def score_threshold(self, alpha: float) -> float:
-        """Smallest score whose conformal p-value is at most ``alpha`` (``inf`` when none can be)."""
-        n = self.calibration_scores.size
+        """Smallest score whose conformal p-value (:meth:`pvalues`) is at most ``alpha`` (``inf`` when none can be)."""
+        calibration = self.conformal_scores
+        n = calibration.size
         # p(s) <= alpha  <=>  #{calibration >= s} <= alpha * (n + 1) - 1
         allowed = int(np.floor(alpha * (n + 1) - 1 + 1e-9))
         if allowed < 0:
             return float("inf")
         if allowed >= n:
             return float("-inf")
-        return float(np.nextafter(self.calibration_scores[n - allowed - 1], np.inf))
+        return float(np.nextafter(calibration[n - allowed - 1], np.inf))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {
@@ -300,6 +321,8 @@ class NoveltyReference:
             "spreads": self.spreads,
             "calibration_scores": self.calibration_scores,
         }
+        if self.query_calibration_scores is not None:
+            arrays["query_calibration_scores"] = self.query_calibration_scores
         if self.spaces is not None:
             arrays.update(self.spaces.hidden.to_arrays("hidden"))
             if self.spaces.genes is not None:
@@ -325,19 +348,26 @@ class NoveltyReference:
         genes = PCASpace.from_arrays(arrays, "gene", unit_length=False, n_features=n_genes)
         if genes is not None and hidden is None:
             raise ValueError("The saved novelty gene space is inconsistent; the model file is damaged.")
+        calibration = np.asarray(arrays["calibration_scores"], dtype=np.float64)
+        query_calibration = arrays.get("query_calibration_scores")
+        if query_calibration is not None:
+            query_calibration = np.asarray(query_calibration, dtype=np.float64)
+            if query_calibration.shape != calibration.shape:
+                raise ValueError("The saved novelty calibration scores are inconsistent; the model file is damaged.")
         return cls(
             prototypes=np.asarray(arrays["prototypes"], dtype=np.float32),
             spreads=np.asarray(arrays["spreads"], dtype=np.float64),
             distance_scale=float(metadata["distance_scale"]),
             uncertainty_scale=float(metadata["uncertainty_scale"]),
             uncertainty_weight=float(metadata["uncertainty_weight"]),
-            calibration_scores=np.asarray(arrays["calibration_scores"], dtype=np.float64),
+            calibration_scores=calibration,
             calibration_source=str(metadata["calibration_source"]),
             spaces=None if hidden is None else NoveltySpaces(hidden, genes),
             hidden_scale=float(metadata.get("hidden_scale", 1.0)),
             hidden_weight=float(metadata.get("hidden_weight", 1.0)),
             gene_scale=float(metadata.get("gene_scale", 1.0)),
             gene_weight=float(metadata.get("gene_weight", 0.0)) if genes is not None else 0.0,
+            query_calibration_scores=query_calibration,
         )
 
 
