@@ -1,11 +1,14 @@
-"""What the resumable per-fold benchmark scripts share: their arguments, a quiet one-thread setup, resumed rows."""
+"""What the resumable per-fold benchmark scripts share: their arguments, a quiet one-thread setup, resumed rows, the
+run-or-report entry point and the encoder inputs some of them score."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -38,3 +41,29 @@ def resumed_rows(csv: Path, keys: list[str]) -> tuple[list[dict], set[tuple[str,
     frame = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=keys)
     done = set(map(tuple, frame[keys].astype(str).to_numpy())) if len(frame) else set()
     return frame.to_dict("records"), done
+
+
+def script_main(
+    parser: argparse.ArgumentParser,
+    name: str,
+    run: Callable[[argparse.Namespace], pd.DataFrame],
+    report: Callable[[pd.DataFrame, Path], str],
+) -> None:
+    """Parse the arguments; run (``run(args)``, quiet threads) or, with ``--report-only``, read ``name``.csv; then
+    print and write the report."""
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        frame = pd.read_csv(args.out / f"{name}.csv")
+    else:
+        quiet_threads(args.threads)
+        frame = run(args)
+    print(report(frame, args.out))
+
+
+def encoder_inputs(model, adata) -> np.ndarray:
+    """What ``model``'s encoder reads for ``adata`` (log-normalised, batch-matched genes), dense, via its reader."""
+    from cellular.model import SAME_AS_TRAINING
+
+    expression, _ = model._read(adata, SAME_AS_TRAINING, None, None, 0.0)
+    return expression.rows(np.arange(expression.n_cells))

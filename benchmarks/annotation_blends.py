@@ -11,6 +11,8 @@ scored by macro-F1 over the test cells of trained types.
     python -m benchmarks.annotation_blends                    # every task, seeds 0 1 2 (about 10 minutes)
     python -m benchmarks.annotation_blends --seeds 0 --report-only
 
+``--datasets`` takes task names here (``lobo:DATASET`` or ``map:QUERY:REFERENCE``).
+
 Writes ``annotation_blends.csv`` (one row per fold, seed and source; resumable: finished (task, seed) groups are
 skipped) and ``annotation_blends.md``. An exploration: nothing here is a package default.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks._script import quiet_threads, resumed_rows, script_parser
+from benchmarks._script import encoder_inputs, resumed_rows, script_main, script_parser
 
 TASKS = [
     "lobo:pbmc_kang2018_ifnb_subset",
@@ -51,7 +53,6 @@ def _sources(fold, seed: int) -> dict[str, np.ndarray]:
         cellular_knn,
         labelled_mask,
     )
-    from cellular.model import SAME_AS_TRAINING
 
     cache, settings = FoldCache(), Settings(seed=seed)
     sources = {
@@ -60,11 +61,7 @@ def _sources(fold, seed: int) -> dict[str, np.ndarray]:
     }
     model, _ = _cellular_model(fold, cache, settings)
 
-    def inputs(adata):
-        expression, _ = model._read(adata, SAME_AS_TRAINING, None, None, 0.0)
-        return expression.rows(np.arange(expression.n_cells))
-
-    train_x, test_x = inputs(fold.train), inputs(fold.test)
+    train_x, test_x = encoder_inputs(model, fold.train), encoder_inputs(model, fold.test)
     labelled = labelled_mask(fold)
     labels = fold.train.obs[LABELS].to_numpy()[labelled]
     for c in REGULARISATION:
@@ -141,14 +138,9 @@ def report(frame: pd.DataFrame, out: Path) -> str:
 
 def main() -> None:
     parser = script_parser(__doc__, TASKS)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        frame = pd.read_csv(args.out / "annotation_blends.csv")
-    else:
-        quiet_threads(args.threads)
-        frame = run(args.datasets, args.seeds, args.data_dir, args.out)
-    print(report(frame, args.out))
+    script_main(
+        parser, "annotation_blends", lambda args: run(args.datasets, args.seeds, args.data_dir, args.out), report
+    )
 
 
 if __name__ == "__main__":

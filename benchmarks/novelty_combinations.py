@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks._script import quiet_threads, resumed_rows, script_parser
+from benchmarks._script import encoder_inputs, resumed_rows, script_main, script_parser
 
 DATASETS = ["cellbench_lung_celllines", "pancreas_endocrinogenesis_mouse", "pbmc_symphony_3tech"]
 KEYS = ["dataset", "seed"]
@@ -48,35 +48,21 @@ COMBINATIONS = {
 
 def _standardised_gene_distances(model, train, calibration_rows, test) -> tuple[np.ndarray, np.ndarray]:
     """Mean 15-NN distance to the labelled training cells in standardised input genes (PCA 50): calibration, test."""
-    import torch
-
-    from cellular.index import exact_knn
-    from cellular.model import SAME_AS_TRAINING
-
-    def inputs(adata):
-        expression, _ = model._read(adata, SAME_AS_TRAINING, None, None, 0.0)
-        return expression.rows(np.arange(expression.n_cells))
+    from cellular.model._novelty import PCASpace
 
     labels = model.registered_labels()
     training_rows = np.asarray(model.train_indices_)
-    reference = inputs(train[training_rows[labels[training_rows] >= 0]])
+    reference = encoder_inputs(model, train[training_rows[labels[training_rows] >= 0]])
     mean, sd = reference.mean(axis=0), reference.std(axis=0)
     sd[sd == 0] = 1.0
 
     def standardised(values):
         return np.minimum((values - mean) / sd, 10.0).astype(np.float32)
 
-    scaled = standardised(reference)
-    centre = scaled.mean(axis=0)
-    n_components = min(50, *scaled.shape)
-    _, _, components = torch.pca_lowrank(torch.from_numpy(scaled - centre), q=n_components, center=False, niter=4)
-    components = components.numpy()
-    reference_pcs = torch.from_numpy(np.ascontiguousarray((scaled - centre) @ components))
+    space = PCASpace.fit(standardised(reference), model.seed, unit_length=False)
 
     def distances(adata):
-        query = np.ascontiguousarray((standardised(inputs(adata)) - centre) @ components, dtype=np.float32)
-        _, found = exact_knn(reference_pcs, query, 15, metric="euclidean")
-        return found.mean(axis=1)
+        return space.distances(space.project(standardised(encoder_inputs(model, adata))))
 
     return distances(train[calibration_rows]), distances(test)
 
@@ -195,14 +181,9 @@ def report(frame: pd.DataFrame, out: Path) -> str:
 
 def main() -> None:
     parser = script_parser(__doc__, DATASETS)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        frame = pd.read_csv(args.out / "novelty_combinations.csv")
-    else:
-        quiet_threads(args.threads)
-        frame = run(args.datasets, args.seeds, args.data_dir, args.out)
-    print(report(frame, args.out))
+    script_main(
+        parser, "novelty_combinations", lambda args: run(args.datasets, args.seeds, args.data_dir, args.out), report
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks._script import quiet_threads, resumed_rows, script_parser
+from benchmarks._script import resumed_rows, script_main, script_parser
 
 DATASETS = ["cellbench_lung_celllines", "pancreas_endocrinogenesis_mouse", "pbmc_symphony_3tech"]
 GENE_WEIGHTS = [0.0, 1.0, 2.0]
@@ -132,14 +132,7 @@ def report(frame: pd.DataFrame, out: Path) -> str:
 
 def main() -> None:
     parser = script_parser(__doc__, DATASETS)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        frame = pd.read_csv(args.out / "novelty_parts.csv")
-    else:
-        quiet_threads(args.threads)
-        frame = run(args.datasets, args.seeds, args.data_dir, args.out)
-    print(report(frame, args.out))
+    script_main(parser, "novelty_parts", lambda args: run(args.datasets, args.seeds, args.data_dir, args.out), report)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks._script import quiet_threads, resumed_rows, script_parser
+from benchmarks._script import resumed_rows, script_main, script_parser
 
 # Model settings (``CELLULAR(**kwargs)``); "classifier" holds settings of the classifier head (``train_classifier``);
 # "input_norm_affine" gives the encoder's input LayerNorm per-gene affine parameters, as before they were dropped.
@@ -134,14 +134,12 @@ def report(frame: pd.DataFrame, out: Path) -> str:
 def main() -> None:
     parser = script_parser(__doc__, DATASETS)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        frame = pd.read_csv(args.out / "time_to_model.csv")
-    else:
-        quiet_threads(args.threads)
-        frame = run(args.variants, args.datasets, args.seeds, args.data_dir, args.out)
-    print(report(frame, args.out))
+    script_main(
+        parser,
+        "time_to_model",
+        lambda args: run(args.variants, args.datasets, args.seeds, args.data_dir, args.out),
+        report,
+    )
 
 
 if __name__ == "__main__":
