@@ -14,6 +14,7 @@ groups are skipped) and ``time_to_model.md``.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from pathlib import Path
@@ -24,16 +25,33 @@ import pandas as pd
 from benchmarks._script import resumed_rows, script_main, script_parser
 
 # Model settings (``CELLULAR(**kwargs)``); "classifier" holds settings of the classifier head (``train_classifier``);
+# "train" holds arguments of ``train`` ("step_budget" sets ``max_epochs`` the way the default does for 2,000 steps);
 # "input_norm_affine" gives the encoder's input LayerNorm per-gene affine parameters, as before they were dropped.
+# Variants measured before early stopping ignored decreases below 0.005 keep the former min delta of 0.
+_MIN_DELTA_0 = {"early_stopping_min_delta": 0.0}
 VARIANTS = {
     "default": {},
-    "input LayerNorm with affine (former default)": {"input_norm_affine": True},
-    "paper widths, head lr 1e-3 (former default)": {"hidden_sizes": "paper", "classifier": {"lr": 1e-3}},
-    "hidden 256/128, head lr 1e-3": {"classifier": {"lr": 1e-3}},
+    "early-stopping min delta 0 (former default)": {"train": _MIN_DELTA_0},
+    "input LayerNorm with affine, min delta 0 (former default)": {"input_norm_affine": True, "train": _MIN_DELTA_0},
+    "paper widths, head lr 1e-3, min delta 0 (former default)": {
+        "hidden_sizes": "paper",
+        "classifier": {"lr": 1e-3},
+        "train": _MIN_DELTA_0,
+    },
+    "hidden 256/128, head lr 1e-3, min delta 0": {"classifier": {"lr": 1e-3}, "train": _MIN_DELTA_0},
+    "early-stopping patience 10, min delta 0": {"train": {"early_stopping_patience": 10, **_MIN_DELTA_0}},
+    "1,000-step budget, min delta 0": {"train": {"step_budget": 1000, **_MIN_DELTA_0}},
+    "patience 10, 1,000-step budget, min delta 0": {
+        "train": {"early_stopping_patience": 10, "step_budget": 1000, **_MIN_DELTA_0}
+    },
+    "500-step budget, min delta 0": {"train": {"step_budget": 500, **_MIN_DELTA_0}},
+    "300-step budget, min delta 0": {"train": {"step_budget": 300, **_MIN_DELTA_0}},
+    "1,000-step budget": {"train": {"step_budget": 1000}},
+    "500-step budget": {"train": {"step_budget": 500}},
 }
 DATASETS = ["pbmc_symphony_3tech", "pbmc_kang2018_ifnb_subset"]
 KEYS = ["variant", "dataset", "seed"]
-BENCHMARK_ONLY = ("classifier", "input_norm_affine")
+BENCHMARK_ONLY = ("classifier", "input_norm_affine", "train")
 
 
 def _fold_row(fold, variant: str, seed: int) -> dict:
@@ -55,7 +73,11 @@ def _fold_row(fold, variant: str, seed: int) -> dict:
         n_genes = len(model.genes)
         model.module.encoder.layers[0] = torch.nn.LayerNorm(n_genes, elementwise_affine=True)
     built = time.perf_counter()
-    model.train(progress_bar=False, classifier=False)
+    train_kwargs = dict(settings.get("train", {}))
+    if "step_budget" in train_kwargs:
+        steps_per_epoch = math.ceil(0.9 * train.n_obs / 256)
+        train_kwargs["max_epochs"] = int(np.clip(math.ceil(train_kwargs.pop("step_budget") / steps_per_epoch), 30, 400))
+    model.train(progress_bar=False, classifier=False, **train_kwargs)
     encoded = time.perf_counter()
     model.train_classifier(**settings.get("classifier", {}))
     finished = time.perf_counter()
