@@ -114,6 +114,8 @@ def test_early_stopping_ignores_tiny_improvements_and_stops_sooner_at_the_same_q
     against 126 with 0) with the same held-out kNN macro-F1 (0.841 against 0.837)."""
     train, test = symphony_split
     assert symphony_model.train_params_["early_stopping_min_delta"] == 0.005
+    train = train.copy()  # the shared split may have been set up again by other tests
+    CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     patient = CELLULAR(train)
     patient.train(progress_bar=False, classifier=False, early_stopping_min_delta=0.0)
     default_epochs = symphony_model.training_summary_["epochs_run"]

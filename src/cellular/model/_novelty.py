@@ -54,7 +54,11 @@ class PCASpace:
             values = values[np.sort(rng.choice(values.shape[0], MAX_HIDDEN_REFERENCE_CELLS, replace=False))]
         mean = values.mean(axis=0)
         n_components = max(1, min(n_components, values.shape[0] - 1, values.shape[1]))
-        _, _, right = torch.pca_lowrank(torch.from_numpy(values - mean), q=n_components, center=False, niter=4)
+        # The randomized solver draws from torch's global generator: seed a private copy of it, so the same seed
+        # gives the same space whatever ran before in the process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, _, right = torch.pca_lowrank(torch.from_numpy(values - mean), q=n_components, center=False, niter=4)
         empty = np.zeros((0, n_components), np.float32)
         space = cls(mean.astype(np.float32), right.numpy().astype(np.float32), empty, unit_length)
         space.reference = space.project(values)
