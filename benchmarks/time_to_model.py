@@ -61,6 +61,7 @@ def _fold_row(fold, variant: str, seed: int) -> dict:
     from benchmarks._folds import BATCH, LABELS, UNLABELLED
     from benchmarks._methods import aligned
     from benchmarks._scoring import annotation_scores
+    from cellular.model._model import default_max_epochs
 
     train = fold.train.copy()
     start = time.perf_counter()
@@ -74,9 +75,9 @@ def _fold_row(fold, variant: str, seed: int) -> dict:
         model.module.encoder.layers[0] = torch.nn.LayerNorm(n_genes, elementwise_affine=True)
     built = time.perf_counter()
     train_kwargs = dict(settings.get("train", {}))
-    if "step_budget" in train_kwargs:
-        steps_per_epoch = math.ceil(0.9 * train.n_obs / 256)
-        train_kwargs["max_epochs"] = int(np.clip(math.ceil(train_kwargs.pop("step_budget") / steps_per_epoch), 30, 400))
+    if "step_budget" in train_kwargs:  # the training split is 90 % of the cells
+        n_train = math.ceil(0.9 * train.n_obs)
+        train_kwargs["max_epochs"] = default_max_epochs(n_train, 256, steps=train_kwargs.pop("step_budget"))
     model.train(progress_bar=False, classifier=False, **train_kwargs)
     encoded = time.perf_counter()
     model.train_classifier(**settings.get("classifier", {}))

@@ -101,6 +101,7 @@ def test_hardest_cell_line_is_found_through_the_hidden_layer():
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train, match_batch_moments=False, hidden_sizes="paper")
     model.train(progress_bar=False)
+    assert model.train_params_["early_stopping_min_delta"] == 0.0
     is_novel = (test.obs["cell_type"] == "HCC827").to_numpy()
     frame = model.get_novelty_scores(test)
     # The target is 0.95 (measured at seed 0: 0.89 with these settings, 0.92 with the default widths).

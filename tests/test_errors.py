@@ -184,6 +184,10 @@ def case_batch_size(ctx):
     _untrained(ctx).train(max_epochs=1, batch_size=1, progress_bar=False)
 
 
+def case_early_stopping_min_delta(ctx):
+    _untrained(ctx).train(max_epochs=1, early_stopping_min_delta=float("nan"), progress_bar=False)
+
+
 def case_untrained_model(ctx):
     cellular.tl.cellular_embed(ctx.symphony[:20].copy(), _untrained(ctx))
 

@@ -48,6 +48,15 @@ DEFAULT_MLP_WIDTHS = (256, 128)
 # Smallest validation-loss decrease early stopping counts for a model that matches batch moments (0 for one that
 # does not): measured on the field benchmark's small references, same quality in about 60 % of the time.
 DEFAULT_MIN_DELTA = 0.005
+# Default length of encoder training: about this many optimiser steps, within the epoch bounds below.
+DEFAULT_TRAINING_STEPS = 2000
+MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS = 30, 400
+
+
+def default_max_epochs(n_train_cells: int, batch_size: int, steps: int = DEFAULT_TRAINING_STEPS) -> int:
+    """Epochs that give about ``steps`` optimiser steps over ``n_train_cells`` cells, within the default bounds."""
+    steps_per_epoch = max(1, math.ceil(n_train_cells / batch_size))
+    return int(np.clip(math.ceil(steps / steps_per_epoch), MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS))
 
 
 @dataclass
@@ -533,6 +542,11 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             raise ValueError(f"batch_size must be at least 2 for contrastive training, got {batch_size}.")
         if early_stopping_min_delta is None:
             early_stopping_min_delta = 0.0 if self.batch_moments_ is None else DEFAULT_MIN_DELTA
+        elif not (math.isfinite(early_stopping_min_delta) and early_stopping_min_delta >= 0):
+            raise ValueError(
+                f"early_stopping_min_delta must be a finite number of at least 0, got {early_stopping_min_delta}; "
+                "leave it unset for the default."
+            )
         train_params = {
             key: value
             for key, value in locals().items()
@@ -569,7 +583,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
 
         steps_per_epoch = max(1, math.ceil(data_module.n_train / batch_size))
         if max_epochs is None:
-            max_epochs = int(np.clip(math.ceil(2000 / steps_per_epoch), 30, 400))
+            max_epochs = default_max_epochs(data_module.n_train, batch_size)
         total_steps = max_epochs * steps_per_epoch
         training_plan = CellularTrainingPlan(
             self.module,
