@@ -260,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = train.add_argument_group("model and training")
     model.add_argument(
-        "--n-top-genes", type=_positive_int, default=2000, metavar="N", help="highly variable genes (default: 2000)"
+        "--n-top-genes",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="highly variable genes (default: half of the reference's genes, at least 200 and at most 2000)",
     )
     model.add_argument(
         "--encoder",

@@ -59,6 +59,19 @@ def default_max_epochs(n_train_cells: int, batch_size: int, steps: int = DEFAULT
     return int(np.clip(math.ceil(steps / steps_per_epoch), MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS))
 
 
+# Highly variable genes a model reads when n_top_genes is None: half of the reference's genes, within these bounds.
+MIN_DEFAULT_GENES, MAX_DEFAULT_GENES = 200, 2000
+
+
+def default_n_top_genes(n_genes: int) -> int:
+    """Highly variable genes chosen from ``n_genes`` by default: half of them, at least 200 and at most 2,000.
+
+    Most references have tens of thousands of genes and get 2,000. One already cut to fewer than 4,000 keeps its
+    more variable half, since the genes that barely vary add noise (benchmarks page, "Gene count").
+    """
+    return int(np.clip(n_genes // 2, MIN_DEFAULT_GENES, MAX_DEFAULT_GENES))
+
+
 @dataclass
 class QueryEmbedding:
     """What :meth:`CELLULAR.embed_query` returns."""
@@ -89,7 +102,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         Embedding dimension; 100 for the ``"mlp"`` encoder and 64 for ``"gene_grid"`` (Spoticell's fingerprint
         size) when ``None``.
     n_top_genes
-        Number of highly variable genes chosen on ``adata`` (all expressed genes when fewer).
+        Number of highly variable genes chosen on ``adata`` (all expressed genes when fewer). When ``None``, half of
+        ``adata``'s genes, at least 200 and at most 2,000: a reference already cut to fewer than 4,000 genes keeps
+        its more variable half (benchmarks page, "Gene count").
     genes
         Use exactly these genes instead of choosing highly variable ones.
     dropout_rate
@@ -157,7 +172,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         self,
         adata: AnnData,
         n_latent: int | None = None,
-        n_top_genes: int = 2000,
+        n_top_genes: int | None = None,
         genes: list[str] | None = None,
         dropout_rate: float = 0.2,
         target_sum: float | None = None,
@@ -188,6 +203,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             raise ValueError(f"gene_layout must be one of {list(GENE_LAYOUTS)}, got {gene_layout!r}.")
         if n_latent is None:
             n_latent = 64 if encoder == "gene_grid" else 100
+        if n_top_genes is None:
+            n_top_genes = default_n_top_genes(adata.n_vars)
         if n_latent < 1 or n_top_genes < 1:
             raise ValueError(f"n_latent and n_top_genes must be positive, got {n_latent} and {n_top_genes}.")
         _check_augmentation(panel_masking, min_panel_fraction, "panel_masking", "min_panel_fraction")
