@@ -428,3 +428,18 @@ def test_integer_labels_work_as_labels(split):
 
     f1 = f1_score(query.obs["code"], query.obs["cellular_label"].astype(str), average="macro")
     assert f1 >= pca_knn_macro_f1(model, data, query, labels_key="code") - 0.02
+
+
+def test_default_gene_count_is_half_of_the_reference_within_bounds(symphony):
+    """n_top_genes=None reads the more variable half of a reference's genes, at least 200 and at most 2,000."""
+    from cellular.model._model import default_n_top_genes
+
+    assert [default_n_top_genes(n) for n in (100, 300, 1767, 3000, 28455)] == [200, 200, 883, 1500, 2000]
+    adata = symphony.copy()
+    CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="batch")
+    default, every_gene = CELLULAR(adata), CELLULAR(adata, n_top_genes=2000)
+    assert len(default.genes) == 883 and len(every_gene.genes) == adata.n_vars
+    assert set(default.genes) < set(every_gene.genes)
+    small = adata[:, :300].copy()
+    CELLULAR.setup_anndata(small, labels_key="cell_type", batch_key="batch")
+    assert len(CELLULAR(small).genes) == 200
