@@ -232,6 +232,23 @@ def test_mask_aware_model_serves_a_half_panel_better_than_one_trained_without_ma
     assert scores["masked"] > scores["plain"] + 0.05, scores
 
 
+def test_refit_reads_every_reference_gene_of_a_narrow_panel(symphony, pbmc3k):
+    """A default model reads half of Symphony's genes; a query of 200 random genes the two datasets share holds only
+    about half of those. The refit trains on all 200, not on the model's half: on this panel the model's half left
+    two reference cells without counts and the refit failed."""
+    model, reference = _indexed_model(symphony)
+    assert len(model.genes) < symphony.n_vars
+    shared = np.intersect1d(symphony.var_names, pbmc3k.var_names)
+    query = pbmc3k[:, np.random.default_rng(1).choice(shared, 200, replace=False)].copy()
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    known = np.isin(truth, model.cell_types)
+    cellular.tl.cellular_map(query, model)
+    params = query.uns["cellular"]["cellular_map"]["params"]
+    in_model = np.isin(query.var_names, model.genes).sum()
+    assert params["panel_path"] == "refit" and params["n_refit_genes"] == query.n_vars > in_model
+    assert _mapped_f1(query, truth, known) >= _pca_knn_f1(reference, query, model.target_sum, truth, known)
+
+
 def test_refit_model_saves_loads_and_maps_identically(full_reference, pbmc3k, tmp_path):
     model, reference = full_reference
     query = _panel(model, pbmc3k, 0.2)

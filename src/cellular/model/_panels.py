@@ -216,7 +216,7 @@ class PanelMixin:
         return calibration
 
     def restrict_to_genes(self, genes, *, gene_id_key: str | None = None, progress_bar: bool = False):
-        """A new model of the same settings trained on the model's genes that ``genes`` also holds.
+        """A new model of the same settings trained on the reference's genes that ``genes`` also holds.
 
         The quick way to serve a query that measures too few of the model's genes for the model itself: the new
         model is trained on the same training data, labels, batches, model settings and training settings
@@ -244,17 +244,23 @@ class PanelMixin:
                 "restrict_to_genes retrains on the model's training data, which is not attached; load the model "
                 "with CELLULAR.load(path, adata=reference_adata)."
             )
+        # Every reference gene the query measures, not only those the model read: a model of half a small
+        # reference's genes would otherwise refit on half of a narrow panel.
+        reference_genes = [str(g) for g in self.adata.var_names]
         if isinstance(genes, AnnData):
-            names = self.gene_names_for(gene_id_key)
+            registered_ids = self.adata_manager.registry["setup_args"].get("gene_id_key")
+            names = reference_genes
+            if gene_id_key is not None and registered_ids is not None:
+                names = [str(g) for g in self.adata.var[registered_ids]]
             present = align_genes(genes, names, gene_id_key=gene_id_key, min_gene_overlap=0.0).present
         else:
-            present = np.isin(np.asarray(self.genes), np.asarray([str(g) for g in genes]))
-        shared = [gene for gene, here in zip(self.genes, present, strict=True) if here]
+            present = np.isin(np.asarray(reference_genes), np.asarray([str(g) for g in genes]))
+        shared = [gene for gene, here in zip(reference_genes, present, strict=True) if here]
         if len(shared) < MIN_REFIT_GENES:
             raise ValueError(
-                f"Only {len(shared)} of the model's {len(self.genes)} genes are shared with the query; a model needs "
-                f"at least {MIN_REFIT_GENES}. Check the gene naming convention (symbols vs Ensembl ids: see "
-                "gene_id_key) or use a reference measured on the query's genes."
+                f"Only {len(shared)} of the reference's {len(reference_genes)} genes are shared with the query; a "
+                f"model needs at least {MIN_REFIT_GENES}. Check the gene naming convention (symbols vs Ensembl ids: "
+                "see gene_id_key) or use a reference measured on the query's genes."
             )
         cache = self.__dict__.setdefault("_restricted_models", {})
         if tuple(shared) in cache:
