@@ -364,6 +364,29 @@ def test_demo_runs_and_saves_model(tmp_path, capsys):
     assert model.is_trained and model.n_latent == 32 and model.classifier_summary_["epochs_run"] <= 5
 
 
+@pytest.mark.parametrize("command", ["annotate", "novel"])
+def test_refit_query_with_cells_empty_over_the_model_genes_is_served(cli, tmp_path, command):
+    """A query holding 25 of the model's genes, its least expressed, plus other reference genes: some cells have no
+    counts over those 25, so the model itself cannot embed them, but the refit on every shared gene can. annotate
+    and novel used to embed with the model first and exit 1."""
+    model = CELLULAR.load(cli.model)
+    query = ad.read_h5ad(cli.query)
+    in_model = np.isin(query.var_names, model.genes)
+    totals = np.asarray(query.X.sum(axis=0)).ravel()
+    rarest = np.flatnonzero(in_model)[np.argsort(totals[in_model])[:25]]
+    others = np.flatnonzero(~in_model)[:200]
+    panel = query[:, np.sort(np.concatenate([rarest, others]))].copy()
+    assert (np.asarray(panel[:, panel.var_names.isin(model.genes)].X.sum(axis=1)).ravel() == 0).any()
+    path = _write(panel, tmp_path / "panel.h5ad")
+    code, out, err = run(command, path, "-m", cli.model, "-o", tmp_path / "out.h5ad")
+    assert code == 0, err
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    key = "cellular_label" if command == "annotate" else "cellular_novel"
+    params = written.uns["cellular"][key]["params"]
+    assert params["panel_path"] == "refit" and params["n_refit_genes"] == panel.n_vars
+    assert "X_cellular" not in written.obsm  # the model's embedding would not match the refitted labels
+
+
 def test_query_lacking_most_model_genes_is_served_by_a_refit_on_the_recorded_reference(cli, tmp_path):
     import json
     import shutil

@@ -154,22 +154,29 @@ def _served(reading: dict, args: argparse.Namespace) -> dict:
     return {**reading, "panel": args.panel}
 
 
+def _would_refit(model, adata, args: argparse.Namespace, reading: dict) -> bool:
+    """Whether the query lacks genes and the panel rule (``--panel``) serves it with a model refitted on its genes."""
+    from cellular.data import align_genes
+    from cellular.tl._common import DIRECT_PREFERRED_SHARE
+
+    if args.panel == "direct":
+        return False
+    gene_id_key = reading["gene_id_key"]
+    present = align_genes(
+        adata, model.gene_names_for(gene_id_key), gene_id_key=gene_id_key, min_gene_overlap=0.0
+    ).present
+    if present.all():
+        return False
+    return args.panel == "refit" or model.expression_share(present) < DIRECT_PREFERRED_SHARE
+
+
 def _with_training_data(model, adata, args: argparse.Namespace, reading: dict):
     """The model, reloaded with its training data when the query would be served by a refit and that data is known.
 
     The data is ``--reference``, else the reference ``cellular train`` recorded in the model folder (when that file
     is still there, unchanged in size).
     """
-    from cellular.data import align_genes
-    from cellular.tl._common import DIRECT_PREFERRED_SHARE
-
-    if model.adata is not None or args.panel == "direct":
-        return model
-    gene_id_key = reading["gene_id_key"]
-    present = align_genes(
-        adata, model.gene_names_for(gene_id_key), gene_id_key=gene_id_key, min_gene_overlap=0.0
-    ).present
-    if present.all() or (args.panel == "auto" and model.expression_share(present) >= DIRECT_PREFERRED_SHARE):
+    if model.adata is not None or not _would_refit(model, adata, args, reading):
         return model
     record_path = args.model / TRAINING_DATA_FILE
     if not record_path.exists():
@@ -226,15 +233,18 @@ def embed(args: argparse.Namespace) -> int:
 
 
 def annotate(args: argparse.Namespace) -> int:
-    """``cellular annotate``: the embedding, then :func:`cellular.tl.cellular_annotate` on a query h5ad."""
+    """``cellular annotate``: the embedding (if the model itself serves the query), then ``tl.cellular_annotate``."""
     import cellular
 
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
     require_classifier(model, args)
     adata = read_h5ad(args.query, backed=args.backed)
-    _embed_first(adata, model, args, reading)
     model = _with_training_data(model, adata, args, reading)
+    if model.adata is None or not _would_refit(model, adata, args, reading):
+        # A refitted model reads the query in its own space: the model's embedding would not match the labels (and
+        # may not exist, e.g. for cells without counts over the few model genes the query has).
+        _embed_first(adata, model, args, reading)
     cellular.tl.cellular_annotate(
         adata,
         model,
@@ -257,15 +267,18 @@ def annotate(args: argparse.Namespace) -> int:
 
 
 def novel(args: argparse.Namespace) -> int:
-    """``cellular novel``: the embedding, then :func:`cellular.tl.novel_types` on a query h5ad."""
+    """``cellular novel``: the embedding (if the model itself serves the query), then ``tl.novel_types``."""
     import cellular
 
     start = time.perf_counter()
     model, output, reading = _prepare_query(args)
     require_classifier(model, args)
     adata = read_h5ad(args.query, backed=args.backed)
-    _embed_first(adata, model, args, reading)
     model = _with_training_data(model, adata, args, reading)
+    if model.adata is None or not _would_refit(model, adata, args, reading):
+        # A refitted model reads the query in its own space: the model's embedding would not match the labels (and
+        # may not exist, e.g. for cells without counts over the few model genes the query has).
+        _embed_first(adata, model, args, reading)
     cellular.tl.novel_types(
         adata,
         model,
