@@ -157,7 +157,7 @@ def _served(reading: dict, args: argparse.Namespace) -> dict:
 def _would_refit(model, adata, args: argparse.Namespace, reading: dict) -> bool:
     """Whether the query lacks genes and the panel rule (``--panel``) serves it with a model refitted on its genes."""
     from cellular.data import align_genes
-    from cellular.tl._common import DIRECT_PREFERRED_SHARE
+    from cellular.tl._common import refit_preferred
 
     if args.panel == "direct":
         return False
@@ -165,18 +165,18 @@ def _would_refit(model, adata, args: argparse.Namespace, reading: dict) -> bool:
     present = align_genes(
         adata, model.gene_names_for(gene_id_key), gene_id_key=gene_id_key, min_gene_overlap=0.0
     ).present
-    if present.all():
-        return False
-    return args.panel == "refit" or model.expression_share(present) < DIRECT_PREFERRED_SHARE
+    if args.panel == "refit":
+        return not present.all()
+    return refit_preferred(present, model.expression_share(present))
 
 
-def _with_training_data(model, adata, args: argparse.Namespace, reading: dict):
-    """The model, reloaded with its training data when the query would be served by a refit and that data is known.
+def _with_training_data(model, args: argparse.Namespace, refit: bool):
+    """The model, reloaded with its training data when a refit will serve the query (``refit``) and the data is known.
 
     The data is ``--reference``, else the reference ``cellular train`` recorded in the model folder (when that file
     is still there, unchanged in size).
     """
-    if model.adata is not None or not _would_refit(model, adata, args, reading):
+    if model.adata is not None or not refit:
         return model
     record_path = args.model / TRAINING_DATA_FILE
     if not record_path.exists():
@@ -208,10 +208,22 @@ def require_classifier(model, args: argparse.Namespace) -> None:
         )
 
 
-def _embed_first(adata, model, args, reading) -> None:
+def _serving_model(adata, model, args, reading):
+    """The model annotate and novel serve the query with (:func:`_with_training_data`), after the embedding.
+
+    The model's embedding of the query is written unless a refit will serve it: a refitted model reads the query in
+    its own space, so the model's embedding would not match the labels (and may not exist, e.g. for cells without
+    counts over the few model genes the query has).
+    """
     import cellular
 
-    cellular.tl.cellular_embed(adata, model, key_added=args.embedding_key, progress_bar=show_progress(args), **reading)
+    refit = _would_refit(model, adata, args, reading)
+    model = _with_training_data(model, args, refit)
+    if not (refit and model.adata is not None):
+        cellular.tl.cellular_embed(
+            adata, model, key_added=args.embedding_key, progress_bar=show_progress(args), **reading
+        )
+    return model
 
 
 def embed(args: argparse.Namespace) -> int:
@@ -240,11 +252,7 @@ def annotate(args: argparse.Namespace) -> int:
     model, output, reading = _prepare_query(args)
     require_classifier(model, args)
     adata = read_h5ad(args.query, backed=args.backed)
-    model = _with_training_data(model, adata, args, reading)
-    if model.adata is None or not _would_refit(model, adata, args, reading):
-        # A refitted model reads the query in its own space: the model's embedding would not match the labels (and
-        # may not exist, e.g. for cells without counts over the few model genes the query has).
-        _embed_first(adata, model, args, reading)
+    model = _serving_model(adata, model, args, reading)
     cellular.tl.cellular_annotate(
         adata,
         model,
@@ -274,11 +282,7 @@ def novel(args: argparse.Namespace) -> int:
     model, output, reading = _prepare_query(args)
     require_classifier(model, args)
     adata = read_h5ad(args.query, backed=args.backed)
-    model = _with_training_data(model, adata, args, reading)
-    if model.adata is None or not _would_refit(model, adata, args, reading):
-        # A refitted model reads the query in its own space: the model's embedding would not match the labels (and
-        # may not exist, e.g. for cells without counts over the few model genes the query has).
-        _embed_first(adata, model, args, reading)
+    model = _serving_model(adata, model, args, reading)
     cellular.tl.novel_types(
         adata,
         model,
@@ -319,7 +323,7 @@ def map_(args: argparse.Namespace) -> int:
             "model.build_reference_index(adata_ref) and save the model again (model.save(MODEL_DIR, overwrite=True))."
         )
     adata = read_h5ad(args.query, backed=args.backed)
-    model = _with_training_data(model, adata, args, reading)
+    model = _with_training_data(model, args, _would_refit(model, adata, args, reading))
     cellular.tl.cellular_map(
         adata,
         model,

@@ -138,8 +138,16 @@ def _warn_missing(alignment, share: float, path: str) -> None:
         )
 
 
+def refit_preferred(present: np.ndarray, share: float) -> bool:
+    """Whether ``panel="auto"`` refits for a query lacking model genes (training data attached permitting).
+
+    ``present`` marks the model genes the query has; ``share`` is the reference's expression they carry.
+    """
+    return not present.all() and share < DIRECT_PREFERRED_SHARE
+
+
 def _auto_path(model: CELLULAR, present: np.ndarray, share: float, n_matched: int) -> str:
-    if present.all() or share >= DIRECT_PREFERRED_SHARE:
+    if not refit_preferred(present, share):
         return "direct"
     if model.adata is not None:
         return "refit"
