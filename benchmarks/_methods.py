@@ -241,9 +241,15 @@ def cellular_hierarchy(fold: Fold, cache: FoldCache, settings: Settings) -> Meth
     return output
 
 
-def cellular_knn(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
-    """CELLULAR encoder + the package's reference index: distance-weighted 15-NN vote; novelty = mean distance."""
+def cellular_knn(
+    fold: Fold, cache: FoldCache, settings: Settings, gene_classifier_weight: float | None = None
+) -> MethodOutput:
+    """CELLULAR encoder + the package's reference index: distance-weighted 15-NN vote averaged with the model's gene
+    classifier (``gene_classifier_weight``: the package default when ``None``, 0 for the vote alone), as
+    ``tl.cellular_map`` transfers the model's labels; novelty = mean distance."""
     from cellular import ReferenceIndex
+    from cellular.index import ClassEvidence
+    from cellular.tl._map import DEFAULT_GENE_CLASSIFIER_WEIGHT
 
     model, fit_seconds = _cellular_model(fold, cache, settings)
     (train_z, test_z), embed_seconds = _cellular_embedding(fold, cache, model)
@@ -257,8 +263,14 @@ def cellular_knn(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutp
         )
     )
 
+    weight = DEFAULT_GENE_CLASSIFIER_WEIGHT if gene_classifier_weight is None else gene_classifier_weight
+
     def predict():
-        transfer = index.transfer_labels(test_z, k=K)
+        evidence = None
+        if weight > 0:
+            genes = model.get_gene_classifier_probabilities(fold.test, min_gene_overlap=0.0)
+            evidence = {LABELS: ClassEvidence(genes.to_numpy(), model.cell_types, weight)}
+        transfer = index.transfer_labels(test_z, k=K, evidence=evidence)
         frame = pd.DataFrame(transfer.probabilities[LABELS], columns=transfer.classes[LABELS])
         return aligned(frame, fold.classes), transfer.distances.mean(axis=1)
 
@@ -639,7 +651,7 @@ METHODS = {
     method.key: method
     for method in [
         Method("cellular", "CELLULAR (classifier)", cellular_classifier, True, True),
-        Method("cellular_knn", "CELLULAR (kNN index)", cellular_knn, False, True),
+        Method("cellular_knn", "CELLULAR (kNN index + gene classifier)", cellular_knn, False, True),
         Method("cellular_gene_grid", "CELLULAR, gene-grid encoder (Spoticell)", cellular_gene_grid, True, True),
         Method("cellular_hierarchy", "CELLULAR, lineage hierarchy + back-off", cellular_hierarchy, False, True),
         Method("cellular_no_moments", "CELLULAR, no batch moment matching", cellular_no_moments, True, True),

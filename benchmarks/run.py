@@ -207,6 +207,25 @@ def shard_path(out: Path, shard: str, spec: str, seed: int) -> Path:
     return out / "raw" / f"{shard}__{name}__seed{seed}.csv"
 
 
+def drop_superseded(path: Path, frame, methods: list[str]) -> None:
+    """Remove ``methods``' rows of the tasks in ``frame`` from the other shards of the same dataset and seed.
+
+    A lobo task runs in the ``lobo`` and the ``lobo+integration`` shards; the merge keeps one row per fold and method,
+    so a fresh result written to one shard must not leave a stale one in the other.
+    """
+    import pandas as pd
+
+    suffix = path.name.split("__", 1)[1]
+    tasks = set(frame["task"]) if len(frame) else set()
+    for other in path.parent.glob(f"*__{suffix}"):
+        if other == path:
+            continue
+        rows = pd.read_csv(other, dtype={"fold": str})
+        stale = rows["method"].isin(methods) & rows["task"].isin(tasks)
+        if stale.any():
+            rows[~stale].to_csv(other, index=False)
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     import logging
@@ -261,6 +280,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> Path:
                     kept = pd.read_csv(path)
                     frame = pd.concat([kept[~kept["method"].isin(methods)], frame], ignore_index=True)
                 frame.to_csv(path, index=False)
+                drop_superseded(path, frame, methods)
         print(f"benchmark work took {time.perf_counter() - start:.0f} s", flush=True)
     machine = _machine(args.threads)
     given = argv if argv is not None else sys.argv[1:]

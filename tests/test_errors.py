@@ -224,6 +224,49 @@ def case_index_from_other_model(ctx):
     cellular.tl.cellular_map(_query(ctx.symphony), ctx.model, other.build_reference_index(reference))
 
 
+def _indexed_query(ctx, model):
+    return _query(ctx.symphony), cellular.ReferenceIndex.build(model, _counts(ctx.symphony))
+
+
+def case_gene_classifier_weight(ctx):
+    query, index = _indexed_query(ctx, ctx.model)
+    cellular.tl.cellular_map(query, ctx.model, index, gene_classifier_weight=1.5)
+
+
+def case_no_gene_classifier(ctx):
+    model = _quick_model(ctx, classifier=False)
+    query, index = _indexed_query(ctx, model)
+    cellular.tl.cellular_map(query, model, index, gene_classifier_weight=0.5)
+
+
+def case_gene_classifier_without_model(ctx):
+    query, index = _indexed_query(ctx, ctx.model)
+    query.obsm["X_cellular"] = ctx.model.get_latent_representation(query)
+    plain = cellular.ReferenceIndex.from_embedding(index.embedding, {"cell_type": np.repeat("T", index.n_cells)})
+    cellular.tl.cellular_map(query, None, plain, use_rep="X_cellular", gene_classifier_weight=0.5)
+
+
+def case_gene_classifier_c(ctx):
+    _quick_model(ctx, classifier_kwargs={"gene_classifier_c": 0})
+
+
+def _evidence_transfer(ctx, evidence):
+    query, index = _indexed_query(ctx, ctx.model)
+    index.transfer_labels(ctx.model.get_latent_representation(query), evidence={"cell_type": evidence})
+
+
+def case_evidence_weight(ctx):
+    cellular.index.ClassEvidence(np.ones((2, 2)), ["B cell", "CD4 T cell"], 2)
+
+
+def case_evidence_shape(ctx):
+    _evidence_transfer(ctx, cellular.index.ClassEvidence(np.ones((3, 2)) / 2, ["B cell", "CD4 T cell"], 0.5))
+
+
+def case_evidence_classes(ctx):
+    _evidence_transfer(ctx, cellular.index.ClassEvidence(np.ones((50, 2)) / 2, ["B cell", "CD4 T cell"], 0.5))
+
+
 def case_no_saved_model(ctx):
     CELLULAR.load(ctx.tmp_path / "nothing_here")
 

@@ -1,5 +1,7 @@
 """Queries that measure part of the model's genes: mask-aware encoder, augmentation, serving paths, calibration."""
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -246,6 +248,7 @@ def test_refit_reads_every_reference_gene_of_a_narrow_panel(symphony, pbmc3k):
     params = query.uns["cellular"]["cellular_map"]["params"]
     in_model = np.isin(query.var_names, model.genes).sum()
     assert params["panel_path"] == "refit" and params["n_refit_genes"] == query.n_vars > in_model
+    assert params["gene_classifier_weight"] == 0.5  # the refitted model's gene classifier joins the vote
     assert _mapped_f1(query, truth, known) >= _pca_knn_f1(reference, query, model.target_sum, truth, known)
 
 
@@ -254,7 +257,7 @@ def test_refit_model_saves_loads_and_maps_identically(full_reference, pbmc3k, tm
     query = _panel(model, pbmc3k, 0.2)
     restricted = model.restrict_to_genes(query)
     assert restricted.genes == [g for g in model.genes if g in set(query.var_names)]
-    assert restricted.cell_types == model.cell_types and restricted.has_classifier
+    assert restricted.cell_types == model.cell_types and restricted.has_classifier and restricted.has_gene_classifier
     restricted.build_reference_index(reference)
     restricted.save(tmp_path / "restricted")
     loaded = cellular.CELLULAR.load(tmp_path / "restricted")
@@ -264,6 +267,9 @@ def test_refit_model_saves_loads_and_maps_identically(full_reference, pbmc3k, tm
     cellular.tl.cellular_map(second, loaded)
     np.testing.assert_array_equal(first.obsm["X_cellular"], second.obsm["X_cellular"])
     np.testing.assert_array_equal(first.obs["cellular_cell_type"], second.obs["cellular_cell_type"])
+    np.testing.assert_array_equal(
+        first.obsm["cellular_cell_type_probabilities"], second.obsm["cellular_cell_type_probabilities"]
+    )
     cellular.tl.cellular_annotate(first, restricted)
     cellular.tl.cellular_annotate(second, loaded)
     np.testing.assert_array_equal(first.obs["cellular_label"], second.obs["cellular_label"])
@@ -310,3 +316,37 @@ def test_a_version_2_model_file_loads_as_a_model_without_panel_masking(symphony_
     )
     with pytest.raises(ValueError, match="trained without panel masking"):
         cellular.tl.cellular_annotate(_panel(old, symphony_split[1], 0.5), old)
+
+
+def test_panel_calibration_skips_held_out_cells_without_counts_over_the_panel(symphony_model):
+    """A narrow panel leaves some held-out reference cells without counts; they cannot be read as a query of those
+    genes, so calibration uses the others instead of failing (it did at 5 % of the genes)."""
+    model = symphony_model
+    cells = model.calibration_cells_
+    present = np.asarray(cells.matrix[0].todense()).ravel() == 0  # every gene the first held-out cell lacks
+    empty = np.asarray(cells.matrix[:, np.flatnonzero(present)].sum(axis=1)).ravel() == 0
+    assert empty[0] and not empty.all()
+    calibration = model.calibrate_for_panel(present)
+    assert calibration.classifier_temperature is not None and calibration.gene_classifier_temperature is not None
+    assert 0.0 <= calibration.summary["classifier_accuracy"] <= 1.0
+
+
+def test_refit_leaves_out_reference_cells_without_counts_over_the_panel(symphony_model, symphony_split, caplog):
+    """A narrow panel can leave reference cells without a count; the refit is trained and indexed without them
+    (it failed on them at 5 % of the model's genes)."""
+    model = symphony_model
+    train, test = symphony_split
+    counts = train[:, model.genes].X
+    genes = [g for g, value in zip(model.genes, np.asarray(counts[0].todense()).ravel(), strict=True) if value == 0]
+    empty = np.asarray(train[:, genes].X.sum(axis=1)).ravel() == 0
+    assert empty[0] and not empty.all()
+    query = test[:, genes].copy()
+    query = query[np.asarray(query.X.sum(axis=1)).ravel() > 0].copy()
+    with caplog.at_level(logging.WARNING, logger="cellular"):
+        cellular.tl.cellular_map(query, model, cellular.ReferenceIndex.build(model, train), panel="refit")
+    assert f"{int(empty.sum())} of the reference's {train.n_obs} cells have no counts" in caplog.text
+    params = query.uns["cellular"]["cellular_map"]["params"]
+    assert params["panel_path"] == "refit" and params["n_reference_cells"] == train.n_obs - int(empty.sum())
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    known = np.isin(truth, model.cell_types)
+    assert (query.obs["cellular_cell_type"].astype(str).to_numpy()[known] == truth[known]).mean() > 0.8

@@ -335,6 +335,7 @@ def map_(args: argparse.Namespace) -> int:
         min_probability=args.min_probability,
         unknown_label=args.unknown_label,
         hierarchy_threshold=args.hierarchy_threshold,
+        gene_classifier_weight=args.gene_classifier_weight,
         progress_bar=show_progress(args),
         **_served(reading, args),
     )

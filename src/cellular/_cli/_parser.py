@@ -445,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="cells whose largest vote share is below P are labelled Unknown (default: 0.5)",
     )
+    options.add_argument(
+        "--gene-classifier-weight",
+        type=_fraction,
+        default=None,
+        metavar="W",
+        help="weight of the model's gene classifier averaged with the vote for the model's labels; 0: the vote alone "
+        "(default: 0.5 when the model has one)",
+    )
     _add_hierarchy_threshold(options)
     options.add_argument(
         "--unknown-label", default="Unknown", metavar="LABEL", help="label of unassigned cells (default: Unknown)"

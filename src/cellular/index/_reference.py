@@ -29,7 +29,7 @@ from cellular.metrics import conformal_pvalues
 
 from . import _faiss, _nndescent
 from ._exact import exact_knn, neighbor_distances
-from ._transfer import calibrate_votes, neighbor_weights, vote
+from ._transfer import ClassEvidence, calibrate_votes, neighbor_weights, vote
 
 logger = logging.getLogger(__name__)
 
@@ -460,6 +460,7 @@ class ReferenceIndex:
         unknown_label: str = "Unknown",
         exclude_rows: np.ndarray | None = None,
         vote_temperatures: dict[str, float] | None = None,
+        evidence: Mapping[str, ClassEvidence] | None = None,
     ) -> LabelTransfer:
         """Transfer reference labels to query cells by a distance-weighted vote of their ``k`` neighbours.
 
@@ -485,6 +486,10 @@ class ReferenceIndex:
         vote_temperatures
             Per level, a temperature that turns the vote shares into calibrated probabilities
             (:func:`~cellular.index.calibrate_votes`); the shares are used as they are for other levels.
+        evidence
+            Per level, probabilities from a second source averaged with the (calibrated) vote shares before labels
+            are assigned (:class:`~cellular.index.ClassEvidence`); :func:`cellular.tl.cellular_map` passes the
+            model's gene classifier here.
 
         Returns
         -------
@@ -492,7 +497,7 @@ class ReferenceIndex:
         distance summary.
         """
         levels = self.label_levels if levels is None else list(levels)
-        unknown = [level for level in levels if level not in self.labels]
+        unknown = [level for level in [*levels, *(evidence or {})] if level not in self.labels]
         if unknown:
             raise KeyError(f"Label level(s) {unknown} are not in the index (levels: {self.label_levels}).")
         if not 0.0 <= min_probability <= 1.0:
@@ -524,6 +529,8 @@ class ReferenceIndex:
             probabilities = vote(codes[indices], weights, len(classes))
             if vote_temperatures and level in vote_temperatures:
                 probabilities = calibrate_votes(probabilities, indices.shape[1], vote_temperatures[level])
+            if evidence and level in evidence:
+                probabilities = evidence[level].blended(probabilities, classes)
             best = probabilities.max(axis=1, initial=0.0)
             assigned = np.where(best >= min_probability, probabilities.argmax(axis=1), len(classes))
             assigned[best == 0] = len(classes)

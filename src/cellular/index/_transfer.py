@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
 
 
 def neighbor_weights(distances: np.ndarray, *, weighting: str, temperature: float) -> np.ndarray:
@@ -83,3 +87,51 @@ def calibrate_votes(probabilities: np.ndarray, k: int, temperature: float) -> np
     calibrated /= calibrated.sum(axis=1, keepdims=True)
     voted = probabilities.sum(axis=1, keepdims=True) > 0
     return np.where(voted, calibrated, 0.0)
+
+
+@dataclass
+class ClassEvidence:
+    """Class probabilities from a second source (e.g. a model's gene classifier), averaged into a level's votes.
+
+    Attributes
+    ----------
+    probabilities
+        ``(n_cells, n_sources_classes)`` probabilities of the query cells.
+    classes
+        Names of the columns.
+    weight
+        Weight of this source in the average, in ``[0, 1]``; the vote shares get ``1 - weight``.
+    """
+
+    probabilities: np.ndarray
+    classes: Sequence[str]
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"The weight of class evidence must lie in [0, 1], got {self.weight}.")
+
+    def blended(self, votes: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """``(1 - weight) * votes + weight * probabilities``, with the probabilities taken by name for ``classes``.
+
+        Columns of other classes are dropped and each row renormalised over ``classes``. Raises a ``ValueError``
+        when the evidence does not cover every class or has another number of cells: its probabilities would then
+        silently miss part of the level.
+        """
+        probabilities = np.asarray(self.probabilities, dtype=np.float64)
+        if probabilities.shape != (votes.shape[0], len(self.classes)):
+            raise ValueError(
+                f"The class evidence holds a {probabilities.shape} table for {votes.shape[0]} query cells and "
+                f"{len(self.classes)} classes; pass one probability per query cell and class."
+            )
+        columns = pd.Index([str(c) for c in self.classes]).get_indexer(pd.Index([str(c) for c in classes]))
+        if (columns < 0).any():
+            missing = [str(c) for c, column in zip(classes, columns, strict=True) if column < 0]
+            raise ValueError(
+                f"The class evidence lacks {len(missing)} of the level's classes ({missing[:5]}): it cannot be "
+                "averaged with the vote over them. Transfer this level by the vote alone (no evidence for it)."
+            )
+        aligned = probabilities[:, columns]
+        totals = aligned.sum(axis=1, keepdims=True)
+        aligned = np.divide(aligned, totals, out=np.full_like(aligned, 1.0 / max(len(classes), 1)), where=totals > 0)
+        return (1.0 - self.weight) * votes + self.weight * aligned

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from cellular.nn import CellTypeClassifier, fit_temperature
 from ._classifier_training import classifier_logits, fit_classifier
 from ._common import SAME_AS_TRAINING, NotTrainedError
 from ._device import resolve_device
+from ._gene_classifier import GENE_CLASSIFIER_C
 from ._novelty import MAX_HIDDEN_REFERENCE_CELLS, NoveltyReference, NoveltySpaces, PCASpace
 from ._panels import CalibrationCells
 
@@ -65,6 +67,8 @@ class AnnotationMixin:
         novelty_uncertainty_weight: float = 0.1,
         novelty_hidden_weight: float = 1.0,
         novelty_gene_weight: float | None = None,
+        gene_classifier: bool = True,
+        gene_classifier_c: float = GENE_CLASSIFIER_C,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
         seed: int | None = None,
@@ -112,6 +116,14 @@ class AnnotationMixin:
             "Novelty score parts"). ``None``: 1.0 for a model that matches batch moments, else 0, because unmatched
             inputs carry a new batch's shift and the distance would flag its known cells. ``0`` leaves it out and
             stores no gene space with the model.
+        gene_classifier
+            Also fit the gene classifier: a multinomial logistic regression on the encoder's inputs of the same
+            training cells (up to 50,000), calibrated by a temperature on the same held-out cells. The reference index's
+            label transfer averages its probabilities with the kNN vote (:func:`cellular.tl.cellular_map`), which
+            maps queries from other labs better than the vote alone (benchmarks page, "Label transfer: kNN vote and
+            gene classifier").
+        gene_classifier_c
+            Its inverse L2 penalty (scikit-learn's ``C``).
         accelerator, devices
             Where to embed and train.
         seed
@@ -133,7 +145,11 @@ class AnnotationMixin:
             "novelty_gene_weight": float(
                 self._default_gene_weight() if novelty_gene_weight is None else novelty_gene_weight
             ),
+            "gene_classifier": bool(gene_classifier),
+            "gene_classifier_c": float(gene_classifier_c),
         }
+        if not (math.isfinite(params["gene_classifier_c"]) and params["gene_classifier_c"] > 0):
+            raise ValueError(f"gene_classifier_c must be a positive number, got {gene_classifier_c}.")
         for name in NOVELTY_WEIGHTS:
             if params[name] < 0:
                 raise ValueError(f"{name} must be non-negative, got {params[name]}.")
@@ -190,7 +206,7 @@ class AnnotationMixin:
         device = resolve_device(accelerator, devices)
         defaults = inspect.signature(self.train_classifier).parameters
         base = {name: defaults[name].default for name in _FIT_SETTINGS}
-        for name in NOVELTY_WEIGHTS:
+        for name in (*NOVELTY_WEIGHTS, "gene_classifier", "gene_classifier_c"):
             base[name] = defaults[name].default
         base.update(fixed)
         if base["novelty_gene_weight"] is None:
@@ -313,6 +329,11 @@ class AnnotationMixin:
         self.novelty_reference_, novelty_calibration = self._calibrated_as_new_batches(
             self.novelty_reference_, calibration_idx, device
         )
+        self.gene_classifier_, self.gene_classifier_temperature_, self.gene_classifier_summary_ = None, None, None
+        if params.get("gene_classifier", False):
+            self._fit_gene_classifier(
+                train_idx, calibration_idx, labels, device, seed, params.get("gene_classifier_c", GENE_CLASSIFIER_C)
+            )
         self.classifier_history_ = pd.DataFrame.from_records(fit.history).set_index("epoch")
         self.classifier_summary_ = {
             "epochs_run": fit.epochs_run,
@@ -375,12 +396,7 @@ class AnnotationMixin:
         sample = np.asarray(train_idx)
         if sample.size > MAX_HIDDEN_REFERENCE_CELLS:
             sample = np.sort(rng.choice(sample, MAX_HIDDEN_REFERENCE_CELLS, replace=False))
-
-        def read(rows):
-            names = np.asarray(self.batches, dtype=object)[self.registered_batches()[rows]]
-            expression, _ = self._read(self.adata[rows], SAME_AS_TRAINING, None, None, 1.0, batch_names=names)
-            return expression
-
+        read = self._read_training_rows
         expression = read(sample)
         _, activations = self._encode(expression, 4096, device, hidden="raw")
         spaces = NoveltySpaces(PCASpace.fit(activations, seed, unit_length=True))

@@ -138,6 +138,16 @@ _SCHEMA = {
                 {"type": "null"},
             ]
         },
+        "gene_classifier": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "required": ["temperature", "summary"],
+                    "properties": {"temperature": {"type": "number", "exclusiveMinimum": 0}, "summary": _OBJECT},
+                },
+                {"type": "null"},
+            ]
+        },
         "files": {
             "type": "object",
             "required": [_WEIGHTS_FILE],
@@ -197,8 +207,11 @@ class SaveLoadMixin:
         }
         classifier_metadata, classifier_tensors = self._classifier_payload()
         metadata["classifier"] = classifier_metadata
+        gene_classifier_metadata, gene_classifier_tensors = self._gene_classifier_payload()
+        metadata["gene_classifier"] = gene_classifier_metadata
         tensors = {f"module.{k}": v.detach().cpu() for k, v in self.module.state_dict().items()}
         tensors.update(classifier_tensors)
+        tensors.update(gene_classifier_tensors)
         if self.calibration_cells_ is not None:
             tensors.update(self.calibration_cells_.to_tensors())
         if self.batch_moments_ is not None:
@@ -296,6 +309,7 @@ class SaveLoadMixin:
                 {k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")}
             )
             model._restore_classifier(metadata.get("classifier"), tensors, device)
+            model._restore_gene_classifier(metadata.get("gene_classifier"), tensors)
         except (RuntimeError, KeyError, ValueError) as error:
             problem = (
                 f"its tensors do not fit the model described in {_METADATA_FILE} ({' '.join(str(error).split())[:300]})"

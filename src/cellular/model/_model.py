@@ -34,6 +34,7 @@ from cellular.train import CellularTrainingPlan, EpochProgressBar, RestoreBestWe
 from ._annotation import AnnotationMixin
 from ._common import SAME_AS_TRAINING, NotTrainedError
 from ._device import resolve_device
+from ._gene_classifier import GeneClassifierMixin
 from ._io import SaveLoadMixin
 from ._moments import REGISTERED_BATCHES, batch_names_of
 from ._panels import PanelMixin
@@ -79,9 +80,10 @@ class QueryEmbedding:
     z: np.ndarray
     hidden: np.ndarray | None
     alignment: GeneAlignment
+    gene_logits: np.ndarray | None = None
 
 
-class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
+class CELLULAR(AnnotationMixin, GeneClassifierMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
     """CELLULAR: contrastive learning of a batch-corrected cell embedding from labelled scRNA-seq.
 
     An MLP encoder on log-normalised highly variable genes, trained with a class-weighted soft-nearest-neighbour
@@ -468,6 +470,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         state = "trained" if self.is_trained_ else "untrained"
         if self.has_classifier:
             state += ", with calibrated classifier"
+        if self.has_gene_classifier:
+            state += " and gene classifier"
         return (
             f"CELLULAR model ({state}): {self.module.encoder_name} encoder, {len(self.genes)} genes, "
             f"{self.module.n_latent} latent dims, "
@@ -546,8 +550,9 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         progress_bar
             Show a progress bar over epochs.
         classifier
-            Also train and calibrate the cell-type classifier head (:meth:`train_classifier`), needed by
-            :meth:`predict`, :func:`cellular.tl.cellular_annotate` and :func:`cellular.tl.novel_types`.
+            Also train and calibrate the cell-type classifier head and the gene classifier (:meth:`train_classifier`),
+            needed by :meth:`predict`, :func:`cellular.tl.cellular_annotate` and :func:`cellular.tl.novel_types`;
+            :func:`cellular.tl.cellular_map` averages the gene classifier with its kNN vote.
         classifier_kwargs
             Arguments of :meth:`train_classifier`.
         **trainer_kwargs
@@ -689,6 +694,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         self.reference_index_ = None
         self.classifier_ = None
         self.calibration_cells_ = None
+        self.gene_classifier_ = None
         if classifier:
             self.train_classifier(
                 **{"accelerator": accelerator, "devices": devices, "seed": seed, **(classifier_kwargs or {})}
@@ -763,6 +769,7 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         min_gene_overlap: float = 0.0,
         progress_bar: bool = False,
         with_hidden: bool = True,
+        with_gene_logits: bool = True,
     ) -> QueryEmbedding:
         """Embed cells and keep what annotation, novelty and panel handling need besides the embedding.
 
@@ -772,20 +779,39 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
             As in :meth:`get_latent_representation` (``min_gene_overlap`` defaults to 0 here).
         with_hidden
             Also project the cells into the novelty score's hidden-layer and gene spaces (when the model has them).
+        with_gene_logits
+            Also compute the gene classifier's logits (when the model has one), from the same minibatches.
 
         Returns
         -------
         The embedding ``z``, the cells' projections into the novelty score's spaces (``hidden``; ``None``
-        for a model without a classifier head or saved before that space existed), and the gene ``alignment``.
+        for a model without a classifier head or saved before that space existed), the gene ``alignment`` and the
+        gene classifier's uncalibrated ``gene_logits`` (or ``None``).
         """
         expression, alignment = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
         space = self.novelty_reference_.spaces if self.has_classifier and with_hidden else None
         device = torch.device(self.device)
+        gene_logits, on_inputs = None, None
+        if with_gene_logits and self.has_gene_classifier:
+            gene_classifier = self.gene_classifier_.to(device)
+            present = alignment.present
+            mask = None if present.all() else torch.as_tensor(present, device=device)
+            gene_logits = np.empty((expression.n_cells, len(self.cell_types)), dtype=np.float32)
+
+            def on_inputs(rows, x):
+                gene_logits[rows] = gene_classifier(x, mask).cpu().numpy()
+
         encoded = self._encode(
-            expression, batch_size, device, progress_bar=progress_bar, gene_mask=alignment.present, hidden=space
+            expression,
+            batch_size,
+            device,
+            progress_bar=progress_bar,
+            gene_mask=alignment.present,
+            hidden=space,
+            on_inputs=on_inputs,
         )
         z, hidden = encoded if space is not None else (encoded, None)
-        return QueryEmbedding(z, hidden, alignment)
+        return QueryEmbedding(z, hidden, alignment, gene_logits)
 
     def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap, batch_names=None):
         self.require_trained()
@@ -902,12 +928,13 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         progress_bar: bool = False,
         gene_mask: np.ndarray | None = None,
         hidden=None,
+        on_inputs=None,
     ):
         """Embedding of normalised expression; with ``hidden`` also the first hidden layer of each cell.
 
         ``hidden="raw"`` returns ``(z, activations)``; :class:`~cellular.model._novelty.NoveltySpaces` return
         ``(z, projections)`` into them (genes absent from the query, ``gene_mask``, read at the training mean),
-        computed minibatch by minibatch.
+        computed minibatch by minibatch. ``on_inputs(rows, x)`` is called with every minibatch's inputs on the device.
         """
         module = self.module.to(device)
         module.eval()
@@ -923,6 +950,8 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         ):
             for index in sequential_minibatches(expression.n_cells, batch_size):
                 x = torch.from_numpy(expression.rows(index)).to(device)
+                if on_inputs is not None:
+                    on_inputs(index, x)
                 activations = module.encoder.hidden(x, mask)
                 out[index] = module.encoder.from_hidden(activations).cpu().numpy()
                 if hidden is not None:
@@ -949,6 +978,10 @@ class CELLULAR(AnnotationMixin, PanelMixin, SaveLoadMixin, BaseModelClass):
         tensors = {f"module.{name}": tensor for name, tensor in self.module.state_dict().items()}
         if getattr(self, "classifier_", None) is not None:
             tensors.update({f"classifier.{name}": tensor for name, tensor in self.classifier_.state_dict().items()})
+        if getattr(self, "gene_classifier_", None) is not None:
+            tensors.update(
+                {f"gene_classifier.{name}": tensor for name, tensor in self.gene_classifier_.state_dict().items()}
+            )
         return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
     def _raise_not_finite(self, z: np.ndarray) -> None:

@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from cellular.data import align_genes
 from cellular.data._backed import read_rows
-from cellular.data._expression import get_matrix, select_columns
+from cellular.data._expression import get_matrix, library_sizes, select_columns
 from cellular.index import smoothed_vote_logits
 from cellular.metrics import expected_calibration_error
 from cellular.nn import fit_temperature
@@ -67,6 +67,14 @@ class CalibrationCells:
             var=pd.DataFrame(index=pd.Index([genes[i] for i in columns])),
         )
 
+    def measured_over(self, present: np.ndarray) -> CalibrationCells:
+        """The cells with a count over the ``present`` genes: the others cannot be read as a query of them."""
+        measured = np.asarray(self.matrix[:, np.flatnonzero(present)].sum(axis=1)).ravel() > 0
+        if measured.all():
+            return self
+        rows = np.flatnonzero(measured)
+        return CalibrationCells(self.matrix[rows], self.labels[rows], [self.cell_names[i] for i in rows])
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {
             "calibration.indptr": torch.as_tensor(self.matrix.indptr.astype(np.int64)),
@@ -104,6 +112,8 @@ class PanelCalibration:
         The novelty scorer with its scales and conformal calibration scores recomputed under the panel.
     vote_temperatures
         Per label level of the reference index, the temperature that calibrates kNN vote shares under the panel.
+    gene_classifier_temperature
+        Softmax temperature of the gene classifier under the panel (``None`` without one).
     summary
         Accuracy and expected calibration error of the held-out cells under the panel.
     """
@@ -113,6 +123,7 @@ class PanelCalibration:
     classifier_temperature: float | None = None
     novelty_reference: NoveltyReference | None = None
     vote_temperatures: dict[str, float] = field(default_factory=dict)
+    gene_classifier_temperature: float | None = None
     summary: dict[str, float] = field(default_factory=dict)
 
 
@@ -173,6 +184,10 @@ class PanelMixin:
         if cells is None:
             return None
         calibration = PanelCalibration(int(present.sum()), self.expression_share(present))
+        cells = cells.measured_over(present)
+        if not cells.cell_names:
+            logger.warning("No held-out reference cell has counts over the query's genes; nothing is calibrated.")
+            return calibration
         expression, alignment = self._read(cells.as_query(self.genes, present), None, None, None, 0.0)
         space = self.novelty_reference_.spaces if self.has_classifier else None
         encoded = self._encode(expression, 4096, torch.device(self.device), gene_mask=alignment.present, hidden=space)
@@ -192,6 +207,17 @@ class PanelMixin:
             )
             calibration.summary["classifier_ece"] = expected_calibration_error(
                 probabilities[labelled], labels[labelled]
+            )
+        if self.has_gene_classifier and labelled.any():
+            logits = self._gene_logits(self.gene_classifier_, expression, torch.device(self.device), alignment.present)
+            truth = torch.as_tensor(labels[labelled])
+            calibration.gene_classifier_temperature = fit_temperature(logits[labelled], truth)
+            gene_probabilities = torch.softmax(logits[labelled] / calibration.gene_classifier_temperature, 1).numpy()
+            calibration.summary["gene_classifier_accuracy"] = float(
+                (gene_probabilities.argmax(1) == labels[labelled]).mean()
+            )
+            calibration.summary["gene_classifier_ece"] = expected_calibration_error(
+                gene_probabilities, labels[labelled]
             )
         if index is not None:
             rows = pd.Index(index.cell_names).get_indexer(pd.Index(cells.cell_names))
@@ -273,7 +299,7 @@ class PanelMixin:
             # The widths the module was built with: models saved before (256, 128) became the default record the
             # paper's widths as absent, with hidden_sizes=None among their settings.
             settings["hidden_sizes"] = self._module_kwargs.get("hidden_sizes", "paper")
-        restricted = type(self)(self.adata, **settings)
+        restricted = type(self)(self._reference_with_counts(shared), **settings)
         train_settings = dict(self.train_params_ or {})
         train_settings["progress_bar"] = progress_bar
         train_settings["classifier"] = self.has_classifier
@@ -286,6 +312,30 @@ class PanelMixin:
         restricted.train(**train_settings)
         cache[tuple(shared)] = restricted
         return restricted
+
+    def _reference_with_counts(self, genes: list[str]) -> AnnData:
+        """The training data, less the cells without counts over ``genes`` (registered like the training data).
+
+        A narrow panel can leave some reference cells without a count; they cannot be normalised over its genes, so
+        a model of those genes is trained (and its index built) without them.
+        """
+        setup = self.adata_manager.registry["setup_args"]
+        if setup.get("log_normalized"):
+            return self.adata
+        matrix = select_columns(get_matrix(self.adata, setup.get("layer")), align_genes(self.adata, genes))
+        measured = library_sizes(matrix) > 0
+        if measured.all():
+            return self.adata
+        logger.warning(
+            "%d of the reference's %d cells have no counts over the %d genes shared with the query; the model refitted "
+            "on those genes is trained and indexed without them.",
+            int((~measured).sum()),
+            measured.size,
+            len(genes),
+        )
+        reference = self.adata[measured].copy()
+        type(self).setup_anndata(reference, **setup)
+        return reference
 
 
 # Fewest shared genes a model is refitted on (measured: see docs/usage.md, "Queries with fewer genes").

@@ -36,6 +36,7 @@ class ServedQuery:
     index: ReferenceIndex | None = None
     calibration: PanelCalibration | None = None
     hidden: np.ndarray | None = None
+    gene_logits: np.ndarray | None = None
 
     @property
     def classifier_temperature(self) -> float:
@@ -53,6 +54,11 @@ class ServedQuery:
         """Calibrated classifier probabilities of the query cells."""
         return self.model.probabilities_from_embedding(self.z, temperature=self.classifier_temperature)
 
+    def gene_classifier_probabilities(self) -> np.ndarray:
+        """Calibrated gene-classifier probabilities of the query cells (under the query's panel when calibrated)."""
+        temperature = None if self.calibration is None else self.calibration.gene_classifier_temperature
+        return self.model.gene_classifier_probabilities_from_logits(self.gene_logits, temperature)
+
 
 def serve_query(
     adata: AnnData,
@@ -68,6 +74,7 @@ def serve_query(
     index: ReferenceIndex | None = None,
     transfer: dict | None = None,
     novelty: bool = False,
+    gene_logits: bool = False,
     progress_bar: bool = False,
 ) -> ServedQuery:
     """Embed a query with the model, or with a model refitted on its genes, and calibrate for its gene panel.
@@ -75,7 +82,8 @@ def serve_query(
     ``panel="auto"`` follows the rule above :data:`DIRECT_PREFERRED_SHARE`; ``"direct"`` and ``"refit"`` force one
     path (a refit is :meth:`~cellular.CELLULAR.restrict_to_genes`, cached on the model). A directly served query that
     lacks genes is calibrated under its panel (:meth:`~cellular.CELLULAR.calibrate_for_panel`). ``novelty=True``
-    also keeps the cells' projections into the novelty score's spaces.
+    also keeps the cells' projections into the novelty score's spaces, ``gene_logits=True`` the gene classifier's
+    logits (when the serving model has one).
     """
     if panel not in PANEL_PATHS:
         raise ValueError(f"panel must be one of {PANEL_PATHS}, got {panel!r}.")
@@ -88,8 +96,12 @@ def serve_query(
     }
     if use_rep is not None:
         z = _stored_embedding(adata, model, use_rep)
-        hidden = model.embed_query(adata, **reading).hidden if novelty else None
-        return ServedQuery(model, z, {"use_rep": use_rep, "panel_path": "stored"}, index, hidden=hidden)
+        hidden = logits = None
+        if novelty or gene_logits:
+            embedded = model.embed_query(adata, **reading, with_hidden=novelty, with_gene_logits=gene_logits)
+            hidden, logits = embedded.hidden, embedded.gene_logits
+        record = {"use_rep": use_rep, "panel_path": "stored"}
+        return ServedQuery(model, z, record, index, hidden=hidden, gene_logits=logits)
     alignment = align_genes(
         adata, model.gene_names_for(gene_id_key), gene_id_key=gene_id_key, min_gene_overlap=min_gene_overlap
     )
@@ -111,10 +123,12 @@ def serve_query(
         served_model = model.restrict_to_genes(adata, gene_id_key=gene_id_key, progress_bar=progress_bar)
         _warn_missing(alignment, share, path)
         served_index = None if index is None else _restricted_index(served_model, model, index)
-        embedded = served_model.embed_query(adata, **reading)
+        embedded = served_model.embed_query(adata, **reading, with_gene_logits=gene_logits)
         record["n_refit_genes"] = len(served_model.genes)
-        return ServedQuery(served_model, embedded.z, record, served_index, hidden=embedded.hidden)
-    embedded = model.embed_query(adata, min_gene_overlap=min_gene_overlap, **reading)
+        return ServedQuery(
+            served_model, embedded.z, record, served_index, hidden=embedded.hidden, gene_logits=embedded.gene_logits
+        )
+    embedded = model.embed_query(adata, min_gene_overlap=min_gene_overlap, **reading, with_gene_logits=gene_logits)
     _warn_missing(alignment, share, path)
     calibration = None
     if not present.all():
@@ -122,7 +136,7 @@ def serve_query(
         record["panel_calibrated"] = calibration is not None
         if calibration is not None:
             record["panel_calibration"] = dict(calibration.summary)
-    return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden)
+    return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden, embedded.gene_logits)
 
 
 def _warn_missing(alignment, share: float, path: str) -> None:
@@ -187,7 +201,7 @@ def _restricted_index(restricted: CELLULAR, model: CELLULAR, index: ReferenceInd
     """The reference index rebuilt with a refitted model (built once, then kept by the refitted model)."""
     if restricted.reference_index_ is None:
         restricted.build_reference_index(
-            model.adata,
+            restricted.adata,  # the model's training data, less cells without counts over a narrow panel
             label_keys=index.label_levels,
             unlabeled_category=index.unlabeled_category,
             backend=index.backend,

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from cellular.data import LabelHierarchy, check_finite_embedding
-from cellular.index import ReferenceIndex
+from cellular.index import ClassEvidence, ReferenceIndex
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
 from ._common import ServedQuery, check_model, model_record, package_uns, serve_query, write_hierarchy_levels
 
+logger = logging.getLogger(__name__)
+
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# The gene classifier's share of the transferred probabilities: equal weights beat the vote alone on every map
+# pair of the field benchmark (benchmarks/annotation_blends.py).
+DEFAULT_GENE_CLASSIFIER_WEIGHT = 0.5
 
 
 def cellular_map(
@@ -35,6 +42,7 @@ def cellular_map(
     gene_id_key: str | None = None,
     min_gene_overlap: float = 0.0,
     panel: str = "auto",
+    gene_classifier_weight: float | None = None,
     progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -42,7 +50,10 @@ def cellular_map(
 
     The query needs no labels or batches; its genes are matched to the model's by name (or id), in any order,
     with missing genes served as ``panel`` says (a warning says how many) and an error below ``min_gene_overlap``.
-    Each label level of the index is transferred by a distance-weighted vote of the ``k`` nearest reference cells.
+    Each label level of the index is transferred by a distance-weighted vote of the ``k`` nearest reference cells;
+    for the model's own labels the vote is averaged with the model's gene classifier (a calibrated logistic
+    regression on the genes the encoder reads), which maps queries from other labs better than either alone
+    (benchmarks page, "Label transfer: kNN vote and gene classifier").
 
     Parameters
     ----------
@@ -82,6 +93,10 @@ def cellular_map(
         carry enough of the reference's expression, with vote shares calibrated on held-out reference cells read
         under the query's gene panel; else a model refitted on the shared genes, with the reference re-indexed),
         ``"direct"`` or ``"refit"``. See the user guide, "Queries with fewer genes".
+    gene_classifier_weight
+        Weight of the model's gene classifier in the transferred probabilities of the model's labels level (the
+        vote gets the rest); other levels are transferred by the vote alone. ``None``: 0.5 for a model with a gene
+        classifier whose cell types cover the index's classes of that level, else 0. ``0``: the vote alone.
     progress_bar
         Show a progress bar while embedding the cells (on stderr).
     copy
@@ -98,7 +113,8 @@ def cellular_map(
     ``adata.obs[key_added + '_' + L + '_uncertainty']``
         ``1 -`` the largest weighted vote share.
     ``adata.obsm[key_added + '_' + L + '_probabilities']``
-        ``(n_cells, n_classes)`` vote shares; column order in ``uns``.
+        ``(n_cells, n_classes)`` vote shares (for the model's labels, averaged with the gene classifier's
+        probabilities); column order in ``uns``.
     ``adata.obs[key_added + '_distance']``
         Mean distance to the ``k`` reference neighbours (``1 - cos`` for the cosine metric).
     ``adata.obs[key_added + '_distance_pvalue']``
@@ -112,12 +128,14 @@ def cellular_map(
         summed vote share of at least ``hierarchy_threshold`` (a cell whose neighbours split between CD4 and CD8 T
         cells gets "T cell"), with its share in ``..._hierarchical_confidence``.
     ``adata.uns['cellular'][key_added + '_map']``
-        ``params``; ``levels`` (per level its ``classes`` and ``counts``, a DataFrame of cells per label);
+        ``params`` (with ``gene_classifier_weight``, the weight used); ``levels`` (per level its ``classes`` and
+        ``counts``, a DataFrame of cells per label);
         ``distance_summary`` (DataFrame of quantiles of the mean neighbour distance for the query and for reference
         cells).
     """
     if not 0.0 <= hierarchy_threshold <= 1.0:
         raise ValueError(f"hierarchy_threshold must lie in [0, 1], got {hierarchy_threshold}.")
+    gene_classifier_weight = _requested_weight(model, gene_classifier_weight)
     if model is None:
         index = _check_embedding_index(adata, index, use_rep)
     else:
@@ -140,10 +158,12 @@ def cellular_map(
             panel=panel,
             index=index,
             transfer={"k": k, "weighting": weighting, "temperature": temperature},
+            gene_logits=gene_classifier_weight > 0,
             progress_bar=progress_bar,
         )
     z, index = served.z, served.index
     vote_temperatures = None if served.calibration is None else served.calibration.vote_temperatures
+    evidence = _gene_classifier_evidence(served, index, levels, gene_classifier_weight)
     transfer = index.transfer_labels(
         z,
         k=k,
@@ -153,6 +173,7 @@ def cellular_map(
         min_probability=min_probability,
         unknown_label=unknown_label,
         vote_temperatures=vote_temperatures,
+        evidence=evidence,
     )
 
     adata.obsm[f"X_{key_added}"] = z
@@ -198,6 +219,7 @@ def cellular_map(
             "backend": index.backend,
             "n_reference_cells": int(index.n_cells),
             "vote_temperatures": dict(vote_temperatures or {}),
+            "gene_classifier_weight": float(next(iter(evidence.values())).weight) if evidence else 0.0,
             **served.record,
             **({} if model is None else {"model": model_record(model)}),
         },
@@ -211,6 +233,46 @@ def cellular_map(
         ),
     }
     return adata if copy else None
+
+
+def _requested_weight(model: CELLULAR | None, weight: float | None) -> float:
+    """The gene classifier's weight asked for: the default's when ``None``; checked."""
+    if model is None:
+        if weight:
+            raise ValueError(
+                "gene_classifier_weight needs a model: without one there is no gene classifier to average with the "
+                "vote. Pass the model, or leave gene_classifier_weight unset."
+            )
+        return 0.0
+    if weight is None:
+        return DEFAULT_GENE_CLASSIFIER_WEIGHT if model.has_gene_classifier else 0.0
+    if not (isinstance(weight, int | float) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"gene_classifier_weight must be a number in [0, 1], got {weight!r}.")
+    if weight > 0:
+        model.require_gene_classifier()
+    return float(weight)
+
+
+def _gene_classifier_evidence(
+    served: ServedQuery, index: ReferenceIndex, levels: list[str] | None, weight: float
+) -> dict[str, ClassEvidence] | None:
+    """The serving model's gene classifier as evidence for its labels level, when asked for and usable."""
+    if served.model is None or served.gene_logits is None:
+        return None
+    level = served.model.setup_args["labels_key"]
+    if weight == 0 or level not in index.labels or (levels is not None and level not in levels):
+        return None
+    classes = [str(c) for c in index.labels[level].categories]
+    uncovered = sorted(set(classes) - set(served.model.cell_types))
+    if uncovered:
+        logger.info(
+            "The index's %r classes %s are not the model's cell types; %r is transferred by the vote alone.",
+            level,
+            uncovered[:5],
+            level,
+        )
+        return None
+    return {level: ClassEvidence(served.gene_classifier_probabilities(), served.model.cell_types, weight)}
 
 
 def _check_model_index(model: CELLULAR, index: ReferenceIndex | None) -> ReferenceIndex:

@@ -1,0 +1,146 @@
+"""The gene classifier: a logistic regression on the encoder's inputs, the second source of label transfer.
+
+The kNN vote reads the embedding, which the contrastive loss shaped on the reference's batches; a linear model on the
+log-normalised, batch-matched genes reads what a query from another lab measures directly. Averaged, they transfer
+labels better than either on the field benchmark's map pairs (benchmarks page, "Label transfer: kNN vote and gene
+classifier").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from cellular.metrics import expected_calibration_error
+from cellular.nn import GeneLinearClassifier, fit_gene_classifier, fit_temperature
+
+from ._common import SAME_AS_TRAINING
+
+# Labelled training cells the gene classifier is fitted on (a uniform sample of them when there are more).
+MAX_GENE_CLASSIFIER_CELLS = 50_000
+# Its L2 penalty as scikit-learn's C (inverse strength); 0.1 beat 1 on the field benchmark's map pairs.
+GENE_CLASSIFIER_C = 0.1
+
+
+class GeneClassifierMixin:
+    """Fitting, calibrating, applying and saving the gene classifier. Mixed into :class:`~cellular.CELLULAR`."""
+
+    gene_classifier_: GeneLinearClassifier | None = None
+    gene_classifier_temperature_: float | None = None
+    gene_classifier_summary_: dict | None = None
+
+    @property
+    def has_gene_classifier(self) -> bool:
+        """Whether the gene classifier is trained (it is with the classifier head, unless turned off)."""
+        return getattr(self, "gene_classifier_", None) is not None
+
+    def _read_training_rows(self, rows: np.ndarray):
+        """The encoder's inputs of training cells ``rows``, each read with its own batch's stored moments."""
+        names = np.asarray(self.batches, dtype=object)[self.registered_batches()[rows]]
+        expression, _ = self._read(self.adata[rows], SAME_AS_TRAINING, None, None, 1.0, batch_names=names)
+        return expression
+
+    def _fit_gene_classifier(self, train_idx, calibration_idx, labels, device, seed, inverse_regularization) -> None:
+        rows = np.asarray(train_idx)
+        if rows.size > MAX_GENE_CLASSIFIER_CELLS:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_GENE_CLASSIFIER_CELLS, replace=False))
+        expression = self._read_training_rows(rows)
+        inputs = expression.rows(np.arange(expression.n_cells))
+        classifier = fit_gene_classifier(
+            inputs, labels[rows], len(self.cell_types), inverse_regularization=inverse_regularization, device=device
+        )
+        calibration_rows = np.asarray(calibration_idx)
+        logits = self._gene_logits(classifier, self._read_training_rows(calibration_rows), device)
+        truth = labels[calibration_rows]
+        temperature = fit_temperature(logits, torch.as_tensor(truth))
+        probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+        self.gene_classifier_ = classifier.cpu().eval()
+        self.gene_classifier_temperature_ = temperature
+        self.gene_classifier_summary_ = {
+            "n_training_cells": int(rows.size),
+            "inverse_regularization": float(inverse_regularization),
+            "temperature": temperature,
+            "calibration_accuracy": float((probabilities.argmax(1) == truth).mean()),
+            "calibration_ece": expected_calibration_error(probabilities, truth),
+        }
+
+    @staticmethod
+    @torch.no_grad()
+    def _gene_logits(
+        classifier: GeneLinearClassifier, expression, device, present: np.ndarray | None = None, batch_size=4096
+    ) -> torch.Tensor:
+        classifier = classifier.to(device)
+        mask = None if present is None or present.all() else torch.as_tensor(present, device=device)
+        chunks = [
+            classifier(torch.from_numpy(expression.rows(rows)).to(device), mask).cpu()
+            for rows in np.array_split(np.arange(expression.n_cells), max(1, -(-expression.n_cells // batch_size)))
+            if rows.size
+        ]
+        return torch.cat(chunks) if chunks else torch.zeros((0, classifier.linear.out_features))
+
+    def require_gene_classifier(self) -> None:
+        """Raise a ``ValueError`` saying how to fix it unless the gene classifier is trained."""
+        self.require_trained()
+        if not self.has_gene_classifier:
+            raise ValueError(
+                "This CELLULAR model has no gene classifier (trained with classifier=False or gene_classifier=False, "
+                "or saved by an older version); retrain the classifier stage with model.train_classifier(), or pass "
+                "gene_classifier_weight=0 to transfer labels by the kNN vote alone."
+            )
+
+    def gene_classifier_probabilities_from_logits(self, logits: np.ndarray, temperature: float | None = None):
+        """Calibrated probabilities (columns in :attr:`cell_types` order) of gene-classifier logits."""
+        temperature = self.gene_classifier_temperature_ if temperature is None else temperature
+        return torch.softmax(torch.as_tensor(logits) / temperature, dim=1).numpy()
+
+    def get_gene_classifier_probabilities(
+        self,
+        adata: AnnData | None = None,
+        *,
+        layer: str | None = SAME_AS_TRAINING,
+        log_normalized: bool | None = None,
+        gene_id_key: str | None = None,
+        min_gene_overlap: float = 0.5,
+    ) -> pd.DataFrame:
+        """Cell-type probabilities of the gene classifier, a calibrated logistic regression on the encoder's inputs.
+
+        Genes the cells lack are read at the training mean. :func:`cellular.tl.cellular_map` averages these with
+        the kNN vote of the reference index.
+
+        Parameters
+        ----------
+        adata
+            Cells to classify (genes matched by name); the training data when ``None``.
+        layer, log_normalized, gene_id_key, min_gene_overlap
+            As in :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        A :class:`~pandas.DataFrame` indexed by ``obs_names``, one column per type in :attr:`cell_types` order.
+        """
+        self.require_gene_classifier()
+        expression, alignment = self._read(adata, layer, log_normalized, gene_id_key, min_gene_overlap)
+        logits = self._gene_logits(self.gene_classifier_, expression, torch.device(self.device), alignment.present)
+        names = (self.adata if adata is None else adata).obs_names
+        probabilities = self.gene_classifier_probabilities_from_logits(logits.numpy())
+        return pd.DataFrame(probabilities, index=names, columns=pd.Index(self.cell_types))
+
+    def _gene_classifier_payload(self) -> tuple[dict | None, dict[str, torch.Tensor]]:
+        if not self.has_gene_classifier:
+            return None, {}
+        metadata = {"temperature": self.gene_classifier_temperature_, "summary": self.gene_classifier_summary_}
+        tensors = {f"gene_classifier.{k}": v.detach().cpu() for k, v in self.gene_classifier_.state_dict().items()}
+        return metadata, tensors
+
+    def _restore_gene_classifier(self, metadata: dict | None, tensors: dict[str, torch.Tensor]) -> None:
+        self.gene_classifier_, self.gene_classifier_temperature_, self.gene_classifier_summary_ = None, None, None
+        if metadata is None:
+            return
+        classifier = GeneLinearClassifier(len(self.genes), len(self.cell_types))
+        prefix = "gene_classifier."
+        classifier.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.gene_classifier_ = classifier.eval()
+        self.gene_classifier_temperature_ = float(metadata["temperature"])
+        self.gene_classifier_summary_ = metadata["summary"]

@@ -1,0 +1,111 @@
+"""A multinomial logistic regression on the encoder's input genes: the second source of label transfer."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Logit of a type without training cells: finite (files hold no infinities), far below any fitted logit.
+ABSENT_TYPE_LOGIT = -1e4
+
+
+class GeneLinearClassifier(nn.Module):
+    """Cell-type logits linear in the input genes: ``(x - mean) @ weight.T + bias``.
+
+    ``x`` is what the encoder reads (log-normalised, batch-matched expression). Genes a query does not measure are
+    read at the training mean, so they add nothing to any logit rather than reading as zero expression.
+
+    Parameters
+    ----------
+    n_genes
+        Input width.
+    n_types
+        Number of cell types.
+    """
+
+    def __init__(self, n_genes: int, n_types: int):
+        super().__init__()
+        self.linear = nn.Linear(n_genes, n_types)
+        self.register_buffer("mean", torch.zeros(n_genes))
+
+    def forward(self, x: Tensor, present: Tensor | None = None) -> Tensor:
+        """Logits of a ``(n_cells, n_genes)`` batch; ``present`` (boolean over genes) marks the measured genes."""
+        centered = x - self.mean
+        if present is not None:
+            centered = centered * present.to(centered.dtype)
+        return self.linear(centered)
+
+
+def fit_gene_classifier(
+    x: np.ndarray,
+    labels: np.ndarray,
+    n_types: int,
+    *,
+    inverse_regularization: float = 0.1,
+    max_iter: int = 500,
+    device: torch.device | str = "cpu",
+) -> GeneLinearClassifier:
+    """Fit a :class:`GeneLinearClassifier` by L2-penalised maximum likelihood (full-batch L-BFGS).
+
+    Minimises ``sum of cross-entropies + ||weight||^2 / (2 * inverse_regularization)``, the objective of
+    scikit-learn's multinomial ``LogisticRegression(C=inverse_regularization)`` (its intercept is not penalised
+    either), divided by the number of cells. Types without cells get a logit of :data:`ABSENT_TYPE_LOGIT`.
+
+    Parameters
+    ----------
+    x
+        ``(n_cells, n_genes)`` inputs of labelled cells.
+    labels
+        ``(n_cells,)`` type codes in ``0 .. n_types - 1``.
+    n_types
+        Number of types (output width).
+    inverse_regularization
+        scikit-learn's ``C``: smaller is a stronger penalty.
+    max_iter
+        L-BFGS iterations.
+    device
+        Where to fit.
+    """
+    if x.shape[0] != labels.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"Need one label per cell and at least one cell, got {x.shape[0]} cells, {labels.shape[0]} labels."
+        )
+    if not inverse_regularization > 0:
+        raise ValueError(f"inverse_regularization must be positive, got {inverse_regularization}.")
+    device = torch.device(device)
+    present_types = np.unique(labels)
+    codes = torch.as_tensor(np.searchsorted(present_types, labels), dtype=torch.long, device=device)
+    inputs = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+    mean = inputs.mean(dim=0)
+    inputs = inputs - mean
+    weight = torch.zeros(len(present_types), x.shape[1], device=device, requires_grad=True)
+    bias = torch.zeros(len(present_types), device=device, requires_grad=True)
+    penalty = 1.0 / (2.0 * inverse_regularization * x.shape[0])
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-4,
+        tolerance_change=1e-9,
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(inputs @ weight.T + bias, codes) + penalty * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    classifier = GeneLinearClassifier(x.shape[1], n_types).to(device)
+    with torch.no_grad():
+        classifier.mean.copy_(mean)
+        classifier.linear.weight.zero_()
+        classifier.linear.bias.fill_(ABSENT_TYPE_LOGIT)
+        rows = torch.as_tensor(present_types, dtype=torch.long, device=device)
+        classifier.linear.weight[rows] = weight.detach()
+        classifier.linear.bias[rows] = bias.detach()
+    return classifier.eval()
