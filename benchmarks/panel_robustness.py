@@ -46,7 +46,9 @@ def _ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float
 def _pca_knn(reference: ad.AnnData, query: ad.AnnData, genes: list[str], target_sum: float) -> np.ndarray:
     import cellular
 
-    joint = ad.concat([reference[:, genes], query[:, genes]])
+    reference = reference[:, genes]
+    reference = reference[np.asarray(reference.X.sum(axis=1)).ravel() > 0]  # as the refit, without empty cells
+    joint = ad.concat([reference, query[:, genes]])
     cellular.pp.normalize_log1p(joint, target_sum=target_sum)
     x = joint.X.toarray()
     n_ref = reference.n_obs

@@ -53,6 +53,7 @@ _MEASURED_WITH_2000_GENES = {
 }
 VARIANTS = {
     "default": {},
+    "without the gene classifier": {"classifier": {"gene_classifier": False}},
     **{name: {"n_top_genes": 2000, **settings} for name, settings in _MEASURED_WITH_2000_GENES.items()},
 }
 DATASETS = ["pbmc_symphony_3tech", "pbmc_kang2018_ifnb_subset"]

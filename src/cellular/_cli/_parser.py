@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fraction,
         default=0.5,
         metavar="P",
-        help="cells whose largest vote share is below P are labelled Unknown (default: 0.5)",
+        help="cells whose largest probability is below P are labelled Unknown (default: 0.5)",
     )
     options.add_argument(
         "--gene-classifier-weight",

@@ -769,7 +769,7 @@ class CELLULAR(AnnotationMixin, GeneClassifierMixin, PanelMixin, SaveLoadMixin, 
         min_gene_overlap: float = 0.0,
         progress_bar: bool = False,
         with_hidden: bool = True,
-        with_gene_logits: bool = True,
+        with_gene_logits: bool = False,
     ) -> QueryEmbedding:
         """Embed cells and keep what annotation, novelty and panel handling need besides the embedding.
 

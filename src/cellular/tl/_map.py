@@ -78,7 +78,7 @@ def cellular_map(
         Kernel width of the distance weights; the index's when ``None`` (the model's learned temperature for an
         index built from the model).
     min_probability
-        Cells whose largest vote share is below this value are labelled ``unknown_label``.
+        Cells whose largest probability is below this value are labelled ``unknown_label``.
     unknown_label
         Label of unassigned cells.
     hierarchy_threshold
@@ -111,7 +111,8 @@ def cellular_map(
     ``adata.obs[key_added + '_' + L]``
         Transferred label: the reference classes of ``L`` plus ``unknown_label`` (categorical).
     ``adata.obs[key_added + '_' + L + '_uncertainty']``
-        ``1 -`` the largest weighted vote share.
+        ``1 -`` the largest probability (weighted vote share, averaged with the gene classifier for the model's
+        labels).
     ``adata.obsm[key_added + '_' + L + '_probabilities']``
         ``(n_cells, n_classes)`` vote shares (for the model's labels, averaged with the gene classifier's
         probabilities); column order in ``uns``.
