@@ -130,15 +130,16 @@ def map_fold(
     return Fold("map", reference_name, f"{query_name} onto {reference_name}", train, test)
 
 
-def novel_folds(name: str, adata: ad.AnnData, seed: int = 0) -> Iterator[Fold]:
+def novel_folds(name: str, adata: ad.AnnData, seed: int = 0, within_batches: bool = False) -> Iterator[Fold]:
     """Leave one cell type out.
 
     Multi-batch data: the test set is the batch holding most cells of the type, training is every other batch
-    without the type. Single-batch data: a random ``NOVEL_TEST_FRACTION`` of cells is the test set. Types with
-    fewer than ``NOVEL_MIN_TEST_CELLS`` test cells are skipped.
+    without the type. Single-batch data (or ``within_batches=True``): a random ``NOVEL_TEST_FRACTION`` of cells is the
+    test set, so its batches are also in training. Types with fewer than ``NOVEL_MIN_TEST_CELLS`` test cells are
+    skipped.
     """
     labels = adata.obs[LABELS]
-    if adata.obs[BATCH].nunique() > 1:
+    if adata.obs[BATCH].nunique() > 1 and not within_batches:
         table = pd.crosstab(labels, adata.obs[BATCH])
         splits = {cell_type: (adata.obs[BATCH] == row.idxmax()).to_numpy() for cell_type, row in table.iterrows()}
     else:
@@ -154,5 +155,6 @@ def novel_folds(name: str, adata: ad.AnnData, seed: int = 0) -> Iterator[Fold]:
         train = _training_copy(adata[~in_test & ~is_type])
         if train.obs[LABELS].nunique() < 2:
             continue
-        where = adata.obs[BATCH][in_test].iloc[0] if adata.obs[BATCH].nunique() > 1 else "random 30 %"
+        random_split = within_batches or adata.obs[BATCH].nunique() == 1
+        where = "random 30 %" if random_split else adata.obs[BATCH][in_test].iloc[0]
         yield Fold("novel", name, f"{cell_type} ({where})", train, adata[in_test].copy(), novel_type=cell_type)

@@ -141,7 +141,7 @@ class CELLULAR(AnnotationMixin, GeneClassifierMixin, PanelMixin, SaveLoadMixin, 
         training cells before the encoder reads them: each training batch in training, and each query batch when
         cells are embedded (by the ``batch_key`` column when the query has it, else all its cells as one batch;
         see :class:`cellular.data.BatchMoments`). This removes shifts of whole genes across technologies, labs and
-        stimulations (reference mapping of interferon-stimulated PBMCs: +0.13 macro-F1; benchmarks page, "Batch
+        stimulations (reference mapping of interferon-stimulated PBMCs: +0.08 macro-F1; benchmarks page, "Batch
         moment matching"). A query batch is then embedded relative to its own cells: embed batches whole (at
         least 30 cells each). It costs novelty detection where an unseen type is a large share of a query batch:
         turn it off when finding unseen types is the aim.
