@@ -61,6 +61,15 @@ def script_main(
     print(report(frame, args.out))
 
 
+def seed_mean_sd(part: pd.DataFrame, metric: str) -> str:
+    """``metric`` averaged over each seed's rows, then "mean ± sd" over seeds ("–" when it is missing everywhere)."""
+    per_seed = part.groupby("seed")[metric].mean()
+    if per_seed.isna().all():
+        return "–"
+    spread = f" ± {per_seed.std(ddof=1):.3f}" if len(per_seed) > 1 else ""
+    return f"{per_seed.mean():.3f}{spread}"
+
+
 def encoder_inputs(model, adata) -> np.ndarray:
     """What ``model``'s encoder reads for ``adata`` (log-normalised, batch-matched genes), dense, via its reader."""
     from cellular.model import SAME_AS_TRAINING

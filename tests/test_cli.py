@@ -131,7 +131,7 @@ def _novel(adata, model):
 
 
 def _map(adata, model):
-    cellular.tl.cellular_map(adata, model, k=10, min_probability=0.6)
+    cellular.tl.cellular_map(adata, model, k=10, min_probability=0.6, gene_classifier_weight=0.25)
 
 
 QUERY_COMMANDS = {
@@ -142,7 +142,11 @@ QUERY_COMMANDS = {
         _novel,
         ["cellular_novel_group", "X_cellular"],
     ),
-    "map": (["-k", "10", "--min-probability", "0.6"], _map, ["cellular_cell_type", "cellular_neighbor_indices"]),
+    "map": (
+        ["-k", "10", "--min-probability", "0.6", "--gene-classifier-weight", "0.25"],
+        _map,
+        ["cellular_cell_type", "cellular_neighbor_indices"],
+    ),
 }
 
 
@@ -194,7 +198,7 @@ def test_help_of_every_command(capsys):
         "embed": ["QUERY.h5ad", "--model", "--key-added", "--layer", "--log-normalized", "--batch-size"],
         "annotate": ["--alpha", "--min-confidence", "--no-novel-as-unknown", "--embedding-key"],
         "novel": ["--alpha", "--fdr", "--group", "--resolution"],
-        "map": ["-k", "--levels", "--weighting", "--min-probability"],
+        "map": ["-k", "--levels", "--weighting", "--min-probability", "--gene-classifier-weight"],
         "demo": ["--epochs", "--n-latent"],
     }
     for command in COMMANDS:

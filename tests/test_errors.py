@@ -263,6 +263,12 @@ def case_evidence_shape(ctx):
     _evidence_transfer(ctx, cellular.index.ClassEvidence(np.ones((3, 2)) / 2, ["B cell", "CD4 T cell"], 0.5))
 
 
+def case_evidence_values(ctx):
+    probabilities = np.full((50, 2), 0.5)
+    probabilities[3, 1] = np.nan
+    _evidence_transfer(ctx, cellular.index.ClassEvidence(probabilities, ["B cell", "CD4 T cell"], 0.5))
+
+
 def case_evidence_classes(ctx):
     _evidence_transfer(ctx, cellular.index.ClassEvidence(np.ones((50, 2)) / 2, ["B cell", "CD4 T cell"], 0.5))
 

@@ -124,6 +124,11 @@ class ClassEvidence:
                 f"The class evidence holds a {probabilities.shape} table for {votes.shape[0]} query cells and "
                 f"{len(self.classes)} classes; pass one probability per query cell and class."
             )
+        if not (np.isfinite(probabilities).all() and (probabilities >= 0).all()):
+            raise ValueError(
+                "The class evidence holds NaN, infinite or negative probabilities; pass probabilities in [0, 1] "
+                "(e.g. a softmax of finite logits)."
+            )
         columns = pd.Index([str(c) for c in self.classes]).get_indexer(pd.Index([str(c) for c in classes]))
         if (columns < 0).any():
             missing = [str(c) for c, column in zip(classes, columns, strict=True) if column < 0]

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from cellular.data import sequential_minibatches
 from cellular.metrics import expected_calibration_error
 from cellular.nn import GeneLinearClassifier, fit_gene_classifier, fit_temperature
 
@@ -75,8 +76,7 @@ class GeneClassifierMixin:
         mask = None if present is None or present.all() else torch.as_tensor(present, device=device)
         chunks = [
             classifier(torch.from_numpy(expression.rows(rows)).to(device), mask).cpu()
-            for rows in np.array_split(np.arange(expression.n_cells), max(1, -(-expression.n_cells // batch_size)))
-            if rows.size
+            for rows in sequential_minibatches(expression.n_cells, batch_size)
         ]
         return torch.cat(chunks) if chunks else torch.zeros((0, classifier.linear.out_features))
 
