@@ -92,6 +92,10 @@ def test_cells_without_counts_are_rejected():
     adata = make_adata([[1, 2], [0, 0]], ["a", "b"])
     with pytest.raises(ValueError, match="1 cells have no counts"):
         read_expression(adata, ["a", "b"], layer=None, log_normalized=False, target_sum=10.0)
+    # The message counts the model genes the data measures: here the only counts of the second cell are in "c".
+    adata = make_adata([[1, 0, 5], [0, 0, 3]], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="no counts in adata.X over the 2 of the model.s 3 genes the data measures"):
+        read_expression(adata, ["a", "b", "x"], layer=None, log_normalized=False, target_sum=10.0, min_gene_overlap=0.5)
 
 
 def test_synthetic_counts_shape_types_and_sparsity():

@@ -446,8 +446,9 @@ def read_expression(
     sizes = library_sizes(selected)
     if (sizes <= 0).any():
         raise ValueError(
-            f"{int((sizes <= 0).sum())} cells have no counts in {where} over the model's {len(genes)} genes; "
-            "remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1), or filter on these genes."
+            f"{int((sizes <= 0).sum())} cells have no counts in {where} over the {alignment.n_matched} of the "
+            f"model's {len(genes)} genes the data measures; remove them first, e.g. "
+            "sc.pp.filter_cells(adata, min_counts=1), or filter on these genes."
         )
     if gene_count_fractions is not None and alignment.n_matched < alignment.n_genes:
         present_share = float(np.asarray(gene_count_fractions)[alignment.source_index >= 0].sum())
