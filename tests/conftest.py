@@ -1,4 +1,26 @@
 import os
+
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist each worker, and the notebook kernels it starts, gets its share of the cores.
+
+    Before torch, numpy and numba load (so before the imports below): their thread pools read these variables
+    once. Without them every worker starts one thread per core in each library (and JAX, which scib-metrics uses,
+    as many again), and the workers fight over the cores: the suite ran slower on two workers than on one.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(variable, threads)
+    os.environ.setdefault("RAYON_NUM_THREADS", threads)  # the tokenizers of sentence-transformers
+    if threads == "1":
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+
+_share_cores_between_workers()
+
 import subprocess
 import tempfile
 import warnings
@@ -27,6 +49,19 @@ _TOOL_CACHES = (
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "cellular-hypothesis"))
 
 
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+# pytest-xdist's ``-n auto`` (pyproject's addopts): one worker per core, at most this many. Each worker loads the
+# datasets it needs; more workers would mostly add memory.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
 def _files_outside_git() -> set[str] | None:
     """Untracked and ignored paths of the checkout (tool caches left out); ``None`` outside a git checkout."""
     try:
@@ -43,6 +78,8 @@ def _files_outside_git() -> set[str] | None:
 
 
 def pytest_sessionstart(session):
+    if _is_xdist_worker(session.config):  # the controller checks the checkout once, around all workers
+        return
     session.config.stash_files_before = _files_outside_git()
 
 

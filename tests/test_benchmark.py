@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from benchmarks import run
 from benchmarks._folds import UNLABELLED, load_dataset, lobo_folds, novel_folds
 from benchmarks._methods import aligned, knn_vote
@@ -19,7 +20,7 @@ def smoke_run(shared_data_dir, tmp_path_factory):
         "--methods", "cellular", "cellular_knn", "pca_knn", "cellular_hierarchy",
         "--datasets", "pbmc_symphony_3tech",
         "--map-pairs", "pbmc3k_seurat:pbmc_symphony_3tech",
-        "--max-epochs", "3", "--max-folds", "1", "--threads", "2",
+        "--max-epochs", "3", "--max-folds", "1", "--threads", str(torch.get_num_threads()),
         "--data-dir", str(shared_data_dir), "--out", str(out),
     ]  # fmt: skip
     summary = run.main(args)
