@@ -154,7 +154,7 @@ def test_an_unseen_trajectory_stage_is_found_through_the_input_genes():
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train)
     model.train(progress_bar=False)
-    assert model.classifier_params_["novelty_gene_weight"] == 1.0  # the default for a moment-matching model
+    assert model.classifier_params_["novelty_gene_weight"] == 2.0  # the default for a moment-matching model
     frame = model.get_novelty_scores(test)
     with_genes = roc_auc_score(is_novel, frame["score"])
     assert roc_auc_score(is_novel, frame["gene_distance"]) > roc_auc_score(is_novel, frame["distance"]) + 0.1

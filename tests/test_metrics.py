@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cellular.metrics import benjamini_hochberg, conformal_pvalues, expected_calibration_error
-from cellular.model._novelty import NoveltyReference, shrink_spreads
+from cellular.model._novelty import NoveltyReference, PCASpace, shrink_spreads
 from cellular.nn import CellTypeClassifier, fit_temperature
 
 
@@ -94,6 +94,52 @@ def test_spread_shrinkage_matches_naive_weighted_log_average():
         np.exp((n * np.log(s) + 10 * pooled) / (n + 10)) if n else s for s, n in zip(spreads, counts, strict=True)
     ]
     np.testing.assert_allclose(shrink_spreads(spreads, counts), expected)
+
+
+def _naive_mean_knn(reference, cells, k, skip_own_row=False):
+    means = []
+    for row, cell in enumerate(cells):
+        distances = sorted(
+            (float(np.linalg.norm(cell - other)), j)
+            for j, other in enumerate(reference)
+            if not (skip_own_row and j == row)
+        )[:k]
+        means.append((np.mean([d for d, _ in distances]), [j for _, j in distances]))
+    return means
+
+
+def test_relative_standardised_space_matches_naive_reference():
+    rng = np.random.default_rng(5)
+    values = np.abs(rng.normal(size=(120, 12))).astype(np.float32) * np.linspace(0.1, 3, 12, dtype=np.float32)
+    values[:, 3] = 2.0  # a constant feature: unit scale, not a division by zero
+    queries = np.abs(rng.normal(size=(7, 12))).astype(np.float32)
+    space = PCASpace.fit(values, seed=0, unit_length=False, standardize=True, relative=True, n_components=5)
+    scale = values.std(axis=0)
+    scale[3] = 1.0
+    np.testing.assert_allclose(space.scale, scale, rtol=1e-5)
+    standardised = np.clip((queries - values.mean(axis=0)) / scale, -10, 10)
+    np.testing.assert_allclose(space.project(queries), standardised @ space.components, rtol=1e-4, atol=1e-5)
+    radius = [mean for mean, _ in _naive_mean_knn(space.reference, space.reference, 15, skip_own_row=True)]
+    np.testing.assert_allclose(space.radius, radius, rtol=1e-4)
+    projected = space.project(queries)
+    expected = [
+        mean / np.mean(np.asarray(radius)[neighbours])
+        for mean, neighbours in _naive_mean_knn(space.reference, projected, 15)
+    ]
+    np.testing.assert_allclose(space.distances(projected), expected, rtol=1e-4)
+
+
+def test_standardised_relative_space_round_trips_and_refuses_damaged_arrays():
+    rng = np.random.default_rng(7)
+    values = np.abs(rng.normal(size=(60, 9))).astype(np.float32)
+    space = PCASpace.fit(values, seed=0, unit_length=False, standardize=True, relative=True, n_components=4)
+    arrays = space.to_arrays("gene")
+    loaded = PCASpace.from_arrays(arrays, "gene", unit_length=False, n_features=9)
+    queries = np.abs(rng.normal(size=(5, 9))).astype(np.float32)
+    np.testing.assert_array_equal(loaded.distances(loaded.project(queries)), space.distances(space.project(queries)))
+    for name, damaged in (("gene_scale", -arrays["gene_scale"]), ("gene_radius", arrays["gene_radius"][:-1])):
+        with pytest.raises(ValueError, match="novelty gene space is inconsistent; the model file is damaged"):
+            PCASpace.from_arrays({**arrays, name: damaged}, "gene", unit_length=False, n_features=9)
 
 
 def _directions(rng, centre, n_cells, noise, n_latent=8):

@@ -30,7 +30,7 @@ MIN_CALIBRATION_CELLS = 20
 REPRESENTATION_METHODS = ("centroid", "median", "medoid")
 # train_classifier arguments that fit_classifier takes as they are (the searched ones excepted)
 NOVELTY_WEIGHTS = ("novelty_uncertainty_weight", "novelty_hidden_weight", "novelty_gene_weight")
-NOVELTY_GENE_WEIGHT = 1.0
+NOVELTY_GENE_WEIGHT = 2.0
 _FIT_SETTINGS = ("weight_decay", "max_epochs", "batch_size", "class_weighted", "early_stopping_patience")
 
 
@@ -106,14 +106,15 @@ class AnnotationMixin:
             default: on held-out cell types the distance separates novel cells far better (see the benchmarks
             page), while uncertainty mostly marks cells between two known types.
         novelty_hidden_weight
-            Weight of the distance to the nearest training cells in the encoder's first hidden layer, which keeps
-            differences the contrastive embedding collapses (an unseen type resembling a trained one); ``0`` leaves
-            it out.
+            Weight of the distance to the nearest training cells in the encoder's first hidden layer, relative to
+            those cells' own neighbour distances, which keeps differences the contrastive embedding collapses (an
+            unseen type resembling a trained one); ``0`` leaves it out.
         novelty_gene_weight
             Weight of the distance to the nearest training cells in the encoder's input (the log-normalised,
-            batch-matched genes, PCA to 50 dimensions), which keeps differences the encoder's weights discard: on the
-            field benchmark's held-out types it lifts the endocrinogenesis and Symphony AUROC (benchmarks page,
-            "Novelty score parts"). ``None``: 1.0 for a model that matches batch moments, else 0, because unmatched
+            batch-matched genes, standardised and clipped at 10 as ``sc.pp.scale`` does, PCA to 50 dimensions), which
+            keeps differences the encoder's weights discard: on the field benchmark's held-out types it lifts the
+            endocrinogenesis and Symphony AUROC (benchmarks page, "Novelty score parts"). ``None``: 2.0 for a model
+            that matches batch moments, else 0, because unmatched
             inputs carry a new batch's shift and the distance would flag its known cells. ``0`` leaves it out and
             stores no gene space with the model.
         gene_classifier
@@ -399,10 +400,10 @@ class AnnotationMixin:
         read = self._read_training_rows
         expression = read(sample)
         _, activations = self._encode(expression, 4096, device, hidden="raw")
-        spaces = NoveltySpaces(PCASpace.fit(activations, seed, unit_length=True))
+        spaces = NoveltySpaces(PCASpace.fit(activations, seed, unit_length=True, relative=True))
         if genes:
             inputs = expression.rows(np.arange(expression.n_cells))
-            spaces.genes = PCASpace.fit(inputs, seed, unit_length=False)
+            spaces.genes = PCASpace.fit(inputs, seed, unit_length=False, standardize=True)
         return spaces, self._encode(read(np.asarray(calibration_idx)), 4096, device, hidden=spaces)[1]
 
     # ------------------------------------------------------------ inference
@@ -556,9 +557,11 @@ class AnnotationMixin:
         the type's training cells to it), the classifier's uncertainty ``1 - max probability`` weighted by
         ``novelty_uncertainty_weight`` (0.1 by default, see :meth:`train_classifier`), the mean distance to the
         15 nearest training cells in the encoder's first hidden layer (PCA to 50 dimensions, up to 20,000 training
-        cells), weighted by ``novelty_hidden_weight`` (1.0), and the same distance in the encoder's input genes
-        (log-normalised and batch-matched; genes a query lacks are read at the training mean), weighted by
-        ``novelty_gene_weight`` (1.0 when the model matches batch moments). The p-value of a
+        cells; divided by those cells' own mean distance to their 15 nearest training cells, so a sparse region of
+        the reference is not read as novel), weighted by ``novelty_hidden_weight`` (1.0), and the mean distance to
+        the 15 nearest training cells in the encoder's input genes (log-normalised and batch-matched, then
+        standardised and clipped at 10; genes a query lacks are read at the training mean), weighted by
+        ``novelty_gene_weight`` (2.0 when the model matches batch moments). The p-value of a
         score is the fraction of calibration cells (held-out reference cells of known types) scoring at least as
         high, so flagging cells with ``pvalue <= alpha`` flags about ``alpha`` of cells of known types when the query
         resembles the reference; use :func:`cellular.tl.novel_types` for flags and FDR control.

@@ -18,6 +18,8 @@ _SCALE_QUANTILE = 0.9
 HIDDEN_COMPONENTS = 50
 MAX_HIDDEN_REFERENCE_CELLS = 20_000
 HIDDEN_NEIGHBORS = 15
+# Standardised genes are clipped here, as sc.pp.scale(max_value=10) does before a PCA.
+STANDARDIZED_CLIP = 10.0
 
 
 def unit_rows(z: np.ndarray) -> np.ndarray:
@@ -39,52 +41,102 @@ class PCASpace:
     unit_length
         Whether projections are scaled to unit length (directions compared, as in the hidden layer) or kept as they
         are (expression levels compared, as in the input genes).
+    scale
+        ``(n_features,)`` standard deviation of each feature on the training cells when features are standardised
+        before the PCA (clipped at :data:`STANDARDIZED_CLIP`, as ``sc.pp.scale`` does), so lowly expressed marker
+        genes weigh as much as highly expressed ones; ``None``: features read as they are.
+    radius
+        ``(n_cells,)`` mean distance of each reference cell to its nearest other reference cells. With it,
+        :meth:`distances` are relative to the local density of the reference (1: as close as the reference cells
+        are to each other there); ``None``: plain distances.
     """
 
     mean: np.ndarray
     components: np.ndarray
     reference: np.ndarray
     unit_length: bool = True
+    scale: np.ndarray | None = None
+    radius: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, values: np.ndarray, seed: int, unit_length: bool, n_components: int = HIDDEN_COMPONENTS) -> PCASpace:
-        """PCA of training cells' values (a sample of them when there are many)."""
+    def fit(
+        cls,
+        values: np.ndarray,
+        seed: int,
+        unit_length: bool,
+        *,
+        standardize: bool = False,
+        relative: bool = False,
+        n_components: int = HIDDEN_COMPONENTS,
+    ) -> PCASpace:
+        """PCA of training cells' values (a sample of them when there are many).
+
+        ``standardize`` scales features to unit variance first; ``relative`` makes :meth:`distances` relative to
+        the reference cells' own neighbour distances.
+        """
         rng = np.random.default_rng(seed)
         if values.shape[0] > MAX_HIDDEN_REFERENCE_CELLS:
             values = values[np.sort(rng.choice(values.shape[0], MAX_HIDDEN_REFERENCE_CELLS, replace=False))]
+        values = np.asarray(values, dtype=np.float32)
         mean = values.mean(axis=0)
+        scale = None
+        if standardize:
+            scale = values.std(axis=0)
+            scale[scale == 0] = 1.0
         n_components = max(1, min(n_components, values.shape[0] - 1, values.shape[1]))
+        space = cls(mean, np.zeros((values.shape[1], 0), np.float32), np.zeros((0, 0), np.float32), unit_length, scale)
+        centered = space._centered(values)
         # The randomized solver draws from torch's global generator: seed a private copy of it, so the same seed
         # gives the same space whatever ran before in the process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            _, _, right = torch.pca_lowrank(torch.from_numpy(values - mean), q=n_components, center=False, niter=4)
-        empty = np.zeros((0, n_components), np.float32)
-        space = cls(mean.astype(np.float32), right.numpy().astype(np.float32), empty, unit_length)
+            _, _, right = torch.pca_lowrank(torch.from_numpy(centered), q=n_components, center=False, niter=4)
+        space.components = right.numpy().astype(np.float32)
         space.reference = space.project(values)
+        if relative:  # each reference cell's own row comes first among its neighbours: leave it out
+            _, distances = space._nearest(space.reference, HIDDEN_NEIGHBORS + 1)
+            space.radius = np.maximum(distances[:, 1:].mean(axis=1), 1e-6).astype(np.float32)
         return space
+
+    def _centered(self, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        centered = np.asarray(values, dtype=np.float32) - self.mean
+        if self.scale is not None:
+            centered = np.clip(centered / self.scale, -STANDARDIZED_CLIP, STANDARDIZED_CLIP)
+        if present is not None and not present.all():
+            centered[:, ~present] = 0.0
+        return centered
 
     def project(self, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
         """Projections of cells; features not ``present`` in the data are read at the training mean."""
-        centered = np.asarray(values, dtype=np.float32) - self.mean
-        if present is not None and not present.all():
-            centered[:, ~present] = 0.0
-        projected = centered @ self.components
+        projected = self._centered(values, present) @ self.components
         return unit_rows(projected) if self.unit_length else projected
 
-    def distances(self, projected: np.ndarray, k: int = HIDDEN_NEIGHBORS) -> np.ndarray:
-        """Mean distance of projected cells to their ``k`` nearest reference cells."""
+    def _nearest(self, projected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of and distances to the ``k`` nearest reference cells of projected cells."""
         reference = torch.from_numpy(np.ascontiguousarray(self.reference))
         k = min(k, self.reference.shape[0])
-        _, distances = exact_knn(reference, np.ascontiguousarray(projected, dtype=np.float32), k, metric="euclidean")
-        return distances.mean(axis=1).astype(np.float64)
+        return exact_knn(reference, np.ascontiguousarray(projected, dtype=np.float32), k, metric="euclidean")
+
+    def distances(self, projected: np.ndarray, k: int = HIDDEN_NEIGHBORS) -> np.ndarray:
+        """Mean distance of projected cells to their ``k`` nearest reference cells.
+
+        Relative to those cells' own neighbour distances when the space has a :attr:`radius`.
+        """
+        indices, distances = self._nearest(projected, k)
+        mean = distances.mean(axis=1).astype(np.float64)
+        return mean if self.radius is None else mean / self.radius[indices].mean(axis=1)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {
+        arrays = {
             f"{prefix}_mean": self.mean,
             f"{prefix}_components": self.components,
             f"{prefix}_reference": self.reference,
         }
+        if self.scale is not None:
+            arrays[f"{prefix}_scale"] = self.scale
+        if self.radius is not None:
+            arrays[f"{prefix}_radius"] = self.radius
+        return arrays
 
     @classmethod
     def from_arrays(
@@ -96,10 +148,16 @@ class PCASpace:
         components = np.asarray(arrays[f"{prefix}_components"], dtype=np.float32)
         mean = np.asarray(arrays[f"{prefix}_mean"], dtype=np.float32)
         reference = np.asarray(arrays[f"{prefix}_reference"], dtype=np.float32)
+        scale, radius = (arrays.get(f"{prefix}_{name}") for name in ("scale", "radius"))
+        scale = None if scale is None else np.asarray(scale, dtype=np.float32)
+        radius = None if radius is None else np.asarray(radius, dtype=np.float32)
         fits = n_features is None or mean.shape == (n_features,)
-        if not fits or mean.shape != components.shape[:1] or reference.shape[1:] != components.shape[1:]:
+        fits &= mean.shape == components.shape[:1] and reference.shape[1:] == components.shape[1:]
+        fits &= scale is None or (scale.shape == mean.shape and bool(np.all(scale > 0)))
+        fits &= radius is None or (radius.shape == reference.shape[:1] and bool(np.all(radius > 0)))
+        if not fits:
             raise ValueError(f"The saved novelty {prefix} space is inconsistent; the model file is damaged.")
-        return cls(mean, components, reference, unit_length)
+        return cls(mean, components, reference, unit_length, scale, radius)
 
 
 @dataclass
