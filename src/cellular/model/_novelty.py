@@ -100,8 +100,9 @@ class PCASpace:
 
     def _centered(self, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
         centered = np.asarray(values, dtype=np.float32) - self.mean
-        if self.scale is not None:
-            centered = np.clip(centered / self.scale, -STANDARDIZED_CLIP, STANDARDIZED_CLIP)
+        if self.scale is not None:  # in place: a query's chunk of genes is the largest array here
+            centered /= self.scale
+            np.clip(centered, -STANDARDIZED_CLIP, STANDARDIZED_CLIP, out=centered)
         if present is not None and not present.all():
             centered[:, ~present] = 0.0
         return centered
