@@ -29,6 +29,7 @@ from pathlib import Path
 import anndata as ad
 import pytest
 from helpers import SYMPHONY_HELD_OUT, mark_singletons_unlabelled
+from xdist import is_xdist_worker
 
 warnings.filterwarnings("ignore", message=".*_make_column_categorical.*")
 
@@ -47,10 +48,6 @@ _TOOL_CACHES = (
 
 # hypothesis keeps its example data under .hypothesis/ in the working directory unless told otherwise.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "cellular-hypothesis"))
-
-
-def _is_xdist_worker(config) -> bool:
-    return hasattr(config, "workerinput")
 
 
 # pytest-xdist's ``-n auto`` (pyproject's addopts): one worker per core, at most this many. Each worker loads the
@@ -78,7 +75,7 @@ def _files_outside_git() -> set[str] | None:
 
 
 def pytest_sessionstart(session):
-    if _is_xdist_worker(session.config):  # the controller checks the checkout once, around all workers
+    if is_xdist_worker(session):  # the controller checks the checkout once, around all workers
         return
     session.config.stash_files_before = _files_outside_git()
 

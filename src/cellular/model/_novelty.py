@@ -92,7 +92,7 @@ class PCASpace:
             torch.manual_seed(seed)
             _, _, right = torch.pca_lowrank(torch.from_numpy(centered), q=n_components, center=False, niter=4)
         space.components = right.numpy().astype(np.float32)
-        space.reference = space.project(values)
+        space.reference = space._projected(centered)
         if relative:  # each reference cell's own row comes first among its neighbours: leave it out
             _, distances = space._nearest(space.reference, HIDDEN_NEIGHBORS + 1)
             space.radius = np.maximum(distances[:, 1:].mean(axis=1), 1e-6).astype(np.float32)
@@ -107,10 +107,13 @@ class PCASpace:
             centered[:, ~present] = 0.0
         return centered
 
+    def _projected(self, centered: np.ndarray) -> np.ndarray:
+        projected = centered @ self.components
+        return unit_rows(projected) if self.unit_length else projected
+
     def project(self, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
         """Projections of cells; features not ``present`` in the data are read at the training mean."""
-        projected = self._centered(values, present) @ self.components
-        return unit_rows(projected) if self.unit_length else projected
+        return self._projected(self._centered(values, present))
 
     def _nearest(self, projected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices of and distances to the ``k`` nearest reference cells of projected cells."""
