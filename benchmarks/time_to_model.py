@@ -68,7 +68,7 @@ def _fold_row(fold, variant: str, seed: int) -> dict:
     from benchmarks._folds import BATCH, LABELS, UNLABELLED
     from benchmarks._methods import aligned
     from benchmarks._scoring import annotation_scores
-    from cellular.model._model import default_max_epochs
+    from cellular.model._training import default_max_epochs
 
     train = fold.train.copy()
     start = time.perf_counter()

@@ -1,7 +1,8 @@
-from ._annotation import cell_type_representations
 from ._common import SAME_AS_TRAINING, NotTrainedError
-from ._model import CELLULAR, QueryEmbedding
+from ._inference import QueryEmbedding
+from ._model import CELLULAR
 from ._panels import PanelCalibration
+from ._representations import cell_type_representations
 
 __all__ = [
     "CELLULAR",

@@ -1,0 +1,18 @@
+"""Search settings a reference index accepts, shared by building and loading one."""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "pynndescent", "exact", "faiss")
+METRICS = ("cosine", "euclidean")
+
+
+def resolve_device(device) -> torch.device:
+    """The device of exact search: CUDA when available and ``device`` is ``None``; checked otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available; use device='cpu'.")
+    return device
