@@ -28,6 +28,7 @@ from ._gene_classifier import GeneClassifierMixin
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._panels import PanelMixin
+from ._representations import RepresentationMixin
 from ._setup import _as_string_categories, _check_label_counts, _check_obs_column, _label_levels
 from ._targets import pca_centroids
 from ._training import TrainingMixin
@@ -50,7 +51,14 @@ def default_n_top_genes(n_genes: int) -> int:
 
 
 class CELLULAR(
-    TrainingMixin, InferenceMixin, AnnotationMixin, GeneClassifierMixin, PanelMixin, SaveLoadMixin, BaseModelClass
+    TrainingMixin,
+    InferenceMixin,
+    AnnotationMixin,
+    RepresentationMixin,
+    GeneClassifierMixin,
+    PanelMixin,
+    SaveLoadMixin,
+    BaseModelClass,
 ):
     """CELLULAR: contrastive learning of a batch-corrected cell embedding from labelled scRNA-seq.
 
