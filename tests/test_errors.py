@@ -224,6 +224,26 @@ def case_index_from_other_model(ctx):
     cellular.tl.cellular_map(_query(ctx.symphony), ctx.model, other.build_reference_index(reference))
 
 
+def _calibrated_index(ctx, n_cells=40, names=None):
+    embedding = ctx.model.get_latent_representation()
+    return cellular.ReferenceIndex.from_embedding(
+        embedding, calibration_embedding=embedding[:n_cells], calibration_cell_names=names, backend="exact"
+    )
+
+
+def case_calibration_cells(ctx):
+    _calibrated_index(ctx, n_cells=5)
+
+
+def case_calibration_cell_names(ctx):
+    _calibrated_index(ctx, names=["a", "b", "c"])
+
+
+def case_calibration_k(ctx):
+    index = _calibrated_index(ctx)
+    index.transfer_labels(ctx.model.get_latent_representation()[:10], k=60)
+
+
 def _indexed_query(ctx, model):
     return _query(ctx.symphony), cellular.ReferenceIndex.build(model, _counts(ctx.symphony))
 

@@ -129,6 +129,46 @@ def test_distance_pvalues_are_uniform_for_reference_like_cells_and_small_for_far
     assert (away <= 0.05).mean() > 0.95
 
 
+def test_held_out_calibration_equals_a_naive_computation_and_survives_save_and_load(tmp_path):
+    """Distance p-values calibrated on held-out cells: each one's distances to its nearest reference cells, without
+    the reference cell of its own name (half of them are reference cells embedded again, a hair away)."""
+    reference, _ = _clustered(400)
+    names = np.array([f"ref_{i}" for i in range(400)])
+    rng = np.random.default_rng(3)
+    again = reference[:30] + 1e-3 * rng.standard_normal((30, reference.shape[1]))
+    held_out = np.vstack([again, _clustered(30, seed=8)[0]]).astype(np.float32)
+    held_out_names = [*names[:30], *(f"new_{i}" for i in range(30))]
+    index = cellular.ReferenceIndex.from_embedding(
+        reference,
+        {"t": np.zeros(400, dtype=int)},
+        names,
+        metric="euclidean",
+        backend="exact",
+        device="cpu",
+        calibration_embedding=held_out,
+        calibration_cell_names=held_out_names,
+    )
+    assert index.calibration_source == "held-out cells read as a query"
+    distances = np.linalg.norm(held_out[:, None, :] - reference[None, :, :], axis=2)
+    distances[np.arange(30), np.arange(30)] = np.inf  # a cell does not count itself
+    naive = np.sort(distances, axis=1)[:, :15].mean(axis=1)
+    np.testing.assert_allclose(index.reference_mean_distances(15), naive, rtol=1e-4)
+    queries = _clustered(50, seed=11)[0]
+    query_distances = np.sort(np.linalg.norm(queries[:, None, :] - reference[None, :, :], axis=2), axis=1)[:, :15]
+    expected = cellular.metrics.conformal_pvalues(naive, query_distances.mean(axis=1))
+    np.testing.assert_allclose(index.transfer_labels(queries, k=15).distance_pvalue, expected, rtol=1e-5)
+    index.save(tmp_path / "index")
+    loaded = cellular.ReferenceIndex.load(tmp_path / "index")
+    assert loaded.calibration_source == index.calibration_source
+    assert loaded.temperature == index.temperature
+    np.testing.assert_array_equal(
+        loaded.transfer_labels(queries, k=15).distance_pvalue, index.transfer_labels(queries, k=15).distance_pvalue
+    )
+    plain = cellular.ReferenceIndex.from_embedding(reference, metric="euclidean", backend="exact", device="cpu")
+    assert plain.calibration_source == "reference cells"
+    assert plain.temperature == index.temperature  # the vote's kernel width still comes from the reference cells
+
+
 def test_index_rejects_bad_input():
     reference, types = _clustered(100)
     with pytest.raises(ValueError, match="backend must be one of"):

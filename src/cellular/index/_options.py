@@ -1,4 +1,4 @@
-"""Search settings a reference index accepts, shared by building and loading one."""
+"""Settings a reference index accepts and records, shared by building and loading one."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import torch
 
 BACKENDS = ("auto", "pynndescent", "exact", "faiss")
 METRICS = ("cosine", "euclidean")
+# What the distance p-values are calibrated on: held-out cells embedded as a query, or the reference cells themselves.
+HELD_OUT_CELLS = "held-out cells read as a query"
+REFERENCE_CELLS = "reference cells"
+CALIBRATION_SOURCES = (HELD_OUT_CELLS, REFERENCE_CELLS)
 
 
 def resolve_device(device) -> torch.device:

@@ -15,7 +15,7 @@ from cellular.metrics import conformal_pvalues
 
 from . import _faiss, _nndescent
 from ._exact import exact_knn, neighbor_distances
-from ._options import BACKENDS, METRICS, resolve_device
+from ._options import BACKENDS, HELD_OUT_CELLS, METRICS, REFERENCE_CELLS, resolve_device
 from ._reference_io import ReferenceIndexIOMixin
 from ._transfer import ClassEvidence, calibrate_votes, neighbor_weights, vote
 
@@ -32,6 +32,7 @@ in every new process (its kernels are closures, which numba cannot cache on disk
 
 _N_CALIBRATION_CELLS = 5_000
 _CALIBRATION_NEIGHBORS = 50
+MIN_HELD_OUT_CALIBRATION_CELLS = 20
 
 
 @dataclass
@@ -114,6 +115,16 @@ class ReferenceIndex(ReferenceIndexIOMixin):
     model_fingerprint
         Fingerprint of the model that made ``embedding`` (set by :meth:`build`): mapping with another model is
         refused.
+    calibration_embedding
+        Embedding of held-out cells of known types, made the way a query is embedded (for a model: read as a new
+        batch, by the encoder that did not train on them): the distance p-values of :meth:`transfer_labels` are
+        calibrated on their mean distances to their nearest reference cells, skipping a reference cell of the same
+        name (``calibration_cell_names``). At least :data:`MIN_HELD_OUT_CALIBRATION_CELLS` (20) cells. When
+        ``None``, a sample of reference cells' distances to the rest of the reference: these cells trained the
+        encoder and were read with their own batch's moments, so a query from another batch lies farther away and
+        too many of its known cells get small p-values (:meth:`build` passes the model's held-out cells).
+    calibration_cell_names
+        Names of the ``calibration_embedding`` cells (to skip themselves in the reference).
     """
 
     def __init__(
@@ -132,9 +143,12 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         unlabeled_category: str = "Unknown",
         seed: int = 0,
         model_fingerprint: str | None = None,
+        calibration_embedding: np.ndarray | None = None,
+        calibration_cell_names: Sequence[str] | None = None,
         _graph: tuple[np.ndarray, np.ndarray] | None = None,
         _faiss_index: np.ndarray | None = None,
         _calibration: np.ndarray | None = None,
+        _calibration_source: str = REFERENCE_CELLS,
     ):
         embedding = _as_embedding(embedding, "embedding")
         n_cells = embedding.shape[0]
@@ -169,7 +183,14 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         self._searcher = None
         self._reference_tensor = None
         self._prepare_search()
-        self._calibration = _calibration if _calibration is not None else self._calibration_distances()
+        self.calibration_source = _calibration_source
+        if _calibration is not None:
+            self._calibration = _calibration
+        elif calibration_embedding is not None:
+            self._calibration = self._held_out_distances(calibration_embedding, calibration_cell_names)
+            self.calibration_source = HELD_OUT_CELLS
+        else:
+            self._calibration = self._calibration_distances()
         self.temperature = float(temperature) if temperature is not None else self._default_temperature()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}.")
@@ -239,6 +260,9 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             Show a progress bar while embedding the reference (on stderr).
         **kwargs
             Options of :class:`ReferenceIndex` (``metric``, ``backend``, ``device``, ``n_neighbors``, ``seed``, ...).
+            Unless ``calibration_embedding`` is among them, the distance p-values are calibrated on the model's
+            held-out reference cells embedded as a query (:meth:`~cellular.CELLULAR.embed_calibration_cells`), when
+            it keeps at least 20 of them.
         """
         model.require_trained()
         label_keys = _label_keys(label_keys, adata_ref, model.setup_args["labels_key"])
@@ -266,6 +290,10 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             )
         if temperature is None and kwargs.get("metric", "cosine") == "cosine":
             temperature = float(model.module.temperature.detach())
+        if "calibration_embedding" not in kwargs:
+            held_out = model.embed_calibration_cells()
+            if held_out is not None and len(held_out[0]) >= MIN_HELD_OUT_CALIBRATION_CELLS:
+                kwargs["calibration_cell_names"], kwargs["calibration_embedding"] = held_out
         return cls(
             embedding,
             labels,
@@ -485,20 +513,49 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         indices, distances = self._search(queries, n_neighbors + 1)
         return _drop_rows(indices, distances, sample, n_neighbors)[1]
 
-    def reference_mean_distances(self, k: int) -> np.ndarray:
-        """Mean distance of a sample of reference cells (up to 5,000) to their ``k`` nearest other reference cells.
+    def _held_out_distances(self, embedding, cell_names) -> np.ndarray:
+        """Sorted distances of held-out cells to their nearest reference cells, each skipping itself."""
+        queries = self._check_queries(embedding)
+        if queries.shape[0] < MIN_HELD_OUT_CALIBRATION_CELLS:
+            raise ValueError(
+                f"calibration_embedding holds {queries.shape[0]} cells; the distance p-values need at least "
+                f"{MIN_HELD_OUT_CALIBRATION_CELLS} held-out cells. Pass more cells, or calibration_embedding=None to "
+                "calibrate on the reference cells themselves."
+            )
+        if cell_names is None:
+            rows = np.full(queries.shape[0], -1, dtype=np.int64)
+        else:
+            cell_names = pd.Index([str(name) for name in cell_names])
+            if len(cell_names) != queries.shape[0]:
+                raise ValueError(
+                    f"calibration_cell_names has {len(cell_names)} names for {queries.shape[0]} calibration cells."
+                )
+            rows = self.cell_names.get_indexer(cell_names)
+        n_neighbors = min(_CALIBRATION_NEIGHBORS, self.n_cells - 1)
+        indices, distances = self.query(queries, n_neighbors + 1)
+        return _drop_rows(indices, distances, rows, n_neighbors)[1]
 
-        The yardstick for query distances: a query cell as close to the atlas as atlas cells are to each other
-        falls inside this distribution.
+    def reference_mean_distances(self, k: int) -> np.ndarray:
+        """The mean distances to ``k`` reference neighbours the distance p-values are calibrated on.
+
+        From the index's held-out cells when it has them (:attr:`calibration_source`), else from a sample of up to
+        5,000 reference cells to their ``k`` nearest other reference cells. The yardstick for query distances: a
+        query cell of a known type falls inside this distribution.
         """
         k = self._check_k(k)
         if k > self._calibration.shape[1]:
+            if self.calibration_source == HELD_OUT_CELLS:
+                raise ValueError(
+                    f"This index calibrates distances on its held-out cells' {self._calibration.shape[1]} nearest "
+                    f"reference cells, fewer than k={k}. Map with k <= {self._calibration.shape[1]}."
+                )
             self._calibration = self._calibration_distances(k)
         return self._calibration[:, :k].mean(axis=1)
 
     def _default_temperature(self) -> float:
-        column = min(15, self._calibration.shape[1]) - 1
-        scale = float(np.median(self._calibration[:, column]))
+        distances = self._calibration if self.calibration_source == REFERENCE_CELLS else self._calibration_distances()
+        column = min(15, distances.shape[1]) - 1
+        scale = float(np.median(distances[:, column]))
         return scale if scale > 0 else 1.0
 
 

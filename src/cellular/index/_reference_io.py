@@ -25,7 +25,7 @@ from cellular._files import (
 )
 
 from . import _faiss
-from ._options import BACKENDS, METRICS, resolve_device
+from ._options import BACKENDS, CALIBRATION_SOURCES, METRICS, REFERENCE_CELLS, resolve_device
 
 if TYPE_CHECKING:
     from ._reference import ReferenceIndex
@@ -75,6 +75,7 @@ _SCHEMA = {
         "unlabeled_category": {"type": "string"},
         "seed": {"type": "integer"},
         "model_fingerprint": {"anyOf": [SHA256, {"type": "null"}]},
+        "calibration_source": {"enum": list(CALIBRATION_SOURCES)},
         "levels": {"type": "object", "additionalProperties": {**STRINGS, "minItems": 1}},
         "files": {
             "type": "object",
@@ -120,6 +121,7 @@ class ReferenceIndexIOMixin:
             "unlabeled_category": self.unlabeled_category,
             "seed": self.seed,
             "model_fingerprint": self.model_fingerprint,
+            "calibration_source": self.calibration_source,
             "levels": {name: [str(c) for c in values.categories] for name, values in self.labels.items()},
         }
         arrays = {
@@ -218,6 +220,7 @@ class ReferenceIndexIOMixin:
                 _graph=graph,
                 _faiss_index=arrays.get("faiss_index"),
                 _calibration=arrays["calibration"],
+                _calibration_source=metadata.get("calibration_source", REFERENCE_CELLS),
             )
         except (ValueError, RuntimeError) as error:  # settings or arrays refused (RuntimeError: FAISS's reader)
             raise damaged(dir_path, f"does not hold a valid index ({error})", _FIX) from None

@@ -207,6 +207,23 @@ class InferenceMixin:
         names = batch_names_of(self, adata, batch_names)
         expression.standardization = moments.standardization_for(expression, names, present, classify)
 
+    def embed_calibration_cells(self) -> tuple[list[str], np.ndarray] | None:
+        """The held-out reference cells kept with the model, embedded the way a query is: as one new batch.
+
+        Returns their names and ``(n_cells, n_latent)`` embedding, or ``None`` for a model without them (trained
+        without the classifier stage, or saved by an older version). :meth:`build_reference_index` calibrates the
+        index's distance p-values on them.
+        """
+        cells = getattr(self, "calibration_cells_", None)
+        if cells is None or not cells.cell_names:
+            return None
+        present = np.ones(len(self.genes), dtype=bool)
+        cells = cells.measured_over(present)
+        if not cells.cell_names:
+            return None
+        expression, _ = self._read(cells.as_query(self.genes, present), None, None, None, 0.0)
+        return list(cells.cell_names), self._encode(expression, 4096, torch.device(self.device))
+
     def gene_names_for(self, gene_id_key: str | None) -> list[str]:
         """The names a query's genes are matched against: the model's gene ids with ``gene_id_key``, else its genes."""
         return self.gene_ids if gene_id_key is not None and self.gene_ids is not None else self.genes

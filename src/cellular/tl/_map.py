@@ -119,8 +119,11 @@ def cellular_map(
     ``adata.obs[key_added + '_distance']``
         Mean distance to the ``k`` reference neighbours (``1 - cos`` for the cosine metric).
     ``adata.obs[key_added + '_distance_pvalue']``
-        Conformal p-value of that distance against reference cells' distances to the rest of the reference (small:
-        the cell lies farther from the atlas than atlas cells do).
+        Conformal p-value of that distance (small: the cell lies farther from the atlas than cells of its known
+        types do), calibrated on the model's held-out reference cells embedded as a query when the index was built
+        with them (:meth:`~cellular.ReferenceIndex.build` does so for a model trained with its classifier stage),
+        else on reference cells' distances to the rest of the reference, which flags more of a new batch's known
+        cells; ``params['distance_calibration']`` records which.
     ``adata.obsm[key_added + '_neighbor_indices']``, ``adata.obsm[key_added + '_neighbor_distances']``
         ``(n_cells, k)`` reference row numbers (order of ``index.cell_names``) and distances, nearest first.
     ``adata.obs[key_added + '_' + L + '_' + level]``, ``adata.obs[key_added + '_' + L + '_hierarchical']``
@@ -131,8 +134,8 @@ def cellular_map(
     ``adata.uns['cellular'][key_added + '_map']``
         ``params`` (with ``gene_classifier_weight``, the weight used); ``levels`` (per level its ``classes`` and
         ``counts``, a DataFrame of cells per label);
-        ``distance_summary`` (DataFrame of quantiles of the mean neighbour distance for the query and for reference
-        cells).
+        ``distance_summary`` (DataFrame of quantiles of the mean neighbour distance for the query and, as
+        ``reference``, for the cells the distance p-values are calibrated on).
     """
     if not 0.0 <= hierarchy_threshold <= 1.0:
         raise ValueError(f"hierarchy_threshold must lie in [0, 1], got {hierarchy_threshold}.")
@@ -219,6 +222,7 @@ def cellular_map(
             "metric": index.metric,
             "backend": index.backend,
             "n_reference_cells": int(index.n_cells),
+            "distance_calibration": index.calibration_source,
             "vote_temperatures": dict(vote_temperatures or {}),
             "gene_classifier_weight": float(next(iter(evidence.values())).weight) if evidence else 0.0,
             **served.record,
