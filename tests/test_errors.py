@@ -239,11 +239,6 @@ def case_calibration_cell_names(ctx):
     _calibrated_index(ctx, names=["a", "b", "c"])
 
 
-def case_calibration_k(ctx):
-    index = _calibrated_index(ctx)
-    index.transfer_labels(ctx.model.get_latent_representation()[:10], k=60)
-
-
 def _indexed_query(ctx, model):
     return _query(ctx.symphony), cellular.ReferenceIndex.build(model, _counts(ctx.symphony))
 

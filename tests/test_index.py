@@ -131,9 +131,10 @@ def test_distance_pvalues_are_uniform_for_reference_like_cells_and_small_for_far
 
 def test_held_out_calibration_equals_a_naive_computation_and_survives_save_and_load(tmp_path):
     """Distance p-values calibrated on held-out cells: each one's distances to its nearest reference cells, without
-    the reference cell of its own name (half of them are reference cells embedded again, a hair away)."""
+    the nearest reference cell of its own name (half of them are reference cells embedded again, a hair away; ten
+    reference names occur twice)."""
     reference, _ = _clustered(400)
-    names = np.array([f"ref_{i}" for i in range(400)])
+    names = np.array([f"ref_{i % 390}" for i in range(400)])  # the last ten repeat names of the first ten
     rng = np.random.default_rng(3)
     again = reference[:30] + 1e-3 * rng.standard_normal((30, reference.shape[1]))
     held_out = np.vstack([again, _clustered(30, seed=8)[0]]).astype(np.float32)
@@ -153,6 +154,8 @@ def test_held_out_calibration_equals_a_naive_computation_and_survives_save_and_l
     distances[np.arange(30), np.arange(30)] = np.inf  # a cell does not count itself
     naive = np.sort(distances, axis=1)[:, :15].mean(axis=1)
     np.testing.assert_allclose(index.reference_mean_distances(15), naive, rtol=1e-4)
+    # More neighbours than the 50 computed at build: the held-out cells are kept, so they are measured again.
+    np.testing.assert_allclose(index.reference_mean_distances(80), np.sort(distances, 1)[:, :80].mean(1), rtol=1e-4)
     queries = _clustered(50, seed=11)[0]
     query_distances = np.sort(np.linalg.norm(queries[:, None, :] - reference[None, :, :], axis=2), axis=1)[:, :15]
     expected = cellular.metrics.conformal_pvalues(naive, query_distances.mean(axis=1))
@@ -161,6 +164,7 @@ def test_held_out_calibration_equals_a_naive_computation_and_survives_save_and_l
     loaded = cellular.ReferenceIndex.load(tmp_path / "index")
     assert loaded.calibration_source == index.calibration_source
     assert loaded.temperature == index.temperature
+    np.testing.assert_array_equal(loaded.reference_mean_distances(60), index.reference_mean_distances(60))
     np.testing.assert_array_equal(
         loaded.transfer_labels(queries, k=15).distance_pvalue, index.transfer_labels(queries, k=15).distance_pvalue
     )

@@ -118,13 +118,19 @@ class ReferenceIndex(ReferenceIndexIOMixin):
     calibration_embedding
         Embedding of held-out cells of known types, made the way a query is embedded (for a model: read as a new
         batch, by the encoder that did not train on them): the distance p-values of :meth:`transfer_labels` are
-        calibrated on their mean distances to their nearest reference cells, skipping a reference cell of the same
-        name (``calibration_cell_names``). At least :data:`MIN_HELD_OUT_CALIBRATION_CELLS` (20) cells. When
+        calibrated on their mean distances to their nearest reference cells, each skipping its nearest reference
+        cell of the same name (``calibration_cell_names``): its own copy when it is in the reference too. Kept with
+        the index, so any ``k`` is calibrated. At least :data:`MIN_HELD_OUT_CALIBRATION_CELLS` (20) cells. When
         ``None``, a sample of reference cells' distances to the rest of the reference: these cells trained the
         encoder and were read with their own batch's moments, so a query from another batch lies farther away and
         too many of its known cells get small p-values (:meth:`build` passes the model's held-out cells).
     calibration_cell_names
         Names of the ``calibration_embedding`` cells (to skip themselves in the reference).
+
+    Attributes
+    ----------
+    calibration_source
+        What the distance p-values are calibrated on: ``"held-out cells read as a query"`` or ``"reference cells"``.
     """
 
     def __init__(
@@ -148,7 +154,6 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         _graph: tuple[np.ndarray, np.ndarray] | None = None,
         _faiss_index: np.ndarray | None = None,
         _calibration: np.ndarray | None = None,
-        _calibration_source: str = REFERENCE_CELLS,
     ):
         embedding = _as_embedding(embedding, "embedding")
         n_cells = embedding.shape[0]
@@ -183,14 +188,11 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         self._searcher = None
         self._reference_tensor = None
         self._prepare_search()
-        self.calibration_source = _calibration_source
-        if _calibration is not None:
-            self._calibration = _calibration
-        elif calibration_embedding is not None:
-            self._calibration = self._held_out_distances(calibration_embedding, calibration_cell_names)
-            self.calibration_source = HELD_OUT_CELLS
-        else:
-            self._calibration = self._calibration_distances()
+        self._calibration_embedding, self._calibration_cell_names = None, None
+        self.calibration_source = REFERENCE_CELLS
+        if calibration_embedding is not None:
+            self._set_calibration_cells(calibration_embedding, calibration_cell_names)
+        self._calibration = _calibration if _calibration is not None else self._calibration_for(_CALIBRATION_NEIGHBORS)
         self.temperature = float(temperature) if temperature is not None else self._default_temperature()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}.")
@@ -262,7 +264,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             Options of :class:`ReferenceIndex` (``metric``, ``backend``, ``device``, ``n_neighbors``, ``seed``, ...).
             Unless ``calibration_embedding`` is among them, the distance p-values are calibrated on the model's
             held-out reference cells embedded as a query (:meth:`~cellular.CELLULAR.embed_calibration_cells`), when
-            it keeps at least 20 of them.
+            it keeps at least 20 cells held out of encoder training and ``adata_ref`` holds them all.
         """
         model.require_trained()
         label_keys = _label_keys(label_keys, adata_ref, model.setup_args["labels_key"])
@@ -292,7 +294,12 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             temperature = float(model.module.temperature.detach())
         if "calibration_embedding" not in kwargs:
             held_out = model.embed_calibration_cells()
-            if held_out is not None and len(held_out[0]) >= MIN_HELD_OUT_CALIBRATION_CELLS:
+            # Only cells held out of this reference calibrate it: an index of other cells keeps its own calibration.
+            if (
+                held_out is not None
+                and len(held_out[0]) >= MIN_HELD_OUT_CALIBRATION_CELLS
+                and np.isin(held_out[0], np.asarray(adata_ref.obs_names, dtype=str)).all()
+            ):
                 kwargs["calibration_cell_names"], kwargs["calibration_embedding"] = held_out
         return cls(
             embedding,
@@ -421,6 +428,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         exclude_rows: np.ndarray | None = None,
         vote_temperatures: dict[str, float] | None = None,
         evidence: Mapping[str, ClassEvidence] | None = None,
+        distance_calibration: np.ndarray | None = None,
     ) -> LabelTransfer:
         """Transfer reference labels to query cells by a distance-weighted vote of their ``k`` neighbours.
 
@@ -450,6 +458,10 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             Per level, probabilities from a second source averaged with the (calibrated) vote shares before labels
             are assigned (:class:`~cellular.index.ClassEvidence`); :func:`cellular.tl.cellular_map` passes the
             model's gene classifier here.
+        distance_calibration
+            Mean distances to their ``k`` nearest reference cells of held-out cells of known types, read the way
+            these query cells were (e.g. under the query's gene panel): the distance p-values' calibration; the
+            index's own (:meth:`reference_mean_distances`) when ``None``.
 
         Returns
         -------
@@ -476,11 +488,14 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             distances, weighting=weighting, temperature=self.temperature if temperature is None else temperature
         )
         mean_distance = distances.mean(axis=1)
+        calibration = (
+            self.reference_mean_distances(indices.shape[1]) if distance_calibration is None else distance_calibration
+        )
         result = LabelTransfer(
             indices=indices,
             distances=distances,
             mean_distance=mean_distance,
-            distance_pvalue=conformal_pvalues(self.reference_mean_distances(indices.shape[1]), mean_distance),
+            distance_pvalue=conformal_pvalues(calibration, mean_distance),
         )
         for level in levels:
             values = self.labels[level]
@@ -513,8 +528,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         indices, distances = self._search(queries, n_neighbors + 1)
         return _drop_rows(indices, distances, sample, n_neighbors)[1]
 
-    def _held_out_distances(self, embedding, cell_names) -> np.ndarray:
-        """Sorted distances of held-out cells to their nearest reference cells, each skipping itself."""
+    def _set_calibration_cells(self, embedding, cell_names) -> None:
         queries = self._check_queries(embedding)
         if queries.shape[0] < MIN_HELD_OUT_CALIBRATION_CELLS:
             raise ValueError(
@@ -522,18 +536,21 @@ class ReferenceIndex(ReferenceIndexIOMixin):
                 f"{MIN_HELD_OUT_CALIBRATION_CELLS} held-out cells. Pass more cells, or calibration_embedding=None to "
                 "calibrate on the reference cells themselves."
             )
-        if cell_names is None:
-            rows = np.full(queries.shape[0], -1, dtype=np.int64)
-        else:
-            cell_names = pd.Index([str(name) for name in cell_names])
-            if len(cell_names) != queries.shape[0]:
-                raise ValueError(
-                    f"calibration_cell_names has {len(cell_names)} names for {queries.shape[0]} calibration cells."
-                )
-            rows = self.cell_names.get_indexer(cell_names)
-        n_neighbors = min(_CALIBRATION_NEIGHBORS, self.n_cells - 1)
-        indices, distances = self.query(queries, n_neighbors + 1)
-        return _drop_rows(indices, distances, rows, n_neighbors)[1]
+        names = np.full(queries.shape[0], "", dtype=str) if cell_names is None else np.asarray(cell_names, dtype=str)
+        if names.shape != (queries.shape[0],):
+            raise ValueError(f"calibration_cell_names has {names.size} names for {queries.shape[0]} calibration cells.")
+        self._calibration_embedding, self._calibration_cell_names = queries, names
+        self.calibration_source = HELD_OUT_CELLS
+
+    def _calibration_for(self, n_neighbors: int) -> np.ndarray:
+        """Sorted distances to their ``n_neighbors`` nearest reference cells of the cells that calibrate."""
+        if self._calibration_embedding is None:
+            return self._calibration_distances(n_neighbors)
+        n_neighbors = min(n_neighbors, self.n_cells - 1)
+        indices, distances = self.query(self._calibration_embedding, n_neighbors + 1)
+        # A held-out cell that is also in the reference skips its own copy: the nearest neighbour of its name.
+        is_self = np.asarray(self.cell_names, dtype=str)[indices] == self._calibration_cell_names[:, None]
+        return _drop_first(indices, distances, is_self, n_neighbors)[1]
 
     def reference_mean_distances(self, k: int) -> np.ndarray:
         """The mean distances to ``k`` reference neighbours the distance p-values are calibrated on.
@@ -544,12 +561,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         """
         k = self._check_k(k)
         if k > self._calibration.shape[1]:
-            if self.calibration_source == HELD_OUT_CELLS:
-                raise ValueError(
-                    f"This index calibrates distances on its held-out cells' {self._calibration.shape[1]} nearest "
-                    f"reference cells, fewer than k={k}. Map with k <= {self._calibration.shape[1]}."
-                )
-            self._calibration = self._calibration_distances(k)
+            self._calibration = self._calibration_for(k)
         return self._calibration[:, :k].mean(axis=1)
 
     def _default_temperature(self) -> float:
@@ -561,7 +573,12 @@ class ReferenceIndex(ReferenceIndexIOMixin):
 
 def _drop_rows(indices: np.ndarray, distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each cell's neighbours without its own reference row (its farthest neighbour when the row was not found)."""
-    is_self = indices == rows[:, None]
+    return _drop_first(indices, distances, indices == rows[:, None], k)
+
+
+def _drop_first(indices: np.ndarray, distances: np.ndarray, is_self: np.ndarray, k: int):
+    """Each row's ``k`` neighbours left after dropping its first ``is_self`` one (its farthest when there is none)."""
+    is_self = is_self.copy()
     is_self[~is_self.any(axis=1), -1] = True
     keep = np.ones_like(is_self)
     keep[np.arange(indices.shape[0]), is_self.argmax(axis=1)] = False

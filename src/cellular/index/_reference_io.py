@@ -34,8 +34,10 @@ logger = logging.getLogger(__name__)
 
 _FORMAT = "cellular-sc-reference-index"
 # Version 2 records the SHA-256 of arrays.npz and of the metadata, and every array's shape; version 1 files carry no
-# checksums and load with a warning.
-_FORMAT_VERSION = 2
+# checksums and load with a warning. Version 3 adds the held-out cells that calibrate the distance p-values (an
+# earlier release would read such a file as calibrated on reference cells, so it is refused there).
+_FORMAT_VERSION = 3
+_CHECKED_VERSIONS = (2, 3)
 _UNCHECKED_VERSION = 1
 _METADATA_FILE = "index.json"
 _ARRAYS_FILE = "arrays.npz"
@@ -64,7 +66,7 @@ _SCHEMA = {
     ],
     "properties": {
         "format": {"const": _FORMAT},
-        "format_version": {"const": _FORMAT_VERSION},
+        "format_version": {"enum": list(_CHECKED_VERSIONS)},
         "package_version": {"type": "string"},
         "metric": {"enum": list(METRICS)},
         "backend": {"enum": list(BACKENDS)},
@@ -129,6 +131,9 @@ class ReferenceIndexIOMixin:
             "cell_names": np.asarray(self.cell_names, dtype=str),
             "calibration": self._calibration,
         }
+        if self._calibration_embedding is not None:
+            arrays["calibration_embedding"] = self._calibration_embedding
+            arrays["calibration_cell_names"] = self._calibration_cell_names
         for position, values in enumerate(self.labels.values()):
             arrays[f"label_codes_{position}"] = np.asarray(values.codes, dtype=np.int32)
         if self._graph is not None:
@@ -168,7 +173,7 @@ class ReferenceIndexIOMixin:
         if not metadata_path.exists():
             raise FileNotFoundError(f"No saved reference index in {dir_path} ({_METADATA_FILE} is missing).")
         metadata = read_metadata(metadata_path, _FIX)
-        readable = (_UNCHECKED_VERSION, _FORMAT_VERSION)
+        readable = (_UNCHECKED_VERSION, *_CHECKED_VERSIONS)
         if metadata.get("format") != _FORMAT or metadata.get("format_version") not in readable:
             raise ValueError(
                 f"{dir_path} holds a file of format {metadata.get('format')!r} version "
@@ -219,8 +224,9 @@ class ReferenceIndexIOMixin:
                 model_fingerprint=metadata["model_fingerprint"],
                 _graph=graph,
                 _faiss_index=arrays.get("faiss_index"),
+                calibration_embedding=arrays.get("calibration_embedding"),
+                calibration_cell_names=arrays.get("calibration_cell_names"),
                 _calibration=arrays["calibration"],
-                _calibration_source=metadata.get("calibration_source", REFERENCE_CELLS),
             )
         except (ValueError, RuntimeError) as error:  # settings or arrays refused (RuntimeError: FAISS's reader)
             raise damaged(dir_path, f"does not hold a valid index ({error})", _FIX) from None
@@ -245,6 +251,8 @@ def _read_arrays(path: Path, recorded: dict | None) -> dict[str, np.ndarray]:
 def _check_arrays(arrays: dict[str, np.ndarray], metadata: dict, path: Path) -> None:
     """Shapes, dtypes and ranges that tie the arrays to each other and to the metadata."""
     expected = {"embedding", "cell_names", "calibration"}
+    if metadata.get("calibration_source", REFERENCE_CELLS) != REFERENCE_CELLS:
+        expected |= {"calibration_embedding", "calibration_cell_names"}
     expected |= {f"label_codes_{position}" for position in range(len(metadata["levels"]))}
     if "graph_indices" in arrays or "graph_distances" in arrays:
         expected |= {"graph_indices", "graph_distances"}
@@ -263,6 +271,18 @@ def _check_arrays(arrays: dict[str, np.ndarray], metadata: dict, path: Path) -> 
     calibration = arrays["calibration"]
     if calibration.ndim != 2 or calibration.dtype.kind != "f" or not np.isfinite(calibration).all():
         raise damaged(path, "the calibration distances are not a finite 2-d float array", _FIX)
+    if "calibration_embedding" in arrays:
+        cells, names = arrays["calibration_embedding"], arrays["calibration_cell_names"]
+        if (
+            cells.ndim != 2
+            or cells.shape[1] != embedding.shape[1]
+            or cells.dtype.kind != "f"
+            or not np.isfinite(cells).all()
+            or names.shape != (cells.shape[0],)
+            or names.dtype.kind != "U"
+            or calibration.shape[0] != cells.shape[0]
+        ):
+            raise damaged(path, "the held-out calibration cells do not fit the embedding and their distances", _FIX)
     for position, (name, categories) in enumerate(metadata["levels"].items()):
         codes = arrays[f"label_codes_{position}"]
         if (

@@ -211,11 +211,13 @@ class InferenceMixin:
         """The held-out reference cells kept with the model, embedded the way a query is: as one new batch.
 
         Returns their names and ``(n_cells, n_latent)`` embedding, or ``None`` for a model without them (trained
-        without the classifier stage, or saved by an older version). :meth:`build_reference_index` calibrates the
-        index's distance p-values on them.
+        without the classifier stage, saved by an older version, or calibrated on training cells because too few
+        were held out of encoder training). :meth:`build_reference_index` calibrates the index's distance p-values
+        on them.
         """
         cells = getattr(self, "calibration_cells_", None)
-        if cells is None or not cells.cell_names:
+        summary = getattr(self, "classifier_summary_", None) or {}
+        if cells is None or not cells.cell_names or summary.get("calibration_source") != "validation":
             return None
         present = np.ones(len(self.genes), dtype=bool)
         cells = cells.measured_over(present)

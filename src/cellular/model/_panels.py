@@ -114,6 +114,9 @@ class PanelCalibration:
         Per label level of the reference index, the temperature that calibrates kNN vote shares under the panel.
     gene_classifier_temperature
         Softmax temperature of the gene classifier under the panel (``None`` without one).
+    neighbor_distances
+        Mean distance of the held-out cells, read under the panel, to their ``k`` nearest other cells of the
+        reference index: the index's distance p-values under the panel (``None`` without the index's held-out cells).
     summary
         Accuracy and expected calibration error of the held-out cells under the panel.
     """
@@ -124,6 +127,7 @@ class PanelCalibration:
     novelty_reference: NoveltyReference | None = None
     vote_temperatures: dict[str, float] = field(default_factory=dict)
     gene_classifier_temperature: float | None = None
+    neighbor_distances: np.ndarray | None = None
     summary: dict[str, float] = field(default_factory=dict)
 
 
@@ -161,9 +165,9 @@ class PanelMixin:
         """Calibrate the classifier, novelty scores and (with ``index``) kNN votes for a query gene panel.
 
         The model's held-out reference cells are read as a query that measures only the ``present`` genes and
-        embedded so; the classifier temperature, the novelty score scales and conformal scores, and a temperature
-        per label level of the index's vote shares are fitted on them. Cells whose informative genes are missing
-        then come out uncertain, as they should.
+        embedded so; the classifier temperature, the novelty score scales and conformal scores, a temperature per
+        label level of the index's vote shares and the index's distance p-values are fitted on them. Cells whose
+        informative genes are missing then come out uncertain, as they should.
 
         Parameters
         ----------
@@ -225,6 +229,7 @@ class PanelMixin:
                 transfer = index.transfer_labels(
                     z, k=k, weighting=weighting, temperature=temperature, min_probability=0.0, exclude_rows=rows
                 )
+                calibration.neighbor_distances = transfer.mean_distance
                 for level, shares in transfer.probabilities.items():
                     truth = np.asarray(index.labels[level].codes, dtype=np.int64)[rows]
                     usable = (truth >= 0) & (shares.sum(axis=1) > 0)

@@ -1,4 +1,4 @@
-"""Cell-type representation vectors: one embedding per type (mean, medoid or weighted by the head)."""
+"""Cell-type representation vectors: one embedding per type (centroid, median or medoid of its cells)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 # The gene classifier's share of the transferred probabilities: equal weights beat the vote alone on every map
 # pair of the field benchmark (benchmarks/annotation_blends.py).
 DEFAULT_GENE_CLASSIFIER_WEIGHT = 0.5
+# What calibrated a query's distance p-values when the model read its held-out cells under the query's gene panel.
+UNDER_THE_PANEL = "held-out cells read under the query's gene panel"
 
 
 def cellular_map(
@@ -123,7 +125,8 @@ def cellular_map(
         types do), calibrated on the model's held-out reference cells embedded as a query when the index was built
         with them (:meth:`~cellular.ReferenceIndex.build` does so for a model trained with its classifier stage),
         else on reference cells' distances to the rest of the reference, which flags more of a new batch's known
-        cells; ``params['distance_calibration']`` records which.
+        cells; for a query missing some of the model's genes and served by the model itself, on the held-out cells
+        read under the query's panel. ``params['distance_calibration']`` records which.
     ``adata.obsm[key_added + '_neighbor_indices']``, ``adata.obsm[key_added + '_neighbor_distances']``
         ``(n_cells, k)`` reference row numbers (order of ``index.cell_names``) and distances, nearest first.
     ``adata.obs[key_added + '_' + L + '_' + level]``, ``adata.obs[key_added + '_' + L + '_hierarchical']``
@@ -167,6 +170,9 @@ def cellular_map(
         )
     z, index = served.z, served.index
     vote_temperatures = None if served.calibration is None else served.calibration.vote_temperatures
+    reference_distances, distance_calibration = None, index.calibration_source
+    if served.calibration is not None and served.calibration.neighbor_distances is not None:
+        reference_distances, distance_calibration = served.calibration.neighbor_distances, UNDER_THE_PANEL
     evidence = _gene_classifier_evidence(served, index, levels, gene_classifier_weight)
     transfer = index.transfer_labels(
         z,
@@ -178,6 +184,7 @@ def cellular_map(
         unknown_label=unknown_label,
         vote_temperatures=vote_temperatures,
         evidence=evidence,
+        distance_calibration=reference_distances,
     )
 
     adata.obsm[f"X_{key_added}"] = z
@@ -209,7 +216,8 @@ def cellular_map(
     adata.obs[f"{key_added}_distance_pvalue"] = transfer.distance_pvalue.astype(np.float32)
     adata.obsm[f"{key_added}_neighbor_indices"] = transfer.indices
     adata.obsm[f"{key_added}_neighbor_distances"] = transfer.distances
-    reference_distances = index.reference_mean_distances(k)
+    if reference_distances is None:
+        reference_distances = index.reference_mean_distances(k)
     package_uns(adata)[f"{key_added}_map"] = {
         "params": {
             "k": int(k),
@@ -222,7 +230,7 @@ def cellular_map(
             "metric": index.metric,
             "backend": index.backend,
             "n_reference_cells": int(index.n_cells),
-            "distance_calibration": index.calibration_source,
+            "distance_calibration": distance_calibration,
             "vote_temperatures": dict(vote_temperatures or {}),
             "gene_classifier_weight": float(next(iter(evidence.values())).weight) if evidence else 0.0,
             **served.record,
