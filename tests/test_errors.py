@@ -239,6 +239,12 @@ def case_calibration_cell_names(ctx):
     _calibrated_index(ctx, names=["a", "b", "c"])
 
 
+def case_distance_calibration(ctx):
+    embedding = ctx.model.get_latent_representation()
+    index = cellular.ReferenceIndex.from_embedding(embedding, backend="exact")
+    index.transfer_labels(embedding[:10], distance_calibration=np.ones((3, 2)))
+
+
 def _indexed_query(ctx, model):
     return _query(ctx.symphony), cellular.ReferenceIndex.build(model, _counts(ctx.symphony))
 

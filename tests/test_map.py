@@ -243,6 +243,16 @@ def test_distance_pvalues_are_calibrated_on_held_out_cells_read_as_a_query(atlas
     # An index of cells that lacks some of the held-out ones keeps the reference-cell calibration.
     half = reference[reference.obs["batch"] != reference.obs["batch"].iloc[0]].copy()
     assert cellular.ReferenceIndex.build(model, half).calibration_source == "reference cells"
+    # So does a model whose calibration cells are training cells (nothing was held out of encoder training).
+    unheld = reference.copy()
+    cellular.CELLULAR.setup_anndata(unheld, labels_key="cell_type", batch_key="batch")
+    trained_on_all = cellular.CELLULAR(unheld)
+    trained_on_all.train(max_epochs=2, train_size=1.0, progress_bar=False)
+    assert trained_on_all.classifier_summary_["calibration_source"] == "training"
+    assert trained_on_all.embed_calibration_cells() is None
+    assert trained_on_all.build_reference_index(unheld).calibration_source == "reference cells"
+    with pytest.raises(ValueError, match="distance_calibration must be"):
+        index.transfer_labels(index.embedding[:5], distance_calibration=np.array([0.1, np.nan]))
 
 
 def test_join_reference_query(atlas, pbmc3k):

@@ -398,15 +398,15 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             queries = _unit_rows(queries)
         return self._search(queries, k)
 
-    def _check_queries(self, embedding) -> np.ndarray:
-        queries = _as_embedding(embedding, "query embedding")
+    def _check_queries(self, embedding, what: str = "query embedding") -> np.ndarray:
+        queries = _as_embedding(embedding, what)
         if queries.shape[1] != self.n_latent:
             raise ValueError(
-                f"The query embedding has {queries.shape[1]} dimensions but the reference has {self.n_latent}; "
-                "embed the query with the model that embedded the reference."
+                f"The {what} has {queries.shape[1]} dimensions but the reference has {self.n_latent}; "
+                "embed those cells with the model that embedded the reference."
             )
         if self.metric == "cosine" and not (np.linalg.norm(queries, axis=1) > 0).all():
-            raise ValueError("The query embedding has all-zero rows, which have no direction for the cosine metric.")
+            raise ValueError(f"The {what} has all-zero rows, which have no direction for the cosine metric.")
         return queries
 
     def _check_k(self, k: int) -> int:
@@ -488,9 +488,15 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             distances, weighting=weighting, temperature=self.temperature if temperature is None else temperature
         )
         mean_distance = distances.mean(axis=1)
-        calibration = (
-            self.reference_mean_distances(indices.shape[1]) if distance_calibration is None else distance_calibration
-        )
+        if distance_calibration is None:
+            calibration = self.reference_mean_distances(indices.shape[1])
+        else:
+            calibration = np.asarray(distance_calibration, dtype=np.float64)
+            if calibration.ndim != 1 or calibration.size == 0 or not np.isfinite(calibration).all():
+                raise ValueError(
+                    f"distance_calibration must be a non-empty 1-d array of finite mean distances (one per held-out "
+                    f"cell), got shape {calibration.shape}{'' if np.isfinite(calibration).all() else ' with NaN'}."
+                )
         result = LabelTransfer(
             indices=indices,
             distances=distances,
@@ -529,7 +535,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         return _drop_rows(indices, distances, sample, n_neighbors)[1]
 
     def _set_calibration_cells(self, embedding, cell_names) -> None:
-        queries = self._check_queries(embedding)
+        queries = self._check_queries(embedding, "calibration embedding")
         if queries.shape[0] < MIN_HELD_OUT_CALIBRATION_CELLS:
             raise ValueError(
                 f"calibration_embedding holds {queries.shape[0]} cells; the distance p-values need at least "

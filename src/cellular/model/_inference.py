@@ -219,11 +219,10 @@ class InferenceMixin:
         summary = getattr(self, "classifier_summary_", None) or {}
         if cells is None or not cells.cell_names or summary.get("calibration_source") != "validation":
             return None
-        present = np.ones(len(self.genes), dtype=bool)
-        cells = cells.measured_over(present)
-        if not cells.cell_names:
+        read = self._read_calibration_cells(np.ones(len(self.genes), dtype=bool))
+        if read is None:
             return None
-        expression, _ = self._read(cells.as_query(self.genes, present), None, None, None, 0.0)
+        cells, expression, _ = read
         return list(cells.cell_names), self._encode(expression, 4096, torch.device(self.device))
 
     def gene_names_for(self, gene_id_key: str | None) -> list[str]:

@@ -188,11 +188,11 @@ class PanelMixin:
         if cells is None:
             return None
         calibration = PanelCalibration(int(present.sum()), self.expression_share(present))
-        cells = cells.measured_over(present)
-        if not cells.cell_names:
+        read = self._read_calibration_cells(present)
+        if read is None:
             logger.warning("No held-out reference cell has counts over the query's genes; nothing is calibrated.")
             return calibration
-        expression, alignment = self._read(cells.as_query(self.genes, present), None, None, None, 0.0)
+        cells, expression, alignment = read
         space = self.novelty_reference_.spaces if self.has_classifier else None
         encoded = self._encode(expression, 4096, torch.device(self.device), gene_mask=alignment.present, hidden=space)
         z, hidden = encoded if space is not None else (encoded, None)
@@ -245,6 +245,17 @@ class PanelMixin:
                     "The reference index does not hold the model's held-out cells; vote shares are not calibrated."
                 )
         return calibration
+
+    def _read_calibration_cells(self, present: np.ndarray):
+        """The held-out cells with counts over the ``present`` genes, read as one query batch of only those genes.
+
+        Returns ``(cells, expression, alignment)``, or ``None`` when no held-out cell has such counts.
+        """
+        cells = self.calibration_cells_.measured_over(present)
+        if not cells.cell_names:
+            return None
+        expression, alignment = self._read(cells.as_query(self.genes, present), None, None, None, 0.0)
+        return cells, expression, alignment
 
     def restrict_to_genes(self, genes, *, gene_id_key: str | None = None, progress_bar: bool = False):
         """A new model of the same settings trained on the reference's genes that ``genes`` also holds.
