@@ -271,6 +271,14 @@ def case_gene_classifier_c(ctx):
     _quick_model(ctx, classifier_kwargs={"gene_classifier_c": 0})
 
 
+def case_novelty_gene_uncertainty_weight(ctx):
+    _quick_model(ctx, classifier_kwargs={"novelty_gene_uncertainty_weight": -1.0})
+
+
+def case_gene_uncertainty_needs_gene_classifier(ctx):
+    _quick_model(ctx, classifier_kwargs={"novelty_gene_uncertainty_weight": 0.2, "gene_classifier": False})
+
+
 def _evidence_transfer(ctx, evidence):
     query, index = _indexed_query(ctx, ctx.model)
     index.transfer_labels(ctx.model.get_latent_representation(query), evidence={"cell_type": evidence})
@@ -389,6 +397,21 @@ def case_damaged_novelty_space(ctx):
     # Consistent in itself, but spanning one gene fewer than the model reads.
     tensors["novelty.gene_mean"] = tensors["novelty.gene_mean"][:-1]
     tensors["novelty.gene_components"] = tensors["novelty.gene_components"][:-1]
+    torch.save(tensors, path / "model.pt")
+    CELLULAR.load(path)
+
+
+def case_damaged_novelty_probe(ctx):
+    model = _quick_model(ctx, classifier_kwargs={"novelty_gene_uncertainty_weight": 0.2})
+    path = ctx.tmp_path / "probe"
+    model.save(path, overwrite=True)
+    metadata = json.loads((path / "model.json").read_text())
+    metadata["format_version"] = 3
+    for key in ("files", "tensors", "metadata_sha256"):
+        del metadata[key]
+    (path / "model.json").write_text(json.dumps(metadata))
+    tensors = torch.load(path / "model.pt", weights_only=True)
+    tensors["novelty.gene_uncertainty_bias"] = tensors["novelty.gene_uncertainty_bias"][:-1]
     torch.save(tensors, path / "model.pt")
     CELLULAR.load(path)
 

@@ -91,3 +91,50 @@ def test_gene_classifier_saves_loads_and_maps_identically(kang_onto_symphony, tm
     third = kang.copy()
     cellular.tl.cellular_map(third, loaded)
     assert third.uns["cellular"]["cellular_map"]["params"]["gene_classifier_weight"] == 0.0
+
+
+def test_probe_uncertainty_is_the_entropy_of_the_calibrated_classifier_with_absent_genes_at_the_mean(symphony):
+    """The novelty part reads the gene classifier exactly: the naive entropy of softmax(logits / temperature), with
+    the genes a query lacks read at the training mean (as ``GeneLinearClassifier`` does with its mask)."""
+    from cellular.model._novelty import LinearProbe
+
+    adata = symphony.copy()
+    cellular.pp.normalize_log1p(adata, target_sum=1e4)
+    x = adata[:, :300].X.toarray().astype(np.float32)
+    labels = adata.obs["cell_type"].cat.codes.to_numpy()
+    classifier = fit_gene_classifier(x[:800], labels[:800], labels.max() + 1)
+    state = {name: value.numpy() for name, value in classifier.state_dict().items()}
+    probe = LinearProbe(state["mean"], state["linear.weight"], state["linear.bias"], temperature=1.7)
+    present = np.random.default_rng(0).random(x.shape[1]) < 0.4
+    for mask in (None, present):
+        with torch.no_grad():
+            logits = classifier(torch.from_numpy(x[800:]), None if mask is None else torch.from_numpy(mask))
+        naive = torch.distributions.Categorical(logits=logits / 1.7).entropy().numpy()
+        np.testing.assert_allclose(probe.uncertainty(x[800:], mask), naive, rtol=1e-4, atol=1e-5)
+    # a damaged copy is refused on load
+    arrays = probe.to_arrays("p")
+    assert LinearProbe.from_arrays(arrays, "p", n_features=x.shape[1]).temperature == pytest.approx(1.7)
+    with pytest.raises(ValueError, match="probe is inconsistent"):
+        LinearProbe.from_arrays({**arrays, "p_bias": arrays["p_bias"][:-1]}, "p")
+
+
+def test_self_assessment_separates_discrete_types_from_a_continuum():
+    """Each type left out of a gene classifier in turn and found among held-out cells by its uncertainty: discrete
+    cell lines (CellBench) score high, the stages of endocrinogenesis, where known cells between two stages are
+    uncertain too, do not. This decides whether the part joins the novelty score."""
+    from cellular.nn import held_out_type_aurocs
+
+    means = {}
+    for name in ("cellbench_lung_celllines", "pancreas_endocrinogenesis_mouse"):
+        adata = read_dataset(name)
+        adata = adata[np.random.default_rng(0).permutation(adata.n_obs)[:1500]].copy()
+        cellular.pp.normalize_log1p(adata, target_sum=1e4)
+        variances = np.asarray(adata.X.power(2).mean(0)).ravel() - np.asarray(adata.X.mean(0)).ravel() ** 2
+        x = adata[:, np.argsort(variances)[-500:]].X.toarray().astype(np.float32)
+        labels = adata.obs["cell_type"].cat.codes.to_numpy()
+        fit = np.arange(adata.n_obs) < 2 * adata.n_obs // 3
+        aurocs = held_out_type_aurocs(x[fit], labels[fit], x[~fit], labels[~fit], min_cells=5)
+        assert set(aurocs) <= set(np.unique(labels)) and len(aurocs) >= 4
+        means[name] = np.mean(list(aurocs.values()))
+    assert means["cellbench_lung_celllines"] >= 0.95, means
+    assert means["pancreas_endocrinogenesis_mouse"] < 0.85, means

@@ -20,7 +20,7 @@ from cellular.nn import CellTypeClassifier, fit_temperature
 from ._classifier_training import classifier_logits, fit_classifier
 from ._common import SAME_AS_TRAINING, NotTrainedError
 from ._device import resolve_device
-from ._gene_classifier import GENE_CLASSIFIER_C
+from ._gene_classifier import GENE_CLASSIFIER_C, check_gene_uncertainty_weight
 from ._novelty import MAX_HIDDEN_REFERENCE_CELLS, NoveltyReference, NoveltySpaces, PCASpace
 from ._panels import CalibrationCells
 
@@ -66,6 +66,7 @@ class AnnotationMixin:
         novelty_uncertainty_weight: float = 0.1,
         novelty_hidden_weight: float = 1.0,
         novelty_gene_weight: float | None = None,
+        novelty_gene_uncertainty_weight: float | None = None,
         gene_classifier: bool = True,
         gene_classifier_c: float = GENE_CLASSIFIER_C,
         accelerator: str = "auto",
@@ -116,6 +117,15 @@ class AnnotationMixin:
             that matches batch moments, else 0, because unmatched
             inputs carry a new batch's shift and the distance would flag its known cells. ``0`` leaves it out and
             stores no gene space with the model.
+        novelty_gene_uncertainty_weight
+            Weight of the gene classifier's uncertainty (the entropy of its calibrated probabilities), which marks
+            cells a linear model on the genes cannot place among the known types. ``None``: decided by the reference
+            itself. Each type in turn is left out of a gene classifier and found among the held-out cells by that
+            classifier's uncertainty; when the mean AUROC (``classifier_summary_["gene_uncertainty_auroc"]``) is at
+            least 0.9, as on discrete types such as cell lines, the part joins at weight 1, else it is left out
+            (along a differentiation continuum known cells between two types are uncertain too). The assessment runs
+            for every model that matches batch moments and has the gene classifier; without moment matching the part
+            is left out unless a weight is given. Needs ``gene_classifier=True`` when positive.
         gene_classifier
             Also fit the gene classifier: a multinomial logistic regression on the encoder's inputs of the same
             training cells (up to 50,000), calibrated by a temperature on the same held-out cells. The reference index's
@@ -145,6 +155,9 @@ class AnnotationMixin:
             "novelty_gene_weight": float(
                 self._default_gene_weight() if novelty_gene_weight is None else novelty_gene_weight
             ),
+            "novelty_gene_uncertainty_weight": (
+                None if novelty_gene_uncertainty_weight is None else float(novelty_gene_uncertainty_weight)
+            ),
             "gene_classifier": bool(gene_classifier),
             "gene_classifier_c": float(gene_classifier_c),
         }
@@ -153,6 +166,7 @@ class AnnotationMixin:
         for name in NOVELTY_WEIGHTS:
             if params[name] < 0:
                 raise ValueError(f"{name} must be non-negative, got {params[name]}.")
+        check_gene_uncertainty_weight(params)
         split = self._classifier_data(accelerator, devices, seed)
         self._fit_and_calibrate(split, params, resolve_device(accelerator, devices), progress_bar)
 
@@ -206,11 +220,12 @@ class AnnotationMixin:
         device = resolve_device(accelerator, devices)
         defaults = inspect.signature(self.train_classifier).parameters
         base = {name: defaults[name].default for name in _FIT_SETTINGS}
-        for name in (*NOVELTY_WEIGHTS, "gene_classifier", "gene_classifier_c"):
+        for name in (*NOVELTY_WEIGHTS, "novelty_gene_uncertainty_weight", "gene_classifier", "gene_classifier_c"):
             base[name] = defaults[name].default
         base.update(fixed)
         if base["novelty_gene_weight"] is None:
             base["novelty_gene_weight"] = self._default_gene_weight()
+        check_gene_uncertainty_weight(base)
         fit_settings = {name: base[name] for name in _FIT_SETTINGS}
 
         def objective(trial) -> float:
@@ -311,8 +326,23 @@ class AnnotationMixin:
             self.adata, self.genes, setup["layer"], calibration_idx, labels, seed
         )
         self.calibration_temperature_ = temperature
+        self.gene_classifier_, self.gene_classifier_temperature_, self.gene_classifier_summary_ = None, None, None
+        requested = params.get("novelty_gene_uncertainty_weight")
+        if params.get("gene_classifier", False):
+            self._fit_gene_classifier(
+                train_idx,
+                calibration_idx,
+                labels,
+                device,
+                seed,
+                params.get("gene_classifier_c", GENE_CLASSIFIER_C),
+                assess=getattr(self, "batch_moments_", None) is not None,
+            )
         gene_weight = params.get("novelty_gene_weight", 0.0)
-        spaces, projections = self._novelty_spaces(train_idx, calibration_idx, device, seed, genes=gene_weight > 0)
+        uncertainty_weight = self._gene_uncertainty_weight(requested)
+        spaces, projections = self._novelty_spaces(
+            train_idx, calibration_idx, device, seed, genes=gene_weight > 0, gene_uncertainty=uncertainty_weight > 0
+        )
         self.novelty_reference_ = NoveltyReference.fit(
             z[train_idx],
             labels[train_idx],
@@ -325,15 +355,11 @@ class AnnotationMixin:
             projections_calibration=projections,
             hidden_weight=params.get("novelty_hidden_weight", 1.0),
             gene_weight=gene_weight,
+            gene_uncertainty_weight=uncertainty_weight,
         )
         self.novelty_reference_, novelty_calibration = self._calibrated_as_new_batches(
             self.novelty_reference_, calibration_idx, device
         )
-        self.gene_classifier_, self.gene_classifier_temperature_, self.gene_classifier_summary_ = None, None, None
-        if params.get("gene_classifier", False):
-            self._fit_gene_classifier(
-                train_idx, calibration_idx, labels, device, seed, params.get("gene_classifier_c", GENE_CLASSIFIER_C)
-            )
         self.classifier_history_ = pd.DataFrame.from_records(fit.history).set_index("epoch")
         self.classifier_summary_ = {
             "epochs_run": fit.epochs_run,
@@ -343,6 +369,8 @@ class AnnotationMixin:
             "n_calibration_cells": int(calibration_idx.size),
             "calibration_source": source,
             "novelty_calibration": novelty_calibration,
+            "gene_uncertainty_auroc": (self.gene_classifier_summary_ or {}).get("held_out_type_auroc"),
+            "novelty_gene_uncertainty_weight": uncertainty_weight,
             "temperature": temperature,
             "calibration_accuracy": float((calibrated.argmax(1) == labels[calibration_idx]).mean()),
             "calibration_ece_raw": expected_calibration_error(raw, labels[calibration_idx]),
@@ -387,10 +415,11 @@ class AnnotationMixin:
         hierarchy = self.label_hierarchy
         return None if hierarchy is None else hierarchy.ancestry
 
-    def _novelty_spaces(self, train_idx, calibration_idx, device, seed, genes: bool):
+    def _novelty_spaces(self, train_idx, calibration_idx, device, seed, genes: bool, gene_uncertainty: bool = False):
         """Novelty spaces fitted on (a sample of) the training cells, and the calibration cells' projections.
 
-        The encoder's first hidden layer, and with ``genes`` also its input.
+        The encoder's first hidden layer, with ``genes`` also its input, and with ``gene_uncertainty`` the gene
+        classifier's uncertainty.
         """
         rng = np.random.default_rng(seed)
         sample = np.asarray(train_idx)
@@ -403,6 +432,8 @@ class AnnotationMixin:
         if genes:
             inputs = expression.rows(np.arange(expression.n_cells))
             spaces.genes = PCASpace.fit(inputs, seed, unit_length=False, standardize=True)
+        if gene_uncertainty:
+            spaces.gene_uncertainty = self.gene_classifier_probe()
         return spaces, self._encode(read(np.asarray(calibration_idx)), 4096, device, hidden=spaces)[1]
 
     # ------------------------------------------------------------ inference
@@ -469,8 +500,8 @@ class AnnotationMixin:
         reference = self.novelty_reference_ if reference is None else reference
         distance, nearest = reference.nearest_type(z)
         uncertainty = 1.0 - probabilities.max(axis=1)
-        hidden_distance, gene_distance = reference.space_distances(hidden)
-        scores = reference.combine(distance, uncertainty, hidden_distance, gene_distance)
+        hidden_distance, gene_distance, gene_uncertainty = reference.space_distances(hidden)
+        scores = reference.combine(distance, uncertainty, hidden_distance, gene_distance, gene_uncertainty)
         frame = pd.DataFrame(
             {
                 "score": scores,
@@ -485,6 +516,8 @@ class AnnotationMixin:
             frame["hidden_distance"] = hidden_distance
         if gene_distance is not None:
             frame["gene_distance"] = gene_distance
+        if gene_uncertainty is not None:
+            frame["gene_uncertainty"] = gene_uncertainty
         return frame
 
     def predict(

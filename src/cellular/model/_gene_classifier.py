@@ -8,6 +8,8 @@ classifier").
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
@@ -15,14 +17,22 @@ from anndata import AnnData
 
 from cellular.data import sequential_minibatches
 from cellular.metrics import expected_calibration_error
-from cellular.nn import GeneLinearClassifier, fit_gene_classifier, fit_temperature
+from cellular.nn import GeneLinearClassifier, fit_gene_classifier, fit_temperature, held_out_type_aurocs
 
 from ._common import SAME_AS_TRAINING
+from ._novelty import LinearProbe
 
 # Labelled training cells the gene classifier is fitted on (a uniform sample of them when there are more).
 MAX_GENE_CLASSIFIER_CELLS = 50_000
 # Its L2 penalty as scikit-learn's C (inverse strength); 0.1 beat 1 on the field benchmark's map pairs.
 GENE_CLASSIFIER_C = 0.1
+# Training cells each leave-one-type-out classifier of the self-assessment is fitted on (a uniform sample of them).
+MAX_SELF_ASSESSMENT_CELLS = 5_000
+# The gene classifier's uncertainty joins the novelty score at this weight when it finds the reference's own types,
+# each left out of a classifier in turn, with a mean AUROC of at least GENE_UNCERTAINTY_MIN_AUROC (benchmarks
+# page, "The gene classifier's uncertainty, where the reference vouches for it").
+NOVELTY_GENE_UNCERTAINTY_WEIGHT = 1.0
+GENE_UNCERTAINTY_MIN_AUROC = 0.9
 
 
 class GeneClassifierMixin:
@@ -43,17 +53,26 @@ class GeneClassifierMixin:
         expression, _ = self._read(self.adata[rows], SAME_AS_TRAINING, None, None, 1.0, batch_names=names)
         return expression
 
-    def _fit_gene_classifier(self, train_idx, calibration_idx, labels, device, seed, inverse_regularization) -> None:
+    def _fit_gene_classifier(
+        self, train_idx, calibration_idx, labels, device, seed, inverse_regularization, assess: bool = False
+    ) -> None:
+        """Fit and calibrate the gene classifier; with ``assess`` also score its uncertainty on left-out types.
+
+        The self-assessment (:func:`cellular.nn.held_out_type_aurocs`) goes to
+        ``gene_classifier_summary_["held_out_type_auroc"]``.
+        """
+        rng = np.random.default_rng(seed)
         rows = np.asarray(train_idx)
         if rows.size > MAX_GENE_CLASSIFIER_CELLS:
-            rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_GENE_CLASSIFIER_CELLS, replace=False))
+            rows = np.sort(rng.choice(rows, MAX_GENE_CLASSIFIER_CELLS, replace=False))
         expression = self._read_training_rows(rows)
         inputs = expression.rows(np.arange(expression.n_cells))
         classifier = fit_gene_classifier(
             inputs, labels[rows], len(self.cell_types), inverse_regularization=inverse_regularization, device=device
         )
         calibration_rows = np.asarray(calibration_idx)
-        logits = self._gene_logits(classifier, self._read_training_rows(calibration_rows), device)
+        calibration_expression = self._read_training_rows(calibration_rows)
+        logits = self._gene_logits(classifier, calibration_expression, device)
         truth = labels[calibration_rows]
         temperature = fit_temperature(logits, torch.as_tensor(truth))
         probabilities = torch.softmax(logits / temperature, dim=1).numpy()
@@ -65,7 +84,41 @@ class GeneClassifierMixin:
             "temperature": temperature,
             "calibration_accuracy": float((probabilities.argmax(1) == truth).mean()),
             "calibration_ece": expected_calibration_error(probabilities, truth),
+            "held_out_type_auroc": None,
         }
+        if assess:
+            sample = np.arange(rows.size)
+            if sample.size > MAX_SELF_ASSESSMENT_CELLS:
+                sample = np.sort(rng.choice(sample, MAX_SELF_ASSESSMENT_CELLS, replace=False))
+            aurocs = held_out_type_aurocs(
+                inputs[sample],
+                labels[rows[sample]],
+                calibration_expression.rows(np.arange(calibration_expression.n_cells)),
+                truth,
+                inverse_regularization=inverse_regularization,
+                device=device,
+            )
+            if len(aurocs) >= 2:
+                self.gene_classifier_summary_["held_out_type_auroc"] = float(np.mean(list(aurocs.values())))
+            self.gene_classifier_summary_["held_out_type_aurocs"] = {self.cell_types[k]: v for k, v in aurocs.items()}
+
+    def _gene_uncertainty_weight(self, requested: float | None) -> float:
+        """The novelty score's weight of the gene classifier's uncertainty (see :meth:`train_classifier`)."""
+        if requested is not None:
+            return requested
+        auroc = (self.gene_classifier_summary_ or {}).get("held_out_type_auroc")
+        return NOVELTY_GENE_UNCERTAINTY_WEIGHT if auroc is not None and auroc >= GENE_UNCERTAINTY_MIN_AUROC else 0.0
+
+    def gene_classifier_probe(self) -> LinearProbe:
+        """The gene classifier as a :class:`~cellular.model._novelty.LinearProbe`: its uncertainty as a novelty part."""
+        self.require_gene_classifier()
+        state = {name: value.detach().cpu().numpy() for name, value in self.gene_classifier_.state_dict().items()}
+        return LinearProbe(
+            state["mean"].astype(np.float32),
+            state["linear.weight"].astype(np.float32),
+            state["linear.bias"].astype(np.float32),
+            float(self.gene_classifier_temperature_),
+        )
 
     @staticmethod
     @torch.no_grad()
@@ -144,3 +197,17 @@ class GeneClassifierMixin:
         self.gene_classifier_ = classifier.eval()
         self.gene_classifier_temperature_ = float(metadata["temperature"])
         self.gene_classifier_summary_ = metadata["summary"]
+
+
+def check_gene_uncertainty_weight(params: dict) -> None:
+    """Raise a ``ValueError`` for a negative or unservable ``novelty_gene_uncertainty_weight``."""
+    weight = params.get("novelty_gene_uncertainty_weight")
+    if weight is None:
+        return
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"novelty_gene_uncertainty_weight must be non-negative, got {weight}.")
+    if weight > 0 and not params.get("gene_classifier", False):
+        raise ValueError(
+            "novelty_gene_uncertainty_weight > 0 needs the gene classifier; pass gene_classifier=True, or "
+            "novelty_gene_uncertainty_weight=0 (or None) to leave that part out of the novelty score."
+        )

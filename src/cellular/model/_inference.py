@@ -314,7 +314,7 @@ class InferenceMixin:
                     if isinstance(hidden, str):
                         values = activations
                     else:  # the inputs leave the device only when a gene space needs them
-                        inputs = x.cpu().numpy() if hidden.genes is not None else None
+                        inputs = x.cpu().numpy() if hidden.reads_inputs else None
                         values = hidden.project(inputs, activations, gene_mask)
                     if hidden_out is None:
                         hidden_out = np.empty((expression.n_cells, values.shape[1]), dtype=np.float32)

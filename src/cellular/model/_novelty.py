@@ -165,6 +165,65 @@ class PCASpace:
 
 
 @dataclass
+class LinearProbe:
+    """The uncertainty of a linear classifier on the encoder's inputs: the entropy of its calibrated probabilities.
+
+    A copy of the gene classifier kept with the novelty score, so that every path that projects cells into the
+    novelty spaces (queries, calibration cells, a query's gene panel) also gets this part.
+
+    Attributes
+    ----------
+    mean
+        ``(n_genes,)`` training mean of the inputs; genes a query does not measure are read there.
+    weight, bias
+        ``(n_types, n_genes)`` and ``(n_types,)``: logits are ``(x - mean) @ weight.T + bias``.
+    temperature
+        Divides the logits before the softmax (the gene classifier's calibrated temperature).
+    """
+
+    mean: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    temperature: float
+
+    def uncertainty(self, inputs: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        """Entropy (nats) of the calibrated probabilities of cells; genes not ``present`` read at the mean."""
+        centered = np.asarray(inputs, dtype=np.float32) - self.mean
+        if present is not None and not present.all():
+            centered[:, ~present] = 0.0
+        logits = (centered @ self.weight.T + self.bias) / self.temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return -(probabilities * np.log(np.maximum(probabilities, 1e-12))).sum(axis=1)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {
+            f"{prefix}_mean": self.mean,
+            f"{prefix}_weight": self.weight,
+            f"{prefix}_bias": self.bias,
+            f"{prefix}_temperature": np.asarray([self.temperature], dtype=np.float32),
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], prefix: str, n_features: int | None = None
+    ) -> LinearProbe | None:
+        """The probe saved under ``prefix`` (``None`` when absent), checked against ``n_features`` when given."""
+        if f"{prefix}_weight" not in arrays:
+            return None
+        names = ("mean", "weight", "bias", "temperature")
+        mean, weight, bias, temperature = (np.asarray(arrays[f"{prefix}_{name}"], dtype=np.float32) for name in names)
+        fits = n_features is None or mean.shape == (n_features,)
+        fits &= weight.ndim == 2 and weight.shape[1:] == mean.shape and bias.shape == weight.shape[:1]
+        fits &= temperature.shape == (1,) and bool(np.isfinite(temperature).all() and temperature[0] > 0)
+        fits &= bool(np.isfinite(weight).all() and np.isfinite(bias).all() and np.isfinite(mean).all())
+        if not fits:
+            raise ValueError(f"The saved novelty {prefix} probe is inconsistent; the model file is damaged.")
+        return cls(mean, weight, bias, float(temperature[0]))
+
+
+@dataclass
 class NoveltySpaces:
     """Where the novelty score measures distances to training cells besides the embedding.
 
@@ -176,32 +235,48 @@ class NoveltySpaces:
     genes
         The encoder's input (log-normalised, batch-matched expression; PCA projections at their scale), or ``None``:
         keeps differences the encoder's weights discard, e.g. between stages of a differentiation trajectory.
+    gene_uncertainty
+        The gene classifier's uncertainty on the encoder's input, or ``None``: marks cells a linear model on the
+        genes cannot place among the known types, e.g. a cell line between two others.
     """
 
     hidden: PCASpace
     genes: PCASpace | None = None
+    gene_uncertainty: LinearProbe | None = None
+
+    @property
+    def reads_inputs(self) -> bool:
+        """Whether :meth:`project` needs the encoder's inputs (a gene space or the gene classifier's uncertainty)."""
+        return self.genes is not None or self.gene_uncertainty is not None
 
     def project(
         self, inputs: np.ndarray | None, activations: np.ndarray, present: np.ndarray | None = None
     ) -> np.ndarray:
-        """One row per cell: its hidden-layer projection, then its input projection (when that space exists)."""
+        """One row per cell: hidden-layer projection, input projection and gene-classifier uncertainty (if kept)."""
         parts = [self.hidden.project(activations)]
         if self.genes is not None:
             parts.append(self.genes.project(inputs, present))
+        if self.gene_uncertainty is not None:
+            parts.append(self.gene_uncertainty.uncertainty(inputs, present)[:, None].astype(np.float32))
         return np.hstack(parts) if len(parts) > 1 else parts[0]
 
-    def distances(self, projections: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Hidden-layer and input distances of cells given their :meth:`project` rows (``None``: no input space)."""
+    def distances(self, projections: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Hidden-layer distances, input distances and gene-classifier uncertainties of :meth:`project` rows.
+
+        ``None`` for a part the spaces do not keep.
+        """
         n_hidden = self.hidden.components.shape[1]
-        width = n_hidden + (0 if self.genes is None else self.genes.components.shape[1])
+        n_genes = 0 if self.genes is None else self.genes.components.shape[1]
+        width = n_hidden + n_genes + (0 if self.gene_uncertainty is None else 1)
         if projections.ndim != 2 or projections.shape[1] != width:
             raise ValueError(
                 f"The novelty projections have {projections.shape[1:]} columns where this model's spaces have {width}: "
                 "they come from another model. Pass hidden=model.embed_query(adata).hidden from this model."
             )
         hidden = self.hidden.distances(projections[:, :n_hidden])
-        genes = None if self.genes is None else self.genes.distances(projections[:, n_hidden:])
-        return hidden, genes
+        genes = None if self.genes is None else self.genes.distances(projections[:, n_hidden : n_hidden + n_genes])
+        uncertainty = None if self.gene_uncertainty is None else projections[:, -1].astype(np.float64)
+        return hidden, genes, uncertainty
 
 
 @dataclass
@@ -227,6 +302,8 @@ class NoveltyReference:
         then adds the mean distance to the nearest training cells in each (``None``: a model saved before).
     hidden_scale, hidden_weight, gene_scale, gene_weight
         90 % quantile of each distance on the calibration cells, and its weight in the score.
+    gene_uncertainty_scale, gene_uncertainty_weight
+        The same for the gene classifier's uncertainty (kept in the spaces only when its weight is positive).
     query_calibration_scores
         Sorted scores of the same calibration cells read the way a query batch is read (matched by moments
         estimated from their own cells): the conformal scores of :meth:`pvalues` when present. ``None`` for a
@@ -247,6 +324,8 @@ class NoveltyReference:
     gene_scale: float = 1.0
     gene_weight: float = 0.0
     query_calibration_scores: np.ndarray | None = None
+    gene_uncertainty_scale: float = 1.0
+    gene_uncertainty_weight: float = 0.0
 
     @classmethod
     def fit(
@@ -262,12 +341,14 @@ class NoveltyReference:
         projections_calibration: np.ndarray | None = None,
         hidden_weight: float = 1.0,
         gene_weight: float = 0.0,
+        gene_uncertainty_weight: float = 0.0,
     ) -> NoveltyReference:
         """Prototypes and spreads from training cells, score scales and calibration scores from held-out cells.
 
         With ``spaces`` (fitted on training cells) and the calibration cells' projections into them
         (``projections_calibration``), the score adds the hidden-layer distance with weight ``hidden_weight`` and
-        the input-gene distance with weight ``gene_weight``.
+        the input-gene distance with weight ``gene_weight`` and, when the spaces keep it, the gene classifier's
+        uncertainty with weight ``gene_uncertainty_weight``.
         """
         unit = unit_rows(z_train)
         counts = np.bincount(labels_train, minlength=n_types)
@@ -292,6 +373,7 @@ class NoveltyReference:
             spaces=spaces,
             hidden_weight=float(hidden_weight),
             gene_weight=float(gene_weight),
+            gene_uncertainty_weight=float(gene_uncertainty_weight),
         )
         return reference.recalibrated(z_calibration, probabilities_calibration, projections_calibration)
 
@@ -307,12 +389,11 @@ class NoveltyReference:
             uncertainty_scale=max(float(np.quantile(uncertainty, _SCALE_QUANTILE)), 1e-3),
             query_calibration_scores=None,
         )
-        hidden_distance, gene_distance = self.space_distances(projections_calibration)
-        if hidden_distance is not None:
-            reference.hidden_scale = max(float(np.quantile(hidden_distance, _SCALE_QUANTILE)), 1e-6)
-        if gene_distance is not None:
-            reference.gene_scale = max(float(np.quantile(gene_distance, _SCALE_QUANTILE)), 1e-6)
-        reference.calibration_scores = np.sort(reference.combine(distance, uncertainty, hidden_distance, gene_distance))
+        parts = self.space_distances(projections_calibration)
+        for name, values in zip(("hidden_scale", "gene_scale", "gene_uncertainty_scale"), parts, strict=True):
+            if values is not None:
+                setattr(reference, name, max(float(np.quantile(values, _SCALE_QUANTILE)), 1e-6))
+        reference.calibration_scores = np.sort(reference.combine(distance, uncertainty, *parts))
         return reference
 
     def nearest_type(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -321,10 +402,12 @@ class NoveltyReference:
         nearest = scaled.argmin(axis=1)
         return scaled[np.arange(scaled.shape[0]), nearest], nearest
 
-    def space_distances(self, projections: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Hidden-layer and input-gene distances of cells given their projections (``None`` for a missing part)."""
+    def space_distances(
+        self, projections: np.ndarray | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """Hidden-layer and gene distances and gene-classifier uncertainties of projected cells (``None``: no part)."""
         if self.spaces is None:
-            return None, None
+            return None, None, None
         if projections is None:
             raise ValueError(
                 "This model's novelty score needs the cells' projections into its hidden-layer and gene spaces; pass "
@@ -343,13 +426,16 @@ class NoveltyReference:
         uncertainty: np.ndarray,
         hidden_distance: np.ndarray | None = None,
         gene_distance: np.ndarray | None = None,
+        gene_uncertainty: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Scaled prototype distance plus weighted uncertainty, hidden-layer and gene distances, each on its scale."""
+        """Scaled prototype distance plus the other parts (uncertainties, distances), each weighted on its scale."""
         score = distance / self.distance_scale + self.uncertainty_weight * uncertainty / self.uncertainty_scale
         if hidden_distance is not None:
             score = score + self.hidden_weight * hidden_distance / self.hidden_scale
         if gene_distance is not None:
             score = score + self.gene_weight * gene_distance / self.gene_scale
+        if gene_uncertainty is not None:
+            score = score + self.gene_uncertainty_weight * gene_uncertainty / self.gene_uncertainty_scale
         return score
 
     @property
@@ -393,6 +479,8 @@ class NoveltyReference:
             arrays.update(self.spaces.hidden.to_arrays("hidden"))
             if self.spaces.genes is not None:
                 arrays.update(self.spaces.genes.to_arrays("gene"))
+            if self.spaces.gene_uncertainty is not None:
+                arrays.update(self.spaces.gene_uncertainty.to_arrays("gene_uncertainty"))
         return arrays
 
     def to_metadata(self) -> dict:
@@ -405,6 +493,8 @@ class NoveltyReference:
             "hidden_weight": self.hidden_weight,
             "gene_scale": self.gene_scale,
             "gene_weight": self.gene_weight,
+            "gene_uncertainty_scale": self.gene_uncertainty_scale,
+            "gene_uncertainty_weight": self.gene_uncertainty_weight,
         }
 
     @classmethod
@@ -412,7 +502,8 @@ class NoveltyReference:
         """The reference :meth:`to_arrays` and :meth:`to_metadata` saved; a gene space must span ``n_genes``."""
         hidden = PCASpace.from_arrays(arrays, "hidden", unit_length=True)
         genes = PCASpace.from_arrays(arrays, "gene", unit_length=False, n_features=n_genes)
-        if genes is not None and hidden is None:
+        probe = LinearProbe.from_arrays(arrays, "gene_uncertainty", n_features=n_genes)
+        if (genes is not None or probe is not None) and hidden is None:
             raise ValueError("The saved novelty gene space is inconsistent; the model file is damaged.")
         calibration = np.asarray(arrays["calibration_scores"], dtype=np.float64)
         query_calibration = arrays.get("query_calibration_scores")
@@ -428,12 +519,14 @@ class NoveltyReference:
             uncertainty_weight=float(metadata["uncertainty_weight"]),
             calibration_scores=calibration,
             calibration_source=str(metadata["calibration_source"]),
-            spaces=None if hidden is None else NoveltySpaces(hidden, genes),
+            spaces=None if hidden is None else NoveltySpaces(hidden, genes, probe),
             hidden_scale=float(metadata.get("hidden_scale", 1.0)),
             hidden_weight=float(metadata.get("hidden_weight", 1.0)),
             gene_scale=float(metadata.get("gene_scale", 1.0)),
             gene_weight=float(metadata.get("gene_weight", 0.0)) if genes is not None else 0.0,
             query_calibration_scores=query_calibration,
+            gene_uncertainty_scale=float(metadata.get("gene_uncertainty_scale", 1.0)),
+            gene_uncertainty_weight=float(metadata.get("gene_uncertainty_weight", 0.0)) if probe is not None else 0.0,
         )
 
 

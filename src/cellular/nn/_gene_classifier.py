@@ -109,3 +109,61 @@ def fit_gene_classifier(
         classifier.linear.weight[rows] = weight.detach()
         classifier.linear.bias[rows] = bias.detach()
     return classifier.eval()
+
+
+def held_out_type_aurocs(
+    x_train: np.ndarray,
+    labels_train: np.ndarray,
+    x_test: np.ndarray,
+    labels_test: np.ndarray,
+    *,
+    inverse_regularization: float = 0.1,
+    min_cells: int = 5,
+    max_iter: int = 100,
+    device: torch.device | str = "cpu",
+) -> dict[int, float]:
+    """How well the uncertainty of a gene classifier finds a type it was not trained on, for each type in turn.
+
+    For each type with at least ``min_cells`` test cells (and at least two other types to train on), a classifier is
+    fitted on the training cells of the other types and the entropy of its probabilities scores the test cells: the
+    AUROC of the left-out type's test cells against the others'. Where the types are discrete (cell lines) this is
+    near 1; along a differentiation continuum, where known cells between two types are uncertain too, it is not.
+
+    Parameters
+    ----------
+    x_train, labels_train
+        Inputs and type codes of the cells to fit on.
+    x_test, labels_test
+        Inputs and type codes of the cells to score (held out of fitting).
+    inverse_regularization, max_iter, device
+        As in :func:`fit_gene_classifier` (fewer iterations: only the ranking of uncertainties is needed).
+    min_cells
+        Test cells a type needs to be scored.
+
+    Returns
+    -------
+    AUROC by type code, for the types that could be scored.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels_train, labels_test = np.asarray(labels_train), np.asarray(labels_test)
+    aurocs = {}
+    for code in np.unique(labels_test):
+        left_out = labels_test == code
+        keep = labels_train != code
+        if left_out.sum() < min_cells or (~left_out).sum() < min_cells or np.unique(labels_train[keep]).size < 2:
+            continue
+        remaining = np.unique(labels_train[keep])
+        classifier = fit_gene_classifier(
+            x_train[keep],
+            np.searchsorted(remaining, labels_train[keep]),
+            remaining.size,
+            inverse_regularization=inverse_regularization,
+            max_iter=max_iter,
+            device=device,
+        )
+        with torch.no_grad():
+            logits = classifier(torch.as_tensor(np.asarray(x_test, dtype=np.float32), device=device)).cpu()
+        entropy = torch.distributions.Categorical(logits=logits).entropy().numpy()
+        aurocs[int(code)] = float(roc_auc_score(left_out, entropy))
+    return aurocs

@@ -111,8 +111,8 @@ def novel_types(
         With ``group=True``: candidate new type of each flagged cell (``novel_0``, ...), missing elsewhere.
     ``adata.uns['cellular'][key_added]``
         ``params`` and ``summary``: cell counts, the score threshold at ``alpha``, flagged cells per nearest type
-        (DataFrame),
-        the calibration set, and ``cellular_rule``: the original CELLULAR dataset-level verdict (smallest max
+        (DataFrame), the calibration set, ``score_weights`` (the weight of each part of the score; 0 for a part the
+        model leaves out), and ``cellular_rule``: the original CELLULAR dataset-level verdict (smallest max
         class probability, rescaled so that a uniform guess is 0 and certainty 1, below 0.25 means "likely a
         novel type"); with ``group=True`` also ``groups`` (size, most common nearest type, marker genes).
     """
@@ -160,6 +160,7 @@ def novel_types(
         ),
         "calibration_source": reference.calibration_source,
         "n_calibration_cells": int(reference.calibration_scores.size),
+        "score_weights": score_weights(reference),
         "cellular_rule": {
             "min_normalized_max_probability": smallest,
             "threshold": CELLULAR_RULE_THRESHOLD,
@@ -249,3 +250,19 @@ def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size,
             "markers": [str(g) for g in ranked[category][:n_markers]] if category in testable else [],
         }
     return groups, summary
+
+
+def score_weights(reference) -> dict[str, float]:
+    """The weight of each part of a novelty reference's score (the prototype distance's is 1; 0: left out)."""
+    spaces = reference.spaces
+    return {
+        "prototype_distance": 1.0,
+        "uncertainty": float(reference.uncertainty_weight),
+        "hidden_distance": float(reference.hidden_weight) if spaces is not None else 0.0,
+        "gene_distance": float(reference.gene_weight) if spaces is not None and spaces.genes is not None else 0.0,
+        "gene_uncertainty": (
+            float(reference.gene_uncertainty_weight)
+            if spaces is not None and spaces.gene_uncertainty is not None
+            else 0.0
+        ),
+    }
