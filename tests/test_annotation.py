@@ -142,6 +142,12 @@ def test_hardest_cell_line_is_found_by_the_default_model_through_the_gene_classi
     weights = query.uns["cellular"]["cellular_novel"]["summary"]["score_weights"]
     assert weights["gene_uncertainty"] == NOVELTY_GENE_UNCERTAINTY_WEIGHT and weights["gene_distance"] == 2.0
     np.testing.assert_allclose(query.obs["cellular_novel_score"], frame["score"])
+    # a query measuring half of the model's genes is scored with the part, recalibrated under its panel
+    narrow = test[:, model.genes[::2]].copy()
+    cellular.tl.novel_types(narrow, model)
+    assert narrow.uns["cellular"]["cellular_novel"]["summary"]["score_weights"]["gene_uncertainty"] > 0
+    assert np.isfinite(narrow.obs["cellular_novel_score"]).all()
+    assert roc_auc_score(is_novel, narrow.obs["cellular_novel_score"]) >= 0.9
 
     model.save(tmp_path / "model")
     loaded = CELLULAR.load(tmp_path / "model", adata=train)
@@ -393,7 +399,7 @@ def test_bad_query_values_and_arguments_are_refused(symphony_model, symphony_spl
         cellular.tl.cellular_annotate(test.copy(), symphony_model, unknown_label="B cell")
     with pytest.raises(ValueError, match="novelty_uncertainty_weight"):
         symphony_model.train_classifier(novelty_uncertainty_weight=-1.0)
-    with pytest.raises(ValueError, match="novelty_gene_uncertainty_weight must be non-negative"):
+    with pytest.raises(ValueError, match="novelty_gene_uncertainty_weight must be a non-negative number"):
         symphony_model.train_classifier(novelty_gene_uncertainty_weight=-1.0)
     with pytest.raises(ValueError, match="needs the gene classifier"):
         symphony_model.train_classifier(novelty_gene_uncertainty_weight=0.5, gene_classifier=False)

@@ -96,7 +96,7 @@ def test_gene_classifier_saves_loads_and_maps_identically(kang_onto_symphony, tm
 def test_probe_uncertainty_is_the_entropy_of_the_calibrated_classifier_with_absent_genes_at_the_mean(symphony):
     """The novelty part reads the gene classifier exactly: the naive entropy of softmax(logits / temperature), with
     the genes a query lacks read at the training mean (as ``GeneLinearClassifier`` does with its mask)."""
-    from cellular.model._novelty import LinearProbe
+    from cellular.model._novelty import MIN_ENTROPY, LinearProbe
 
     adata = symphony.copy()
     cellular.pp.normalize_log1p(adata, target_sum=1e4)
@@ -111,11 +111,20 @@ def test_probe_uncertainty_is_the_entropy_of_the_calibrated_classifier_with_abse
             logits = classifier(torch.from_numpy(x[800:]), None if mask is None else torch.from_numpy(mask))
         naive = torch.distributions.Categorical(logits=logits / 1.7).entropy().numpy()
         np.testing.assert_allclose(probe.uncertainty(x[800:], mask), naive, rtol=1e-4, atol=1e-5)
+    # exact where probabilities underflow (a sharp temperature): the naive float64 entropy
+    sharp = LinearProbe(probe.mean, probe.weight, probe.bias, temperature=0.05)
+    with torch.no_grad():
+        logits = classifier(torch.from_numpy(x[800:])).double() / 0.05
+    naive = torch.distributions.Categorical(logits=logits).entropy().numpy()
+    np.testing.assert_allclose(sharp.uncertainty(x[800:]), np.maximum(naive, MIN_ENTROPY), rtol=1e-3)
+    assert (naive < MIN_ENTROPY).any() and (naive > MIN_ENTROPY).any()
     # a damaged copy is refused on load
     arrays = probe.to_arrays("p")
     assert LinearProbe.from_arrays(arrays, "p", n_features=x.shape[1]).temperature == pytest.approx(1.7)
     with pytest.raises(ValueError, match="probe is inconsistent"):
         LinearProbe.from_arrays({**arrays, "p_bias": arrays["p_bias"][:-1]}, "p")
+    with pytest.raises(ValueError, match="probe is inconsistent"):
+        LinearProbe.from_arrays({k: v for k, v in arrays.items() if k != "p_temperature"}, "p")
 
 
 def test_self_assessment_separates_discrete_types_from_a_continuum():
@@ -138,3 +147,22 @@ def test_self_assessment_separates_discrete_types_from_a_continuum():
         means[name] = np.mean(list(aurocs.values()))
     assert means["cellbench_lung_celllines"] >= 0.95, means
     assert means["pancreas_endocrinogenesis_mouse"] < 0.85, means
+
+
+def test_self_assessment_leaves_out_types_it_was_not_trained_on(symphony):
+    """Held-out cells of a type absent from the training cells would look novel in every fold: they are left out, so
+    the AUROCs equal those computed without them."""
+    from cellular.nn import held_out_type_aurocs
+
+    adata = symphony.copy()
+    cellular.pp.normalize_log1p(adata, target_sum=1e4)
+    x = adata[:, :300].X.toarray().astype(np.float32)
+    labels = adata.obs["cell_type"].cat.codes.to_numpy()
+    fit = np.arange(adata.n_obs) % 3 != 0
+    absent = np.bincount(labels).argmax()
+    train = fit & (labels != absent)
+    with_absent = held_out_type_aurocs(x[train], labels[train], x[~fit], labels[~fit])
+    test = ~fit & (labels != absent)
+    without = held_out_type_aurocs(x[train], labels[train], x[test], labels[test])
+    assert absent not in with_absent and len(with_absent) >= 3
+    assert with_absent == pytest.approx(without)

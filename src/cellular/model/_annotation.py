@@ -584,7 +584,7 @@ class AnnotationMixin:
     ) -> pd.DataFrame:
         """Per-cell novelty scores and their split-conformal p-values.
 
-        The score adds four parts, each divided by its 90 % quantile on the calibration cells: the cosine distance
+        The score adds up to five parts, each divided by its 90 % quantile on the calibration cells: the cosine distance
         of a cell to the nearest reference type prototype divided by that type's spread (the median distance of
         the type's training cells to it), the classifier's uncertainty ``1 - max probability`` weighted by
         ``novelty_uncertainty_weight`` (0.1 by default, see :meth:`train_classifier`), the mean distance to the
@@ -593,7 +593,9 @@ class AnnotationMixin:
         the reference is not read as novel), weighted by ``novelty_hidden_weight`` (1.0), and the mean distance to
         the 15 nearest training cells in the encoder's input genes (log-normalised and batch-matched, then
         standardised and clipped at 10; genes a query lacks are read at the training mean), weighted by
-        ``novelty_gene_weight`` (2.0 when the model matches batch moments). The p-value of a
+        ``novelty_gene_weight`` (2.0 when the model matches batch moments), and, where the reference's
+        self-assessment passes, the entropy of the gene classifier's calibrated probabilities, weighted by
+        ``novelty_gene_uncertainty_weight`` (1.0; see :meth:`train_classifier`). The p-value of a
         score is the fraction of calibration cells (held-out reference cells of known types) scoring at least as
         high, so flagging cells with ``pvalue <= alpha`` flags about ``alpha`` of cells of known types when the query
         resembles the reference; use :func:`cellular.tl.novel_types` for flags and FDR control.
@@ -606,8 +608,8 @@ class AnnotationMixin:
         Returns
         -------
         DataFrame indexed by ``obs_names`` with columns ``score``, ``pvalue``, ``nearest_type``, ``distance``
-        (spread-scaled distance to the nearest prototype), ``uncertainty``, ``hidden_distance`` and
-        ``gene_distance`` (the last two absent for models saved without those parts).
+        (spread-scaled distance to the nearest prototype), ``uncertainty``, ``hidden_distance``, ``gene_distance``
+        and ``gene_uncertainty`` (the last three absent for models without those parts).
         """
         self.require_classifier()
         # embed_query runs where the model is: put it where the caller asked.

@@ -26,7 +26,8 @@ from ._novelty import LinearProbe
 MAX_GENE_CLASSIFIER_CELLS = 50_000
 # Its L2 penalty as scikit-learn's C (inverse strength); 0.1 beat 1 on the field benchmark's map pairs.
 GENE_CLASSIFIER_C = 0.1
-# Training cells each leave-one-type-out classifier of the self-assessment is fitted on (a uniform sample of them).
+# Training cells each leave-one-type-out classifier of the self-assessment is fitted on, and held-out cells it scores
+# (uniform samples of them when there are more).
 MAX_SELF_ASSESSMENT_CELLS = 5_000
 # The gene classifier's uncertainty joins the novelty score at this weight when it finds the reference's own types,
 # each left out of a classifier in turn, with a mean AUROC of at least GENE_UNCERTAINTY_MIN_AUROC (benchmarks
@@ -90,11 +91,14 @@ class GeneClassifierMixin:
             sample = np.arange(rows.size)
             if sample.size > MAX_SELF_ASSESSMENT_CELLS:
                 sample = np.sort(rng.choice(sample, MAX_SELF_ASSESSMENT_CELLS, replace=False))
+            held_out = np.arange(calibration_rows.size)
+            if held_out.size > MAX_SELF_ASSESSMENT_CELLS:
+                held_out = np.sort(rng.choice(held_out, MAX_SELF_ASSESSMENT_CELLS, replace=False))
             aurocs = held_out_type_aurocs(
                 inputs[sample],
                 labels[rows[sample]],
-                calibration_expression.rows(np.arange(calibration_expression.n_cells)),
-                truth,
+                calibration_expression.rows(held_out),
+                truth[held_out],
                 inverse_regularization=inverse_regularization,
                 device=device,
             )
@@ -205,7 +209,7 @@ def check_gene_uncertainty_weight(params: dict) -> None:
     if weight is None:
         return
     if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"novelty_gene_uncertainty_weight must be non-negative, got {weight}.")
+        raise ValueError(f"novelty_gene_uncertainty_weight must be a non-negative number, got {weight}.")
     if weight > 0 and not params.get("gene_classifier", False):
         raise ValueError(
             "novelty_gene_uncertainty_weight > 0 needs the gene classifier; pass gene_classifier=True, or "

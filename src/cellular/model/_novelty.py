@@ -20,6 +20,9 @@ MAX_HIDDEN_REFERENCE_CELLS = 20_000
 HIDDEN_NEIGHBORS = 15
 # Standardised genes are clipped here, as sc.pp.scale(max_value=10) does before a PCA.
 STANDARDIZED_CLIP = 10.0
+# Entropies (nats) below this are read as certainty: the held-out cells of well-separated types sit far below it, where
+# which cell is more certain than another is rounding, not biology.
+MIN_ENTROPY = 1e-6
 
 
 def unit_rows(z: np.ndarray) -> np.ndarray:
@@ -187,15 +190,16 @@ class LinearProbe:
     temperature: float
 
     def uncertainty(self, inputs: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
-        """Entropy (nats) of the calibrated probabilities of cells; genes not ``present`` read at the mean."""
+        """Entropy (nats, at least :data:`MIN_ENTROPY`) of cells' calibrated probabilities; absent genes at the mean."""
         centered = np.asarray(inputs, dtype=np.float32) - self.mean
         if present is not None and not present.all():
             centered[:, ~present] = 0.0
-        logits = (centered @ self.weight.T + self.bias) / self.temperature
+        logits = (centered @ self.weight.T + self.bias).astype(np.float64) / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
-        probabilities = np.exp(logits)
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
-        return -(probabilities * np.log(np.maximum(probabilities, 1e-12))).sum(axis=1)
+        weights = np.exp(logits)
+        total = weights.sum(axis=1)
+        # H = log sum exp(l) - sum p l, exact where probabilities underflow
+        return np.maximum(np.log(total) - (weights * logits).sum(axis=1) / total, MIN_ENTROPY)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {
@@ -210,9 +214,12 @@ class LinearProbe:
         cls, arrays: dict[str, np.ndarray], prefix: str, n_features: int | None = None
     ) -> LinearProbe | None:
         """The probe saved under ``prefix`` (``None`` when absent), checked against ``n_features`` when given."""
-        if f"{prefix}_weight" not in arrays:
-            return None
         names = ("mean", "weight", "bias", "temperature")
+        present = [f"{prefix}_{name}" in arrays for name in names]
+        if not any(present):
+            return None
+        if not all(present):
+            raise ValueError(f"The saved novelty {prefix} probe is inconsistent; the model file is damaged.")
         mean, weight, bias, temperature = (np.asarray(arrays[f"{prefix}_{name}"], dtype=np.float32) for name in names)
         fits = n_features is None or mean.shape == (n_features,)
         fits &= weight.ndim == 2 and weight.shape[1:] == mean.shape and bias.shape == weight.shape[:1]
@@ -390,9 +397,11 @@ class NoveltyReference:
             query_calibration_scores=None,
         )
         parts = self.space_distances(projections_calibration)
+        # On well-separated types the held-out cells' entropies are tiny, so the gene classifier's uncertainty gets a
+        # small scale and a cell it is unsure about is scored mostly by it: by design, its p-value stays conformal.
         for name, values in zip(("hidden_scale", "gene_scale", "gene_uncertainty_scale"), parts, strict=True):
             if values is not None:
-                setattr(reference, name, max(float(np.quantile(values, _SCALE_QUANTILE)), 1e-6))
+                setattr(reference, name, max(float(np.quantile(values, _SCALE_QUANTILE)), 1e-12))
         reference.calibration_scores = np.sort(reference.combine(distance, uncertainty, *parts))
         return reference
 
@@ -504,7 +513,8 @@ class NoveltyReference:
         genes = PCASpace.from_arrays(arrays, "gene", unit_length=False, n_features=n_genes)
         probe = LinearProbe.from_arrays(arrays, "gene_uncertainty", n_features=n_genes)
         if (genes is not None or probe is not None) and hidden is None:
-            raise ValueError("The saved novelty gene space is inconsistent; the model file is damaged.")
+            part = "gene space" if genes is not None else "gene_uncertainty probe"
+            raise ValueError(f"The saved novelty {part} is inconsistent; the model file is damaged.")
         calibration = np.asarray(arrays["calibration_scores"], dtype=np.float64)
         query_calibration = arrays.get("query_calibration_scores")
         if query_calibration is not None:

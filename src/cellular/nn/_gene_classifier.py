@@ -134,7 +134,8 @@ def held_out_type_aurocs(
     x_train, labels_train
         Inputs and type codes of the cells to fit on.
     x_test, labels_test
-        Inputs and type codes of the cells to score (held out of fitting).
+        Inputs and type codes of the cells to score (held out of fitting); cells of types without training cells are
+        left out.
     inverse_regularization, max_iter, device
         As in :func:`fit_gene_classifier` (fewer iterations: only the ranking of uncertainties is needed).
     min_cells
@@ -147,6 +148,10 @@ def held_out_type_aurocs(
     from sklearn.metrics import roc_auc_score
 
     labels_train, labels_test = np.asarray(labels_train), np.asarray(labels_test)
+    # A type without training cells would look novel in every fold: its test cells are left out.
+    trained = np.isin(labels_test, labels_train)
+    labels_test = labels_test[trained]
+    test = torch.as_tensor(np.asarray(x_test, dtype=np.float32)[trained], device=device)
     aurocs = {}
     for code in np.unique(labels_test):
         left_out = labels_test == code
@@ -163,7 +168,7 @@ def held_out_type_aurocs(
             device=device,
         )
         with torch.no_grad():
-            logits = classifier(torch.as_tensor(np.asarray(x_test, dtype=np.float32), device=device)).cpu()
+            logits = classifier(test).cpu()
         entropy = torch.distributions.Categorical(logits=logits).entropy().numpy()
         aurocs[int(code)] = float(roc_auc_score(left_out, entropy))
     return aurocs
