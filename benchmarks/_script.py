@@ -76,3 +76,53 @@ def encoder_inputs(model, adata) -> np.ndarray:
 
     expression, _ = model._read(adata, SAME_AS_TRAINING, None, None, 0.0)
     return expression.rows(np.arange(expression.n_cells))
+
+
+def run_novel_folds(
+    csv: Path,
+    datasets: list[str],
+    seeds: list[int],
+    data_dir: Path,
+    fold_rows: Callable,
+    progress: Callable[[list[dict]], str],
+) -> pd.DataFrame:
+    """``fold_rows(fold, seed)`` over the field benchmark's ``novel`` folds of each dataset and seed, resumable by
+    (dataset, seed) in ``csv`` (rewritten after each group); ``progress(new_rows)`` is printed after each group."""
+    from benchmarks.run import folds_for
+
+    rows, done = resumed_rows(csv, ["dataset", "seed"])
+    for dataset in datasets:
+        for seed in seeds:
+            if (dataset, str(seed)) in done:
+                continue
+            new = [row for fold in folds_for("novel", dataset, data_dir, seed) for row in fold_rows(fold, seed)]
+            rows += new
+            pd.DataFrame(rows).to_csv(csv, index=False)
+            print(f"{dataset} | seed {seed}: {progress(new)}", flush=True)
+    return pd.DataFrame(rows)
+
+
+def novelty_score_table(frame: pd.DataFrame, scores: list[str], header: str) -> list[str]:
+    """Markdown rows: for each of ``scores`` (``frame["score"]`` values), AUROC per dataset, the mean over datasets
+    and the share of known-type cells flagged per dataset, each "mean ± sd" over seeds."""
+    datasets = sorted(set(frame["dataset"]))
+    lines = [
+        f"| {header} | "
+        + " | ".join(f"{name} AUROC" for name in datasets)
+        + " | mean AUROC | "
+        + " | ".join(f"{name} known flagged" for name in datasets)
+        + " |",
+        "|---|" + "---|" * (2 * len(datasets) + 1),
+    ]
+    for score in scores:
+        rows = frame[frame["score"] == score]
+        if rows.empty:
+            continue
+        aurocs = [seed_mean_sd(rows[rows["dataset"] == name], "auroc") for name in datasets]
+        per_dataset = rows.groupby(["seed", "dataset"])["auroc"].mean().groupby("seed").mean()
+        spread = f" ± {per_dataset.std(ddof=1):.3f}" if len(per_dataset) > 1 else ""
+        flags = [seed_mean_sd(rows[rows["dataset"] == name], "known_flagged") for name in datasets]
+        lines.append(
+            f"| {score} | " + " | ".join(aurocs) + f" | {per_dataset.mean():.3f}{spread} | " + " | ".join(flags) + " |"
+        )
+    return lines

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks._script import encoder_inputs, resumed_rows, script_main, script_parser
+from benchmarks._script import encoder_inputs, run_novel_folds, script_main, script_parser
 
 DATASETS = ["cellbench_lung_celllines", "pancreas_endocrinogenesis_mouse", "pbmc_symphony_3tech"]
-KEYS = ["dataset", "seed"]
 ALPHA = 0.05
 SCALE_QUANTILE = 0.9
 UNCERTAINTY_WEIGHT = 0.1
@@ -124,19 +123,10 @@ def _fold_rows(fold, seed: int) -> list[dict]:
 
 
 def run(datasets: list[str], seeds: list[int], data_dir: Path, out: Path) -> pd.DataFrame:
-    from benchmarks.run import folds_for
+    def progress(new: list[dict]) -> str:
+        return f"{len({row['fold'] for row in new})} folds"
 
-    csv = out / "novelty_combinations.csv"
-    rows, done = resumed_rows(csv, KEYS)
-    for dataset in datasets:
-        for seed in seeds:
-            if (dataset, str(seed)) in done:
-                continue
-            new = [row for fold in folds_for("novel", dataset, data_dir, seed) for row in _fold_rows(fold, seed)]
-            rows += new
-            pd.DataFrame(rows).to_csv(csv, index=False)
-            print(f"{dataset} | seed {seed}: {len({row['fold'] for row in new})} folds", flush=True)
-    return pd.DataFrame(rows)
+    return run_novel_folds(out / "novelty_combinations.csv", datasets, seeds, data_dir, _fold_rows, progress)
 
 
 def report(frame: pd.DataFrame, out: Path) -> str:

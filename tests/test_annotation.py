@@ -16,15 +16,19 @@ CELLBENCH_HELD_OUT_BATCH = "celseq2_5cl_p3"
 CELLBENCH_NOVEL_LINE = "A549"
 
 
+def cellbench_plate_split(plate: str, novel_line: str):
+    """CellBench without one plate and one cell line (training), and that plate with every line (test)."""
+    data = read_dataset("cellbench_lung_celllines")
+    train = data[(data.obs["batch"] != plate) & (data.obs["cell_type"] != novel_line)].copy()
+    train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
+    test = data[data.obs["batch"] == plate].copy()
+    return train, test
+
+
 @pytest.fixture(scope="module")
 def cellbench_split():
     """CellBench lung lines: train without one plate and without the A549 line; the held-out plate contains A549."""
-    data = read_dataset("cellbench_lung_celllines")
-    train = data[(data.obs["batch"] != CELLBENCH_HELD_OUT_BATCH) & (data.obs["cell_type"] != CELLBENCH_NOVEL_LINE)]
-    train = train.copy()
-    train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
-    test = data[data.obs["batch"] == CELLBENCH_HELD_OUT_BATCH].copy()
-    return train, test
+    return cellbench_plate_split(CELLBENCH_HELD_OUT_BATCH, CELLBENCH_NOVEL_LINE)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +98,7 @@ def test_hardest_cell_line_is_found_through_the_hidden_layer():
     matching its moments costs this fold some AUROC (benchmarks page), which is not what this test is about.
     Such a model trains to convergence by default (``early_stopping_min_delta=0``, about 200 epochs here); stopped
     after 30 epochs, as with 0.005, it flags 20 % of the new plate's known cells."""
-    data = read_dataset("cellbench_lung_celllines")
-    test = data[data.obs["batch"] == "celseq2_3cl"].copy()
-    train = data[(data.obs["batch"] != "celseq2_3cl") & (data.obs["cell_type"] != "HCC827")].copy()
-    train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
+    train, test = cellbench_plate_split("celseq2_3cl", "HCC827")
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train, match_batch_moments=False, hidden_sizes="paper")
     model.train(progress_bar=False)
@@ -121,10 +122,7 @@ def test_hardest_cell_line_is_found_by_the_default_model_through_the_gene_classi
     left out of a gene classifier in turn is found by that classifier's uncertainty (mean AUROC near 1)."""
     from cellular.model._gene_classifier import GENE_UNCERTAINTY_MIN_AUROC, NOVELTY_GENE_UNCERTAINTY_WEIGHT
 
-    data = read_dataset("cellbench_lung_celllines")
-    test = data[data.obs["batch"] == "celseq2_3cl"].copy()
-    train = data[(data.obs["batch"] != "celseq2_3cl") & (data.obs["cell_type"] != "HCC827")].copy()
-    train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
+    train, test = cellbench_plate_split("celseq2_3cl", "HCC827")
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train)
     model.train(progress_bar=False)
@@ -166,10 +164,7 @@ def test_novelty_pvalues_are_calibrated_on_cells_read_as_a_new_batch():
     as new batches and computes query p-values against those scores. Trained to convergence
     (``early_stopping_min_delta=0``, about 400 epochs), where the over-flagging shows: the default stops after about
     50 epochs on this reference, and then both calibrations flag about 5 %."""
-    data = read_dataset("cellbench_lung_celllines")
-    test = data[data.obs["batch"] == "celseq2_3cl"].copy()
-    train = data[(data.obs["batch"] != "celseq2_3cl") & (data.obs["cell_type"] != "H2228")].copy()
-    train.obs["cell_type"] = train.obs["cell_type"].cat.remove_unused_categories()
+    train, test = cellbench_plate_split("celseq2_3cl", "H2228")
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train)
     model.train(progress_bar=False, early_stopping_min_delta=0.0)

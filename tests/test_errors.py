@@ -401,6 +401,26 @@ def case_damaged_novelty_space(ctx):
     CELLULAR.load(path)
 
 
+def _self_assessment(x_train, labels_train, x_test, labels_test):
+    from cellular.nn import held_out_type_aurocs
+
+    held_out_type_aurocs(x_train, labels_train, x_test, labels_test)
+
+
+def case_self_assessment_genes(ctx):
+    _self_assessment(np.zeros((10, 5)), np.arange(10) % 3, np.zeros((6, 4)), np.arange(6) % 3)
+
+
+def case_self_assessment_labels(ctx):
+    _self_assessment(np.zeros((10, 5)), np.arange(10) % 3, np.zeros((6, 5)), np.arange(5) % 3)
+
+
+def case_self_assessment_non_finite(ctx):
+    x_test = np.zeros((6, 5))
+    x_test[0, 0] = np.nan
+    _self_assessment(np.zeros((10, 5)), np.arange(10) % 3, x_test, np.arange(6) % 3)
+
+
 def case_damaged_novelty_probe(ctx):
     model = _quick_model(ctx, classifier_kwargs={"novelty_gene_uncertainty_weight": 0.2})
     path = ctx.tmp_path / "probe"

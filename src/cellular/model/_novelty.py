@@ -447,6 +447,17 @@ class NoveltyReference:
             score = score + self.gene_uncertainty_weight * gene_uncertainty / self.gene_uncertainty_scale
         return score
 
+    def score_weights(self) -> dict[str, float]:
+        """The weight of each part of the score (the prototype distance's is 1; 0 for a part left out)."""
+        spaces = self.spaces or NoveltySpaces(None)
+        return {
+            "prototype_distance": 1.0,
+            "uncertainty": float(self.uncertainty_weight),
+            "hidden_distance": float(self.hidden_weight) if self.spaces is not None else 0.0,
+            "gene_distance": float(self.gene_weight) if spaces.genes is not None else 0.0,
+            "gene_uncertainty": float(self.gene_uncertainty_weight) if spaces.gene_uncertainty is not None else 0.0,
+        }
+
     @property
     def conformal_scores(self) -> np.ndarray:
         """The calibration scores query p-values are computed against (read as a query when available)."""

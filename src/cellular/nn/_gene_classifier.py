@@ -148,10 +148,24 @@ def held_out_type_aurocs(
     from sklearn.metrics import roc_auc_score
 
     labels_train, labels_test = np.asarray(labels_train), np.asarray(labels_test)
+    x_train, x_test = np.asarray(x_train, dtype=np.float32), np.asarray(x_test, dtype=np.float32)
+    if x_train.ndim != 2 or x_test.ndim != 2 or x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(
+            f"Training and test inputs must be (cells, genes) arrays over the same genes, got shapes {x_train.shape} "
+            f"and {x_test.shape}; read both with the same gene order."
+        )
+    if x_test.shape[0] != labels_test.shape[0]:
+        raise ValueError(
+            f"Need one label per test cell, got {x_test.shape[0]} cells and {labels_test.shape[0]} labels."
+        )
+    if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
+        raise ValueError(
+            "The inputs hold NaN or infinite values; pass log-normalised expression (cellular.pp.normalize_log1p)."
+        )
     # A type without training cells would look novel in every fold: its test cells are left out.
     trained = np.isin(labels_test, labels_train)
     labels_test = labels_test[trained]
-    test = torch.as_tensor(np.asarray(x_test, dtype=np.float32)[trained], device=device)
+    test = torch.as_tensor(x_test[trained], device=device)
     aurocs = {}
     for code in np.unique(labels_test):
         left_out = labels_test == code

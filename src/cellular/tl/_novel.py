@@ -160,7 +160,7 @@ def novel_types(
         ),
         "calibration_source": reference.calibration_source,
         "n_calibration_cells": int(reference.calibration_scores.size),
-        "score_weights": score_weights(reference),
+        "score_weights": reference.score_weights(),
         "cellular_rule": {
             "min_normalized_max_probability": smallest,
             "threshold": CELLULAR_RULE_THRESHOLD,
@@ -250,19 +250,3 @@ def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size,
             "markers": [str(g) for g in ranked[category][:n_markers]] if category in testable else [],
         }
     return groups, summary
-
-
-def score_weights(reference) -> dict[str, float]:
-    """The weight of each part of a novelty reference's score (the prototype distance's is 1; 0: left out)."""
-    spaces = reference.spaces
-    return {
-        "prototype_distance": 1.0,
-        "uncertainty": float(reference.uncertainty_weight),
-        "hidden_distance": float(reference.hidden_weight) if spaces is not None else 0.0,
-        "gene_distance": float(reference.gene_weight) if spaces is not None and spaces.genes is not None else 0.0,
-        "gene_uncertainty": (
-            float(reference.gene_uncertainty_weight)
-            if spaces is not None and spaces.gene_uncertainty is not None
-            else 0.0
-        ),
-    }
