@@ -4,7 +4,7 @@ For every ``novel`` fold of the given datasets (the folds ``python -m benchmarks
 trained. Its classifier summary gives the self-assessment: each known type left out of a gene classifier in turn,
 found among the held-out reference cells by that classifier's uncertainty (mean AUROC over types), and the weight the
 default gave the part (1 when the assessment is at least 0.9, else 0). The classifier stage is then refitted with the
-part forced to weights 0, 0.2, 1 and 2 (the encoder stays the same). Each score's AUROC of the removed type and the
+part forced to weights 0, 1, 2 and 4 (the encoder stays the same). Each score's AUROC of the removed type and the
 share of known-type test cells flagged at alpha = 0.05 are recorded.
 
     python -m benchmarks.novelty_gene_uncertainty                         # three datasets, seeds 0 1 2
@@ -25,7 +25,7 @@ import pandas as pd
 from benchmarks._script import novelty_score_table, run_novel_folds, script_main, script_parser
 
 DATASETS = ["cellbench_lung_celllines", "pancreas_endocrinogenesis_mouse", "pbmc_symphony_3tech"]
-FORCED_WEIGHTS = [0.0, 0.2, 1.0, 2.0]
+FORCED_WEIGHTS = [0.0, 1.0, 2.0, 4.0]
 ALPHA = 0.05
 DEFAULT = "self-assessed (default)"
 

@@ -114,14 +114,19 @@ class GeneClassifierMixin:
         return NOVELTY_GENE_UNCERTAINTY_WEIGHT if auroc is not None and auroc >= GENE_UNCERTAINTY_MIN_AUROC else 0.0
 
     def gene_classifier_probe(self) -> LinearProbe:
-        """The gene classifier as a :class:`~cellular.model._novelty.LinearProbe`: its uncertainty as a novelty part."""
+        """The gene classifier as a :class:`~cellular.model._novelty.LinearProbe`: its uncertainty as a novelty part.
+
+        The probe reads the fit's own probabilities (temperature 1), the uncertainty the self-assessment measured. The
+        calibrated temperature is fitted on known-type cells only; where those separate perfectly it sharpens the
+        probabilities until nearly every cell, an unseen type's included, reads as certain.
+        """
         self.require_gene_classifier()
         state = {name: value.detach().cpu().numpy() for name, value in self.gene_classifier_.state_dict().items()}
         return LinearProbe(
             state["mean"].astype(np.float32),
             state["linear.weight"].astype(np.float32),
             state["linear.bias"].astype(np.float32),
-            float(self.gene_classifier_temperature_),
+            1.0,
         )
 
     @staticmethod

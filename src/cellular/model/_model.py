@@ -28,6 +28,7 @@ from ._gene_classifier import GeneClassifierMixin
 from ._inference import InferenceMixin
 from ._io import SaveLoadMixin
 from ._panels import PanelMixin
+from ._prediction import PredictionMixin
 from ._representations import RepresentationMixin
 from ._setup import _as_string_categories, _check_label_counts, _check_obs_column, _label_levels
 from ._targets import pca_centroids
@@ -54,6 +55,7 @@ class CELLULAR(
     TrainingMixin,
     InferenceMixin,
     AnnotationMixin,
+    PredictionMixin,
     RepresentationMixin,
     GeneClassifierMixin,
     PanelMixin,

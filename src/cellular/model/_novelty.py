@@ -169,7 +169,7 @@ class PCASpace:
 
 @dataclass
 class LinearProbe:
-    """The uncertainty of a linear classifier on the encoder's inputs: the entropy of its calibrated probabilities.
+    """The uncertainty of a linear classifier on the encoder's inputs: the entropy of its probabilities.
 
     A copy of the gene classifier kept with the novelty score, so that every path that projects cells into the
     novelty spaces (queries, calibration cells, a query's gene panel) also gets this part.
@@ -181,7 +181,8 @@ class LinearProbe:
     weight, bias
         ``(n_types, n_genes)`` and ``(n_types,)``: logits are ``(x - mean) @ weight.T + bias``.
     temperature
-        Divides the logits before the softmax (the gene classifier's calibrated temperature).
+        Divides the logits before the softmax (1 for the gene classifier's probe: see
+        :meth:`~cellular.model.CELLULAR.gene_classifier_probe`).
     """
 
     mean: np.ndarray
@@ -190,7 +191,7 @@ class LinearProbe:
     temperature: float
 
     def uncertainty(self, inputs: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
-        """Entropy (nats, at least :data:`MIN_ENTROPY`) of cells' calibrated probabilities; absent genes at the mean."""
+        """Entropy (nats, at least :data:`MIN_ENTROPY`) of cells' probabilities; absent genes at the mean."""
         centered = np.asarray(inputs, dtype=np.float32) - self.mean
         if present is not None and not present.all():
             centered[:, ~present] = 0.0
