@@ -9,6 +9,7 @@ import torch
 
 from cellular.index import exact_knn
 from cellular.metrics import conformal_pvalues
+from cellular.nn import logit_entropy
 
 # Quantile of the held-out reference cells that puts the two score components on one scale.
 _SPREAD_PRIOR_CELLS = 10.0
@@ -20,9 +21,6 @@ MAX_HIDDEN_REFERENCE_CELLS = 20_000
 HIDDEN_NEIGHBORS = 15
 # Standardised genes are clipped here, as sc.pp.scale(max_value=10) does before a PCA.
 STANDARDIZED_CLIP = 10.0
-# Entropies (nats) below this are read as certainty: the held-out cells of well-separated types sit far below it, where
-# which cell is more certain than another is rounding, not biology.
-MIN_ENTROPY = 1e-6
 
 
 def unit_rows(z: np.ndarray) -> np.ndarray:
@@ -191,16 +189,11 @@ class LinearProbe:
     temperature: float
 
     def uncertainty(self, inputs: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
-        """Entropy (nats, at least :data:`MIN_ENTROPY`) of cells' probabilities; absent genes at the mean."""
+        """Entropy (nats, at least :data:`cellular.nn.MIN_ENTROPY`) of the probabilities; absent genes at the mean."""
         centered = np.asarray(inputs, dtype=np.float32) - self.mean
         if present is not None and not present.all():
             centered[:, ~present] = 0.0
-        logits = (centered @ self.weight.T + self.bias).astype(np.float64) / self.temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        weights = np.exp(logits)
-        total = weights.sum(axis=1)
-        # H = log sum exp(l) - sum p l, exact where probabilities underflow
-        return np.maximum(np.log(total) - (weights * logits).sum(axis=1) / total, MIN_ENTROPY)
+        return logit_entropy((centered @ self.weight.T + self.bias).astype(np.float64) / self.temperature)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {

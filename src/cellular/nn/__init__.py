@@ -2,7 +2,14 @@ from ._augment import random_panel_masks
 from ._classifier import CellTypeClassifier, fit_temperature
 from ._encoder import CellularEncoder, check_hidden_sizes, masked_layer_norm
 from ._encoders import ENCODERS, check_encoder_hidden_sizes, make_encoder
-from ._gene_classifier import ABSENT_TYPE_LOGIT, GeneLinearClassifier, fit_gene_classifier, held_out_type_aurocs
+from ._gene_classifier import (
+    ABSENT_TYPE_LOGIT,
+    MIN_ENTROPY,
+    GeneLinearClassifier,
+    fit_gene_classifier,
+    held_out_type_aurocs,
+    logit_entropy,
+)
 from ._gene_grid import GeneGridEncoder, ResidualConvBlock, check_grid_positions
 from ._losses import (
     batch_mixing_loss,
@@ -18,6 +25,7 @@ __all__ = [
     "CellularEncoder",
     "ENCODERS",
     "ABSENT_TYPE_LOGIT",
+    "MIN_ENTROPY",
     "GeneGridEncoder",
     "GeneLinearClassifier",
     "ResidualConvBlock",
@@ -32,6 +40,7 @@ __all__ = [
     "fit_gene_classifier",
     "fit_temperature",
     "held_out_type_aurocs",
+    "logit_entropy",
     "hierarchical_cross_entropy",
     "masked_layer_norm",
     "random_panel_masks",
