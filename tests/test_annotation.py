@@ -119,16 +119,17 @@ def test_hardest_cell_line_is_found_by_the_default_model_through_the_gene_classi
     """The issue's test: HCC827 held out of training, test plate celseq2_3cl, default model. The embedding and hidden
     layer place HCC827 near the trained lines (0.96 at seed 0 without the part); a linear classifier on the genes is
     unsure where to put it. The part joins the score because the reference passes its own test: each of its lines
-    left out of a gene classifier in turn is found by that classifier's uncertainty (mean AUROC near 1)."""
-    from cellular.model._gene_classifier import GENE_UNCERTAINTY_MIN_AUROC, NOVELTY_GENE_UNCERTAINTY_WEIGHT
+    left out of a gene classifier in turn is found by that classifier's uncertainty, every one without a miss, so
+    the part leads the score."""
+    from cellular.model._gene_classifier import FLAWLESS_GENE_UNCERTAINTY_WEIGHT, GENE_UNCERTAINTY_FLAWLESS_AUROC
 
     train, test = cellbench_plate_split("celseq2_3cl", "HCC827")
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train)
     model.train(progress_bar=False)
     summary = model.classifier_summary_
-    assert summary["gene_uncertainty_auroc"] >= GENE_UNCERTAINTY_MIN_AUROC
-    assert summary["novelty_gene_uncertainty_weight"] == NOVELTY_GENE_UNCERTAINTY_WEIGHT
+    assert summary["gene_uncertainty_worst_auroc"] >= GENE_UNCERTAINTY_FLAWLESS_AUROC
+    assert summary["novelty_gene_uncertainty_weight"] == FLAWLESS_GENE_UNCERTAINTY_WEIGHT
     is_novel = (test.obs["cell_type"] == "HCC827").to_numpy()
     frame = model.get_novelty_scores(test)
     with_part = roc_auc_score(is_novel, frame["score"])
@@ -138,7 +139,7 @@ def test_hardest_cell_line_is_found_by_the_default_model_through_the_gene_classi
     query = test.copy()
     cellular.tl.novel_types(query, model)
     weights = query.uns["cellular"]["cellular_novel"]["summary"]["score_weights"]
-    assert weights["gene_uncertainty"] == NOVELTY_GENE_UNCERTAINTY_WEIGHT and weights["gene_distance"] == 2.0
+    assert weights["gene_uncertainty"] == FLAWLESS_GENE_UNCERTAINTY_WEIGHT and weights["gene_distance"] == 2.0
     np.testing.assert_allclose(query.obs["cellular_novel_score"], frame["score"])
     # a query measuring half of the model's genes is scored with the part, recalibrated under its panel
     narrow = test[:, model.genes[::2]].copy()
@@ -160,7 +161,9 @@ def test_hardest_cell_line_is_found_by_the_default_model_through_the_gene_classi
 def test_gene_uncertainty_part_reads_the_gene_classifier_before_its_temperature_sharpens_it():
     """Same fold, seed 1. The known lines separate perfectly on the held-out cells, so the calibrated temperature
     sharpens the gene classifier about fourfold; read through it, most HCC827 cells were certain (entropies at the
-    1e-6 floor) and the part's AUROC was 0.71. The part reads the fit at temperature 1, as the self-assessment does."""
+    1e-6 floor) and the part's AUROC was 0.71. The part reads the fit at temperature 1, as the self-assessment does.
+    Every line the reference holds is found without a miss when left out, so the part leads the score: at weight 1,
+    beside the other parts, the score reached 0.97."""
     train, test = cellbench_plate_split("celseq2_3cl", "HCC827")
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train, seed=1)
@@ -170,7 +173,7 @@ def test_gene_uncertainty_part_reads_the_gene_classifier_before_its_temperature_
     is_novel = (test.obs["cell_type"] == "HCC827").to_numpy()
     frame = model.get_novelty_scores(test)
     assert roc_auc_score(is_novel, frame["gene_uncertainty"]) >= 0.99
-    assert roc_auc_score(is_novel, frame["score"]) >= 0.96  # 0.92 through the calibrated temperature
+    assert roc_auc_score(is_novel, frame["score"]) >= 0.99  # 0.92 through the calibrated temperature
     assert (frame["pvalue"].to_numpy()[~is_novel] <= 0.05).mean() <= 0.10
 
 

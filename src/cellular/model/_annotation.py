@@ -122,7 +122,9 @@ class AnnotationMixin:
             itself. Each type in turn is left out of a gene classifier and found among the held-out cells by that
             classifier's uncertainty; when the mean AUROC (``classifier_summary_["gene_uncertainty_auroc"]``) is at
             least 0.9, as on discrete types such as cell lines, the part joins at weight 1, else it is left out
-            (along a differentiation continuum known cells between two types are uncertain too). The assessment runs
+            (along a differentiation continuum known cells between two types are uncertain too). When every type is
+            found without a miss (each AUROC at least 0.999, ``classifier_summary_["gene_uncertainty_worst_auroc"]``)
+            the part leads the score at weight 16. The assessment runs
             for every model that matches batch moments and has the gene classifier; without moment matching the part
             is left out unless a weight is given. Needs ``gene_classifier=True`` when positive.
         gene_classifier
@@ -369,6 +371,7 @@ class AnnotationMixin:
             "calibration_source": source,
             "novelty_calibration": novelty_calibration,
             "gene_uncertainty_auroc": (self.gene_classifier_summary_ or {}).get("held_out_type_auroc"),
+            "gene_uncertainty_worst_auroc": (self.gene_classifier_summary_ or {}).get("held_out_type_worst_auroc"),
             "novelty_gene_uncertainty_weight": uncertainty_weight,
             "temperature": temperature,
             "calibration_accuracy": float((calibrated.argmax(1) == labels[calibration_idx]).mean()),

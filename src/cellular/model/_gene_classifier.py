@@ -34,6 +34,10 @@ MAX_SELF_ASSESSMENT_CELLS = 5_000
 # page, "The gene classifier's uncertainty, where the reference vouches for it").
 NOVELTY_GENE_UNCERTAINTY_WEIGHT = 1.0
 GENE_UNCERTAINTY_MIN_AUROC = 0.9
+# Where it finds every one of them without a miss (each type's AUROC at least GENE_UNCERTAINTY_FLAWLESS_AUROC), the
+# part is the most reliable one the reference has and leads the score at this weight.
+FLAWLESS_GENE_UNCERTAINTY_WEIGHT = 16.0
+GENE_UNCERTAINTY_FLAWLESS_AUROC = 0.999
 
 
 class GeneClassifierMixin:
@@ -60,7 +64,7 @@ class GeneClassifierMixin:
         """Fit and calibrate the gene classifier; with ``assess`` also score its uncertainty on left-out types.
 
         The self-assessment (:func:`cellular.nn.held_out_type_aurocs`) goes to
-        ``gene_classifier_summary_["held_out_type_auroc"]``.
+        ``gene_classifier_summary_["held_out_type_auroc"]`` (mean over types) and ``["held_out_type_worst_auroc"]``.
         """
         rng = np.random.default_rng(seed)
         rows = np.asarray(train_idx)
@@ -104,14 +108,20 @@ class GeneClassifierMixin:
             )
             if len(aurocs) >= 2:
                 self.gene_classifier_summary_["held_out_type_auroc"] = float(np.mean(list(aurocs.values())))
+                self.gene_classifier_summary_["held_out_type_worst_auroc"] = float(min(aurocs.values()))
             self.gene_classifier_summary_["held_out_type_aurocs"] = {self.cell_types[k]: v for k, v in aurocs.items()}
 
     def _gene_uncertainty_weight(self, requested: float | None) -> float:
         """The novelty score's weight of the gene classifier's uncertainty (see :meth:`train_classifier`)."""
         if requested is not None:
             return requested
-        auroc = (self.gene_classifier_summary_ or {}).get("held_out_type_auroc")
-        return NOVELTY_GENE_UNCERTAINTY_WEIGHT if auroc is not None and auroc >= GENE_UNCERTAINTY_MIN_AUROC else 0.0
+        summary = self.gene_classifier_summary_ or {}
+        auroc = summary.get("held_out_type_auroc")
+        if auroc is None or auroc < GENE_UNCERTAINTY_MIN_AUROC:
+            return 0.0
+        if summary["held_out_type_worst_auroc"] >= GENE_UNCERTAINTY_FLAWLESS_AUROC:
+            return FLAWLESS_GENE_UNCERTAINTY_WEIGHT
+        return NOVELTY_GENE_UNCERTAINTY_WEIGHT
 
     def gene_classifier_probe(self) -> LinearProbe:
         """The gene classifier as a :class:`~cellular.model._novelty.LinearProbe`: its uncertainty as a novelty part.
