@@ -55,6 +55,7 @@ def test_smoke_run_writes_long_results_summary_and_figures(smoke_run):
     novel = results[(results["task"] == "novel") & (results["metric"] == "auroc")]
     assert len(novel) == len(methods) and novel["fold"].iloc[0].startswith("B cell")
     text = summary.read_text()
+    assert "- Novelty AUROC on pbmc_symphony_3tech: CELLULAR" in text  # per-dataset target against the best baseline
     for heading in ("### Targets", "Annotation macro-F1", "Hierarchical F1", "Novel cell-type detection AUROC", "scIB"):
         assert heading in text
     for figure in ("annotation_macro_f1.png", "novelty_auroc.png", "scib_table.png"):
