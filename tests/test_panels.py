@@ -353,3 +353,15 @@ def test_refit_leaves_out_reference_cells_without_counts_over_the_panel(symphony
     truth = query.obs["cell_type"].astype(str).to_numpy()
     known = np.isin(truth, model.cell_types)
     assert (query.obs["cellular_cell_type"].astype(str).to_numpy()[known] == truth[known]).mean() > 0.8
+
+
+def test_refit_rejects_unreadable_query_values_before_training(symphony_model, symphony_split):
+    """A query the model cannot read (here fractional values read as counts) is refused before the refit trains."""
+    model = symphony_model
+    _, test = symphony_split
+    query = test[:, model.genes[:100]].copy()
+    query.X = query.X.astype(np.float32) * 0.5
+    refits = dict(model.__dict__.get("_restricted_models", {}))
+    with pytest.raises(ValueError, match="holds non-integer values, but raw counts were expected"):
+        cellular.tl.cellular_annotate(query, model, panel="refit")
+    assert model.__dict__.get("_restricted_models", {}) == refits

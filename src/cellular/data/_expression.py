@@ -26,7 +26,8 @@ _CHECK_CHUNK = 1 << 23
 
 COUNTS_FIX = (
     "Pass raw counts (e.g. layer='counts'), or, if the values are already log1p-normalised, set "
-    "log_normalized=True when setting up the data."
+    "log_normalized=True: in setup_anndata for training data, in the call that reads a query (the tl functions and "
+    "the model's methods take it), or --log-normalized on the command line."
 )
 
 
