@@ -570,6 +570,13 @@ def case_gene_name_case(ctx):
     cellular.tl.cellular_annotate(query, ctx.model)
 
 
+def case_genes_in_another_column(ctx):
+    query = _query(ctx.symphony)
+    query.var["symbol"] = query.var_names.to_numpy()
+    query.var_names = [f"ENSG{i:011d}" for i in range(query.n_vars)]
+    cellular.tl.cellular_annotate(query, ctx.model)
+
+
 def case_faiss_extra(ctx):
     from unittest import mock
 

@@ -189,6 +189,7 @@ def align_genes(
     missing = [genes[i] for i in np.flatnonzero(~matched)]
     fraction = n_matched / len(genes)
     _check_name_case(names, genes, n_matched, source)
+    _check_gene_columns(adata, genes, n_matched, source, gene_id_key)
     if fraction < min_gene_overlap:
         raise ValueError(
             f"Only {n_matched} of the model's {len(genes)} genes ({fraction:.1%}) are present in adata.{source}; "
@@ -217,6 +218,35 @@ def _check_name_case(names: pd.Index, genes: list[str], n_matched: int, source: 
             f"when upper and lower case are ignored (e.g. {example}): the gene names differ in case. If they name "
             f"the same genes, rename them to the model's convention first, e.g. "
             f"adata.{source} = adata.{source}.str.upper(), or match on ids with gene_id_key=..."
+        )
+
+
+def _check_gene_columns(adata: AnnData, genes: list[str], n_matched: int, source: str, gene_id_key) -> None:
+    """Refuse a query whose genes are named in another ``var`` column that matches the model's far better.
+
+    Files from CELLxGENE, for instance, have Ensembl ids as ``var_names`` and the symbols in ``var['feature_name']``.
+    """
+    if n_matched > 0.9 * len(genes):
+        return
+    wanted = pd.Index(genes)
+    best, n_best = None, 0
+    for column in adata.var.columns:
+        values = adata.var[column]
+        if column == gene_id_key or not (
+            pd.api.types.is_object_dtype(values)
+            or isinstance(values.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(values)
+        ):
+            continue
+        n_column = int(wanted.isin(pd.Index(values.astype(str))).sum())
+        if n_column > n_best:
+            best, n_best = column, n_column
+    if best is not None and n_best >= max(2 * n_matched, n_matched + 0.1 * len(genes)):
+        raise ValueError(
+            f"Only {n_matched} of the model's {len(genes)} genes match adata.{source}, but {n_best} match "
+            f"adata.var[{best!r}]: the genes are named in that column. Use it as the gene names first, e.g. "
+            f"adata.var_names = adata.var[{best!r}].astype(str) then adata.var_names_make_unique(), or match on it "
+            f"with gene_id_key={best!r} (--gene-id-key {best} on the command line)."
         )
 
 
