@@ -365,3 +365,24 @@ def test_refit_rejects_unreadable_query_values_before_training(symphony_model, s
     with pytest.raises(ValueError, match="holds non-integer values, but raw counts were expected"):
         cellular.tl.cellular_annotate(query, model, panel="refit")
     assert model.__dict__.get("_restricted_models", {}) == refits
+    with pytest.raises(ValueError, match="holds non-integer values"):
+        model.check_query_values(query)
+    model.check_query_values(query, log_normalized=True)  # non-negative: readable as log-normalised values
+
+
+def test_genes_named_in_a_var_column_map_as_named_by_var_names(symphony_model, symphony_split):
+    """The fix the genes-in-another-column error names (gene_id_key=<column>) serves the query exactly as if its
+    genes were named by var_names."""
+    model = symphony_model
+    _, test = symphony_split
+    by_symbol = test.copy()
+    by_id = test.copy()
+    by_id.var["symbol"] = by_id.var_names.to_numpy()
+    by_id.var_names = [f"ENSG{i:011d}" for i in range(by_id.n_vars)]
+    with pytest.raises(ValueError, match=r"match adata.var\['symbol'\]"):
+        cellular.tl.cellular_annotate(by_id.copy(), model)
+    cellular.tl.cellular_annotate(by_symbol, model)
+    cellular.tl.cellular_annotate(by_id, model, gene_id_key="symbol")
+    np.testing.assert_array_equal(by_id.obs["cellular_label"].to_numpy(), by_symbol.obs["cellular_label"].to_numpy())
+    key = "cellular_label_probabilities"
+    np.testing.assert_array_equal(by_id.obsm[key], by_symbol.obsm[key])

@@ -67,6 +67,11 @@ def _value_blocks(matrix) -> Iterator[np.ndarray]:
             yield values[start : start + _CHECK_CHUNK]
 
 
+def matrix_name(layer: str | None) -> str:
+    """How messages name the matrix of ``layer`` (``adata.X`` when ``None``)."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
 def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> None:
     """Raise a ``ValueError`` naming the problem if the values cannot be used.
 
@@ -466,7 +471,7 @@ def read_expression(
         Check the values (:func:`check_expression_values`; a full pass over a backed file). Only skip it when the
         same matrix was checked already.
     """
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    where = matrix_name(layer)
     matrix = get_matrix(adata, layer)
     if check_values:
         check_expression_values(matrix, counts=not log_normalized, where=where)

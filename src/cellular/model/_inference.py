@@ -13,7 +13,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from cellular.data import read_expression, sequential_minibatches
-from cellular.data._expression import GeneAlignment
+from cellular.data._expression import GeneAlignment, check_expression_values, get_matrix, matrix_name
 from cellular.index import ReferenceIndex
 
 from ._common import SAME_AS_TRAINING, NotTrainedError
@@ -152,20 +152,11 @@ class InferenceMixin:
 
     def _read(self, adata, layer, log_normalized, gene_id_key, min_gene_overlap, batch_names=None):
         self.require_trained()
-        setup = self.setup_args
         if adata is None:
             if self.adata is None:
                 raise ValueError("The model has no attached AnnData; pass the cells to embed as `adata`.")
             adata = self.adata
-        if layer == SAME_AS_TRAINING:
-            layer = setup["layer"]
-        if log_normalized is None:
-            log_normalized = setup["log_normalized"]
-        if not log_normalized and self.target_sum is None:
-            raise ValueError(
-                "The model was trained on log-normalised values, so raw counts cannot be normalised the same way. "
-                "Normalise the counts as the training data was and pass log_normalized=True."
-            )
+        layer, log_normalized = self._reading_options(layer, log_normalized)
         expression, alignment = read_expression(
             adata,
             self.gene_names_for(gene_id_key),
@@ -178,6 +169,31 @@ class InferenceMixin:
         )
         self._standardize(expression, adata, alignment.present, batch_names)
         return expression, alignment
+
+    def _reading_options(self, layer, log_normalized) -> tuple[str | None, bool]:
+        """The layer and kind of values a query is read from (``SAME_AS_TRAINING`` / ``None``: as in training)."""
+        setup = self.setup_args
+        if layer == SAME_AS_TRAINING:
+            layer = setup["layer"]
+        if log_normalized is None:
+            log_normalized = setup["log_normalized"]
+        if not log_normalized and self.target_sum is None:
+            raise ValueError(
+                "The model was trained on log-normalised values, so raw counts cannot be normalised the same way. "
+                "Normalise the counts as the training data was and pass log_normalized=True."
+            )
+        return layer, log_normalized
+
+    def check_query_values(
+        self, adata: AnnData, *, layer: str | None = SAME_AS_TRAINING, log_normalized: bool | None = None
+    ) -> None:
+        """Raise the error reading ``adata`` would raise for its values (negative, NaN, fractional counts).
+
+        One pass over the values, without embedding; ``layer`` and ``log_normalized`` as in
+        :meth:`get_latent_representation`. The ``tl`` functions call it before a refit on the query's genes trains.
+        """
+        layer, log_normalized = self._reading_options(layer, log_normalized)
+        check_expression_values(get_matrix(adata, layer), counts=not log_normalized, where=matrix_name(layer))
 
     def _standardize(self, expression, adata, present, batch_names=None) -> None:
         """Attach the per-batch moment matching (``match_batch_moments``) of ``adata``'s cells to their expression.

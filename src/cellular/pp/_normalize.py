@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-from cellular.data._expression import check_expression_values, get_matrix, library_sizes
+from cellular.data._expression import check_expression_values, get_matrix, library_sizes, matrix_name
 
 
 def normalize_log1p(
@@ -43,7 +43,7 @@ def normalize_log1p(
     """
     if copy:
         adata = adata.copy()
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    where = matrix_name(layer)
     matrix = get_matrix(adata, layer)
     check_expression_values(matrix, counts=True, where=where)
     sizes = library_sizes(matrix)

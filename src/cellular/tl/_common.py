@@ -11,9 +11,8 @@ import pandas as pd
 from anndata import AnnData
 
 from cellular.data import HierarchicalPrediction, LabelHierarchy, align_genes, check_finite_embedding
-from cellular.data._expression import check_expression_values, get_matrix
 from cellular.index import ReferenceIndex
-from cellular.model import CELLULAR, SAME_AS_TRAINING, PanelCalibration
+from cellular.model import CELLULAR, PanelCalibration
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def serve_query(
     if path == "refit" and not present.all():
         if index is not None:
             _check_reindexable(model, index)
-        _check_query_values(adata, model, layer, log_normalized)
+        model.check_query_values(adata, layer=layer, log_normalized=log_normalized)
         served_model = model.restrict_to_genes(adata, gene_id_key=gene_id_key, progress_bar=progress_bar)
         _warn_missing(alignment, share, path)
         served_index = None if index is None else _restricted_index(served_model, model, index)
@@ -139,15 +138,6 @@ def serve_query(
         if calibration is not None:
             record["panel_calibration"] = dict(calibration.summary)
     return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden, embedded.gene_logits)
-
-
-def _check_query_values(adata: AnnData, model: CELLULAR, layer, log_normalized: bool | None) -> None:
-    """Reject values the model cannot read before a refit trains a model for them (seconds to minutes)."""
-    setup = model.setup_args
-    layer = setup["layer"] if layer == SAME_AS_TRAINING else layer
-    log_normalized = setup["log_normalized"] if log_normalized is None else log_normalized
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    check_expression_values(get_matrix(adata, layer), counts=not log_normalized, where=where)
 
 
 def _warn_missing(alignment, share: float, path: str) -> None:
