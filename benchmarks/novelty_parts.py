@@ -25,7 +25,7 @@ import pandas as pd
 from benchmarks._script import novelty_score_table, run_novel_folds, script_main, script_parser
 
 DATASETS = ["cellbench_lung_celllines", "pancreas_endocrinogenesis_mouse", "pbmc_symphony_3tech"]
-GENE_WEIGHTS = [0.0, 1.0, 2.0]
+GENE_WEIGHTS = [0.0, 1.0, 2.0, 3.0, 4.0]
 ALPHA = 0.05
 PARTS = {
     "distance": "prototype distance only",

@@ -10,7 +10,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 import cellular
 from cellular import CELLULAR, NotTrainedError
-from cellular.metrics import expected_calibration_error
+from cellular.metrics import conformal_pvalues, expected_calibration_error
 
 CELLBENCH_HELD_OUT_BATCH = "celseq2_5cl_p3"
 CELLBENCH_NOVEL_LINE = "A549"
@@ -205,7 +205,7 @@ def test_novelty_pvalues_are_calibrated_on_cells_read_as_a_new_batch():
     frame = model.get_novelty_scores(test)
     assert roc_auc_score(is_novel, frame["score"]) >= 0.95
     flagged = frame["pvalue"].to_numpy() <= 0.05
-    stored = model.novelty_reference_.matching_pvalues(frame["score"].to_numpy()) <= 0.05
+    stored = conformal_pvalues(model.novelty_reference_.calibration_scores, frame["score"].to_numpy()) <= 0.05
     assert flagged[~is_novel].mean() <= 0.10
     assert stored[~is_novel].mean() > flagged[~is_novel].mean() + 0.04
     assert flagged[is_novel].mean() >= 0.8
@@ -234,6 +234,15 @@ def test_an_unseen_trajectory_stage_is_found_through_the_input_genes():
     with_genes = roc_auc_score(is_novel, frame["score"])
     assert roc_auc_score(is_novel, frame["gene_distance"]) > roc_auc_score(is_novel, frame["distance"]) + 0.1
     assert (frame["pvalue"].to_numpy()[~is_novel] <= 0.05).mean() <= 0.10
+
+    # A new batch's moments are estimated without its likely novel cells, picked by a score whose gene weight is
+    # capped: a heavier weight in the reported score does not move the batch's embedding.
+    new_batch = test.copy()
+    new_batch.obs["batch"] = "another lab"
+    embedding = model.get_latent_representation(new_batch)
+    model.train_classifier(novelty_gene_weight=4.0)
+    assert model.novelty_reference_.matching_gene_weight == 2.0
+    np.testing.assert_array_equal(model.get_latent_representation(new_batch), embedding)
 
     model.train_classifier(novelty_gene_weight=0.0)
     without = model.get_novelty_scores(test)

@@ -421,9 +421,10 @@ def case_self_assessment_non_finite(ctx):
     _self_assessment(np.zeros((10, 5)), np.arange(10) % 3, x_test, np.arange(6) % 3)
 
 
-def case_damaged_novelty_probe(ctx):
-    model = _quick_model(ctx, classifier_kwargs={"novelty_gene_uncertainty_weight": 0.2})
-    path = ctx.tmp_path / "probe"
+def _legacy_save_with_damage(ctx, name, classifier_kwargs, tensor):
+    """Save a quick model as a version-3 file (no checksums) with ``tensor`` one entry short, then load it."""
+    model = _quick_model(ctx, classifier_kwargs=classifier_kwargs)
+    path = ctx.tmp_path / name
     model.save(path, overwrite=True)
     metadata = json.loads((path / "model.json").read_text())
     metadata["format_version"] = 3
@@ -431,9 +432,17 @@ def case_damaged_novelty_probe(ctx):
         del metadata[key]
     (path / "model.json").write_text(json.dumps(metadata))
     tensors = torch.load(path / "model.pt", weights_only=True)
-    tensors["novelty.gene_uncertainty_bias"] = tensors["novelty.gene_uncertainty_bias"][:-1]
+    tensors[tensor] = tensors[tensor][:-1]
     torch.save(tensors, path / "model.pt")
     CELLULAR.load(path)
+
+
+def case_damaged_novelty_probe(ctx):
+    _legacy_save_with_damage(ctx, "probe", {"novelty_gene_uncertainty_weight": 0.2}, "novelty.gene_uncertainty_bias")
+
+
+def case_damaged_novelty_matching(ctx):
+    _legacy_save_with_damage(ctx, "matching", {"novelty_gene_weight": 4.0}, "novelty.matching_calibration_scores")
 
 
 def case_damaged_novelty_calibration(ctx):

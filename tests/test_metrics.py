@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cellular.metrics import benjamini_hochberg, conformal_pvalues, expected_calibration_error
-from cellular.model._novelty import NoveltyReference, PCASpace, shrink_spreads
+from cellular.model._novelty import NoveltyReference, NoveltySpaces, PCASpace, shrink_spreads
 from cellular.nn import CellTypeClassifier, fit_temperature
 
 
@@ -140,6 +140,62 @@ def test_standardised_relative_space_round_trips_and_refuses_damaged_arrays():
     for name, damaged in (("gene_scale", -arrays["gene_scale"]), ("gene_radius", arrays["gene_radius"][:-1])):
         with pytest.raises(ValueError, match="novelty gene space is inconsistent; the model file is damaged"):
             PCASpace.from_arrays({**arrays, name: damaged}, "gene", unit_length=False, n_features=9)
+
+
+def _reference_with_gene_space(gene_weight, matching_gene_weight=None):
+    """A novelty reference over two types with a hidden-layer and a gene space, and query cells' inputs to it."""
+    rng = np.random.default_rng(11)
+    labels = np.repeat([0, 1], 150)
+    z = np.eye(8)[labels] + 0.1 * rng.standard_normal((300, 8))
+    activations = np.abs(z @ rng.standard_normal((8, 20))).astype(np.float32)
+    genes = (np.abs(rng.normal(size=(300, 30))) + labels[:, None]).astype(np.float32)
+    hidden = PCASpace.fit(activations[:200], seed=0, unit_length=True, relative=True, n_components=5)
+    gene_space = PCASpace.fit(genes[:200], seed=0, unit_length=False, standardize=True, relative=True, n_components=5)
+    spaces = NoveltySpaces(hidden, gene_space)
+    probabilities = np.where(np.eye(2)[labels] > 0, 0.9, 0.1)
+    reference = NoveltyReference.fit(
+        z[:200],
+        labels[:200],
+        2,
+        z[200:],
+        probabilities[200:],
+        "validation",
+        spaces=spaces,
+        projections_calibration=spaces.project(genes[200:], activations[200:]),
+        gene_weight=gene_weight,
+        matching_gene_weight=matching_gene_weight,
+    )
+    queries = (z[200:] + 0.3 * rng.standard_normal((100, 8)), probabilities[200:])
+    query_genes = genes[200:] + rng.normal(size=(100, 30)).astype(np.float32)
+    return reference, (*queries, spaces.project(query_genes, activations[200:]))
+
+
+def test_moment_matching_scores_read_the_gene_distance_at_its_own_weight():
+    """Matching scores and their p-values are those of the same reference fitted at the matching weight."""
+    reference, query = _reference_with_gene_space(gene_weight=4.0, matching_gene_weight=2.0)
+    at_matching, _ = _reference_with_gene_space(gene_weight=2.0)
+    assert at_matching.matching_calibration_scores is None  # equal weights keep one set of scores
+    np.testing.assert_allclose(reference.matching_calibration_scores, at_matching.calibration_scores)
+    np.testing.assert_allclose(reference.matching_scores(*query), at_matching.scores(*query))
+    np.testing.assert_allclose(
+        reference.matching_pvalues(reference.matching_scores(*query)),
+        at_matching.matching_pvalues(at_matching.scores(*query)),
+    )
+    assert not np.allclose(reference.scores(*query), at_matching.scores(*query))
+    assert reference.score_weights()["gene_distance"] == 4.0
+
+    loaded = NoveltyReference.from_saved(reference.to_arrays(), reference.to_metadata(), n_genes=30)
+    assert loaded.matching_gene_weight == 2.0
+    np.testing.assert_array_equal(loaded.matching_scores(*query), reference.matching_scores(*query))
+    np.testing.assert_array_equal(loaded.matching_calibration_scores, reference.matching_calibration_scores)
+    arrays = reference.to_arrays()
+    for damaged_arrays, metadata in (
+        ({key: value for key, value in arrays.items() if key != "matching_calibration_scores"}, None),
+        ({**arrays, "matching_calibration_scores": arrays["matching_calibration_scores"][:-1]}, None),
+        (arrays, {**reference.to_metadata(), "matching_gene_weight": None}),
+    ):
+        with pytest.raises(ValueError, match="novelty matching scores are inconsistent; the model file is damaged"):
+            NoveltyReference.from_saved(damaged_arrays, metadata or reference.to_metadata(), n_genes=30)
 
 
 def _directions(rng, centre, n_cells, noise, n_latent=8):

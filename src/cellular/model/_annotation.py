@@ -29,6 +29,8 @@ MIN_CALIBRATION_CELLS = 20
 # train_classifier arguments that fit_classifier takes as they are (the searched ones excepted)
 NOVELTY_WEIGHTS = ("novelty_uncertainty_weight", "novelty_hidden_weight", "novelty_gene_weight")
 NOVELTY_GENE_WEIGHT = 2.0
+# the gene distance's largest weight in the score batch moment matching leaves likely novel cells out by
+MATCHING_GENE_WEIGHT = 2.0
 _FIT_SETTINGS = ("weight_decay", "max_epochs", "batch_size", "class_weighted", "early_stopping_patience")
 
 
@@ -357,6 +359,7 @@ class AnnotationMixin:
             hidden_weight=params.get("novelty_hidden_weight", 1.0),
             gene_weight=gene_weight,
             gene_uncertainty_weight=uncertainty_weight,
+            matching_gene_weight=min(gene_weight, MATCHING_GENE_WEIGHT),
         )
         self.novelty_reference_, novelty_calibration = self._calibrated_as_new_batches(
             self.novelty_reference_, calibration_idx, device

@@ -217,7 +217,8 @@ class InferenceMixin:
                 probabilities = self.probabilities_from_embedding(z)
                 if novelty is None:
                     return probabilities, np.ones(len(z), dtype=bool)
-                known = novelty.matching_pvalues(novelty.scores(z, probabilities, hidden)) > MOMENT_NOVELTY_ALPHA
+                scores = novelty.matching_scores(z, probabilities, hidden)
+                known = novelty.matching_pvalues(scores) > MOMENT_NOVELTY_ALPHA
                 return probabilities, known
 
         names = batch_names_of(self, adata, batch_names)

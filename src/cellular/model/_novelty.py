@@ -305,6 +305,12 @@ class NoveltyReference:
         90 % quantile of each distance on the calibration cells, and its weight in the score.
     gene_uncertainty_scale, gene_uncertainty_weight
         The same for the gene classifier's uncertainty (kept in the spaces only when its weight is positive).
+    matching_gene_weight
+        The gene distance's weight in the score batch moment matching leaves likely novel cells out by
+        (:meth:`matching_scores`); ``None``: ``gene_weight``.
+    matching_calibration_scores
+        Sorted calibration scores at ``matching_gene_weight`` (``None``: ``calibration_scores``, the weights being
+        equal).
     query_calibration_scores
         Sorted scores of the same calibration cells read the way a query batch is read (matched by moments
         estimated from their own cells): the conformal scores of :meth:`pvalues` when present. ``None`` for a
@@ -327,6 +333,8 @@ class NoveltyReference:
     query_calibration_scores: np.ndarray | None = None
     gene_uncertainty_scale: float = 1.0
     gene_uncertainty_weight: float = 0.0
+    matching_gene_weight: float | None = None
+    matching_calibration_scores: np.ndarray | None = None
 
     @classmethod
     def fit(
@@ -343,13 +351,15 @@ class NoveltyReference:
         hidden_weight: float = 1.0,
         gene_weight: float = 0.0,
         gene_uncertainty_weight: float = 0.0,
+        matching_gene_weight: float | None = None,
     ) -> NoveltyReference:
         """Prototypes and spreads from training cells, score scales and calibration scores from held-out cells.
 
         With ``spaces`` (fitted on training cells) and the calibration cells' projections into them
         (``projections_calibration``), the score adds the hidden-layer distance with weight ``hidden_weight`` and
         the input-gene distance with weight ``gene_weight`` and, when the spaces keep it, the gene classifier's
-        uncertainty with weight ``gene_uncertainty_weight``.
+        uncertainty with weight ``gene_uncertainty_weight``. Batch moment matching scores cells with the gene
+        distance at ``matching_gene_weight`` instead (``None``: ``gene_weight``).
         """
         unit = unit_rows(z_train)
         counts = np.bincount(labels_train, minlength=n_types)
@@ -375,6 +385,9 @@ class NoveltyReference:
             hidden_weight=float(hidden_weight),
             gene_weight=float(gene_weight),
             gene_uncertainty_weight=float(gene_uncertainty_weight),
+            matching_gene_weight=None
+            if matching_gene_weight is None or float(matching_gene_weight) == float(gene_weight)
+            else float(matching_gene_weight),
         )
         return reference.recalibrated(z_calibration, probabilities_calibration, projections_calibration)
 
@@ -397,6 +410,9 @@ class NoveltyReference:
             if values is not None:
                 setattr(reference, name, max(float(np.quantile(values, _SCALE_QUANTILE)), 1e-12))
         reference.calibration_scores = np.sort(reference.combine(distance, uncertainty, *parts))
+        if reference.matching_gene_weight is not None:
+            matching = reference.combine(distance, uncertainty, *parts, gene_weight=reference.matching_gene_weight)
+            reference.matching_calibration_scores = np.sort(matching)
         return reference
 
     def nearest_type(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -423,6 +439,23 @@ class NoveltyReference:
         distance, _ = self.nearest_type(z)
         return self.combine(distance, 1.0 - probabilities.max(axis=1), *self.space_distances(projections))
 
+    def matching_scores(
+        self, z: np.ndarray, probabilities: np.ndarray, projections: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The score batch moment matching reads: :meth:`scores` with the gene distance at ``matching_gene_weight``.
+
+        Matching scores a query batch before its moments are settled, on inputs standardised by a first estimate
+        that its novel cells still shift; a gene distance weighted above the matching weight lets that estimate
+        pick the cells that set the final one (benchmarks page, "Novelty score parts").
+        """
+        distance, _ = self.nearest_type(z)
+        return self.combine(
+            distance,
+            1.0 - probabilities.max(axis=1),
+            *self.space_distances(projections),
+            gene_weight=self.matching_gene_weight,
+        )
+
     def combine(
         self,
         distance: np.ndarray,
@@ -430,13 +463,18 @@ class NoveltyReference:
         hidden_distance: np.ndarray | None = None,
         gene_distance: np.ndarray | None = None,
         gene_uncertainty: np.ndarray | None = None,
+        gene_weight: float | None = None,
     ) -> np.ndarray:
-        """Scaled prototype distance plus the other parts (uncertainties, distances), each weighted on its scale."""
+        """Scaled prototype distance plus the other parts (uncertainties, distances), each weighted on its scale.
+
+        ``gene_weight`` replaces the reference's own weight of the gene distance (``None``: keep it).
+        """
         score = distance / self.distance_scale + self.uncertainty_weight * uncertainty / self.uncertainty_scale
         if hidden_distance is not None:
             score = score + self.hidden_weight * hidden_distance / self.hidden_scale
         if gene_distance is not None:
-            score = score + self.gene_weight * gene_distance / self.gene_scale
+            weight = self.gene_weight if gene_weight is None else gene_weight
+            score = score + weight * gene_distance / self.gene_scale
         if gene_uncertainty is not None:
             score = score + self.gene_uncertainty_weight * gene_uncertainty / self.gene_uncertainty_scale
         return score
@@ -462,12 +500,13 @@ class NoveltyReference:
         return conformal_pvalues(self.conformal_scores, scores)
 
     def matching_pvalues(self, scores: np.ndarray) -> np.ndarray:
-        """P-values against the calibration cells read with their stored batch moments.
+        """P-values of :meth:`matching_scores` against the calibration cells read with their stored batch moments.
 
         Batch moment matching uses these to leave likely novel cells out of a query batch's moments: stricter than
         :meth:`pvalues`, it keeps the moments of a batch that holds an unseen type closer to its known cells.
         """
-        return conformal_pvalues(self.calibration_scores, scores)
+        calibration = self.matching_calibration_scores
+        return conformal_pvalues(self.calibration_scores if calibration is None else calibration, scores)
 
     def score_threshold(self, alpha: float) -> float:
         """Smallest score whose conformal p-value (:meth:`pvalues`) is at most ``alpha`` (``inf`` when none can be)."""
@@ -489,6 +528,8 @@ class NoveltyReference:
         }
         if self.query_calibration_scores is not None:
             arrays["query_calibration_scores"] = self.query_calibration_scores
+        if self.matching_calibration_scores is not None:
+            arrays["matching_calibration_scores"] = self.matching_calibration_scores
         if self.spaces is not None:
             arrays.update(self.spaces.hidden.to_arrays("hidden"))
             if self.spaces.genes is not None:
@@ -509,6 +550,7 @@ class NoveltyReference:
             "gene_weight": self.gene_weight,
             "gene_uncertainty_scale": self.gene_uncertainty_scale,
             "gene_uncertainty_weight": self.gene_uncertainty_weight,
+            "matching_gene_weight": self.matching_gene_weight,
         }
 
     @classmethod
@@ -526,6 +568,12 @@ class NoveltyReference:
             query_calibration = np.asarray(query_calibration, dtype=np.float64)
             if query_calibration.shape != calibration.shape:
                 raise ValueError("The saved novelty calibration scores are inconsistent; the model file is damaged.")
+        matching_weight = metadata.get("matching_gene_weight")
+        matching_calibration = arrays.get("matching_calibration_scores")
+        if (matching_weight is None) != (matching_calibration is None) or (
+            matching_calibration is not None and np.shape(matching_calibration) != calibration.shape
+        ):
+            raise ValueError("The saved novelty matching scores are inconsistent; the model file is damaged.")
         return cls(
             prototypes=np.asarray(arrays["prototypes"], dtype=np.float32),
             spreads=np.asarray(arrays["spreads"], dtype=np.float64),
@@ -542,6 +590,10 @@ class NoveltyReference:
             query_calibration_scores=query_calibration,
             gene_uncertainty_scale=float(metadata.get("gene_uncertainty_scale", 1.0)),
             gene_uncertainty_weight=float(metadata.get("gene_uncertainty_weight", 0.0)) if probe is not None else 0.0,
+            matching_gene_weight=None if matching_weight is None else float(matching_weight),
+            matching_calibration_scores=None
+            if matching_calibration is None
+            else np.asarray(matching_calibration, dtype=np.float64),
         )
 
 
