@@ -139,7 +139,7 @@ def test_hardest_cell_line_is_found_by_the_default_model_through_the_gene_classi
     query = test.copy()
     cellular.tl.novel_types(query, model)
     weights = query.uns["cellular"]["cellular_novel"]["summary"]["score_weights"]
-    assert weights["gene_uncertainty"] == FLAWLESS_GENE_UNCERTAINTY_WEIGHT and weights["gene_distance"] == 2.0
+    assert weights["gene_uncertainty"] == FLAWLESS_GENE_UNCERTAINTY_WEIGHT and weights["gene_distance"] == 3.0
     np.testing.assert_allclose(query.obs["cellular_novel_score"], frame["score"])
     # a query measuring half of the model's genes is scored with the part, recalibrated under its panel
     narrow = test[:, model.genes[::2]].copy()
@@ -226,7 +226,7 @@ def test_an_unseen_trajectory_stage_is_found_through_the_input_genes():
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train)
     model.train(progress_bar=False)
-    assert model.classifier_params_["novelty_gene_weight"] == 2.0  # the default for a moment-matching model
+    assert model.classifier_params_["novelty_gene_weight"] == 3.0  # the default for a moment-matching model
     # Along a continuum the gene classifier's uncertainty does not find left-out stages: that part stays out.
     assert model.classifier_summary_["gene_uncertainty_auroc"] < 0.9
     assert model.classifier_summary_["novelty_gene_uncertainty_weight"] == 0.0

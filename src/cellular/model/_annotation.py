@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 MIN_CALIBRATION_CELLS = 20
 # train_classifier arguments that fit_classifier takes as they are (the searched ones excepted)
 NOVELTY_WEIGHTS = ("novelty_uncertainty_weight", "novelty_hidden_weight", "novelty_gene_weight")
-NOVELTY_GENE_WEIGHT = 2.0
+NOVELTY_GENE_WEIGHT = 3.0
 # the gene distance's largest weight in the score batch moment matching leaves likely novel cells out by
 MATCHING_GENE_WEIGHT = 2.0
 _FIT_SETTINGS = ("weight_decay", "max_epochs", "batch_size", "class_weighted", "early_stopping_patience")
@@ -114,10 +114,11 @@ class AnnotationMixin:
             Weight of the distance to the nearest training cells in the encoder's input (the log-normalised,
             batch-matched genes, standardised and clipped at 10 as ``sc.pp.scale`` does, PCA to 50 dimensions), which
             keeps differences the encoder's weights discard: on the field benchmark's held-out types it lifts the
-            endocrinogenesis and Symphony AUROC (benchmarks page, "Novelty score parts"). ``None``: 2.0 for a model
-            that matches batch moments, else 0, because unmatched
-            inputs carry a new batch's shift and the distance would flag its known cells. ``0`` leaves it out and
-            stores no gene space with the model.
+            endocrinogenesis and Symphony AUROC (benchmarks page, "Novelty score parts"). ``None``: 3.0 for a model
+            that matches batch moments, else 0, because unmatched inputs carry a new batch's shift and the distance
+            would flag its known cells. ``0`` leaves it out and stores no gene space with the model. Batch moment
+            matching, which leaves a query batch's likely novel cells out of its moments, reads the part at a weight
+            of at most 2.
         novelty_gene_uncertainty_weight
             Weight of the gene classifier's uncertainty (the entropy of its probabilities at temperature 1), which marks
             cells a linear model on the genes cannot place among the known types. ``None``: decided by the reference
