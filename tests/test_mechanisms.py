@@ -141,7 +141,10 @@ def test_balanced_sampling_evens_out_the_types_seen_in_training(reference):
 
 def test_conformal_false_novel_rate_on_unseen_reference_like_cells(symphony):
     """Novelty p-values are calibrated on held-out cells: cells like the reference but never seen in training are
-    flagged at about alpha (within a binomial margin), as conformal p-values promise."""
+    flagged at about alpha, as conformal p-values promise. The flag rate varies with the test cells drawn and with
+    the calibration cells drawn (given them, the chance of a flag is Beta-distributed with variance about
+    alpha (1 - alpha) / (n_calibration + 2)): with the default 10 % held out (49 cells here) the rate at alpha = 0.2
+    ranged 0.17-0.31 over split seeds, so a quarter of the cells is held out."""
     data = symphony[symphony.obs["batch"] != SYMPHONY_HELD_OUT].copy()
     mark_singletons_unlabelled(data)
     rng = np.random.default_rng(1)
@@ -152,13 +155,15 @@ def test_conformal_false_novel_rate_on_unseen_reference_like_cells(symphony):
     test = test.copy()
     CELLULAR.setup_anndata(train, labels_key="cell_type", batch_key="batch")
     model = CELLULAR(train, n_top_genes=1000)
-    model.train(progress_bar=False)
+    model.train(progress_bar=False, train_size=0.75)
+    n_calibration = model.classifier_summary_["n_calibration_cells"]
+    assert model.classifier_summary_["calibration_source"] == "validation" and n_calibration >= 100
     alpha = 0.2
     cellular.tl.novel_types(test, model, alpha=alpha)
     rate = float((test.obs["cellular_novel_pvalue"] <= alpha).mean())
-    margin = 3 * np.sqrt(alpha * (1 - alpha) / test.n_obs)
-    assert rate <= alpha + margin, (rate, alpha + margin, test.n_obs)
-    assert rate >= alpha - margin - 0.05, (rate, test.n_obs)  # and not trivially conservative
+    margin = 3 * np.sqrt(alpha * (1 - alpha) * (1 / test.n_obs + 1 / (n_calibration + 2)))
+    assert rate <= alpha + margin, (rate, alpha + margin, test.n_obs, n_calibration)
+    assert rate >= alpha - margin, (rate, alpha - margin, test.n_obs, n_calibration)  # and not trivially conservative
 
 
 def test_label_transfer_votes_are_distance_weighted(symphony_model, symphony_split):
