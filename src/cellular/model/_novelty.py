@@ -434,10 +434,21 @@ class NoveltyReference:
             )
         return self.spaces.distances(projections)
 
-    def scores(self, z: np.ndarray, probabilities: np.ndarray, projections: np.ndarray | None = None) -> np.ndarray:
-        """Novelty score of embedded cells given their class probabilities (and projections into the spaces)."""
+    def scores(
+        self,
+        z: np.ndarray,
+        probabilities: np.ndarray,
+        projections: np.ndarray | None = None,
+        gene_weight: float | None = None,
+    ) -> np.ndarray:
+        """Novelty score of embedded cells given their class probabilities (and projections into the spaces).
+
+        ``gene_weight`` replaces the reference's own weight of the gene distance (``None``: keep it).
+        """
         distance, _ = self.nearest_type(z)
-        return self.combine(distance, 1.0 - probabilities.max(axis=1), *self.space_distances(projections))
+        return self.combine(
+            distance, 1.0 - probabilities.max(axis=1), *self.space_distances(projections), gene_weight=gene_weight
+        )
 
     def matching_scores(
         self, z: np.ndarray, probabilities: np.ndarray, projections: np.ndarray | None = None
@@ -448,13 +459,7 @@ class NoveltyReference:
         that its novel cells still shift; a gene distance weighted above the matching weight lets that estimate
         pick the cells that set the final one (benchmarks page, "Novelty score parts").
         """
-        distance, _ = self.nearest_type(z)
-        return self.combine(
-            distance,
-            1.0 - probabilities.max(axis=1),
-            *self.space_distances(projections),
-            gene_weight=self.matching_gene_weight,
-        )
+        return self.scores(z, probabilities, projections, gene_weight=self.matching_gene_weight)
 
     def combine(
         self,
