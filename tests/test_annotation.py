@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from conftest import read_dataset
 from helpers import pca_knn_macro_f1
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
 import cellular
 from cellular import CELLULAR, NotTrainedError
@@ -47,7 +47,10 @@ def known_type_codes(model, adata):
 
 
 @pytest.mark.parametrize("dataset", ["symphony", "cellbench"])
-def test_annotation_beats_pca_knn_and_calibration_lowers_ece(dataset, request):
+def test_annotation_beats_pca_knn_and_calibration_lowers_log_loss(dataset, request):
+    """The temperature, fitted on held-out reference cells by log loss, lowers the held-out batch's log loss. Its
+    expected calibration error (15 bins over a few hundred cells, a sampling error near 0.01) is not asserted to fall:
+    on Symphony's 3' v2 batch it went 0.048 -> 0.043 in one run and 0.0515 -> 0.0517 in another."""
     model = request.getfixturevalue(f"{dataset}_model")
     train, test = request.getfixturevalue(f"{dataset}_split")
     query = test.copy()
@@ -60,7 +63,9 @@ def test_annotation_beats_pca_knn_and_calibration_lowers_ece(dataset, request):
 
     calibrated = query.obsm["cellular_label_probabilities"][known]
     raw = model.predict(test, soft=True, calibrated=False).to_numpy()[known]
-    assert expected_calibration_error(calibrated, codes) < expected_calibration_error(raw, codes)
+    classes = np.arange(len(model.cell_types))
+    assert log_loss(codes, calibrated, labels=classes) < log_loss(codes, raw, labels=classes)
+    assert expected_calibration_error(calibrated, codes) <= expected_calibration_error(raw, codes) + 0.01
     np.testing.assert_array_equal(calibrated.argmax(1), raw.argmax(1))  # calibration never changes the label
 
 
