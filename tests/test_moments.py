@@ -129,7 +129,8 @@ def test_a_batch_of_few_types_with_a_novel_one_keeps_its_known_types_known():
 
 
 def _best_share_map(n_stored, maps, shares):
-    """The rule the mean replaced: each group keeps the one candidate that explains the most of its cells."""
+    """The rule the mean replaced, over the same three candidates: each group keeps the one that explains the most
+    of its cells (the former rule also tried composition rounds 1-3)."""
     best = np.vstack(shares)[::-1].argmax(axis=0)  # ties go to the later candidate, as they did
     chosen = len(maps) - 1 - best
     scale, offset = maps[0][0].copy(), maps[0][1].copy()
