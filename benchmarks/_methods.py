@@ -202,12 +202,19 @@ def _cellular_embedding(fold: Fold, cache: FoldCache, model, variant: str = "cel
 
 
 def cellular_classifier(fold: Fold, cache: FoldCache, settings: Settings, variant: str = "cellular") -> MethodOutput:
-    """CELLULAR encoder + its calibrated classifier head; novelty = the model's novelty score."""
+    """CELLULAR encoder + its calibrated classifier head averaged with its gene classifier, as
+    ``tl.cellular_annotate`` labels cells by default; novelty = the model's novelty score."""
+    from cellular.tl._common import requested_gene_classifier_weight
+
     model, fit_seconds = _cellular_model(fold, cache, settings, variant)
     (train_z, test_z), embed_seconds = _cellular_embedding(fold, cache, model, variant)
+    weight = requested_gene_classifier_weight(model, None)
 
     def predict():
         probabilities = model.probabilities_from_embedding(test_z)
+        if weight > 0:
+            genes = model.get_gene_classifier_probabilities(fold.test, min_gene_overlap=0.0).to_numpy()
+            probabilities = (1.0 - weight) * probabilities + weight * genes
         novelty = model.get_novelty_scores(fold.test, min_gene_overlap=0.0)["score"].to_numpy()
         frame = pd.DataFrame(probabilities, columns=model.cell_types)
         return aligned(frame, fold.classes), novelty
@@ -249,7 +256,7 @@ def cellular_knn(
     ``tl.cellular_map`` transfers the model's labels; novelty = mean distance."""
     from cellular import ReferenceIndex
     from cellular.index import ClassEvidence
-    from cellular.tl._map import DEFAULT_GENE_CLASSIFIER_WEIGHT
+    from cellular.tl._common import DEFAULT_GENE_CLASSIFIER_WEIGHT
 
     model, fit_seconds = _cellular_model(fold, cache, settings)
     (train_z, test_z), embed_seconds = _cellular_embedding(fold, cache, model)

@@ -61,7 +61,7 @@ def test_annotation_beats_pca_knn_and_calibration_lowers_log_loss(dataset, reque
     baseline = pca_knn_macro_f1(model, train, test)
     assert ours >= baseline, (ours, baseline)
 
-    calibrated = query.obsm["cellular_label_probabilities"][known]
+    calibrated = model.predict(test, soft=True).to_numpy()[known]
     raw = model.predict(test, soft=True, calibrated=False).to_numpy()[known]
     classes = np.arange(len(model.cell_types))
     assert log_loss(codes, calibrated, labels=classes) < log_loss(codes, raw, labels=classes)
@@ -288,15 +288,47 @@ def test_annotate_writes_documented_slots_only(symphony_model, symphony_split):
     assert record["classes"] == symphony_model.cell_types
     assert record["counts"]["n_cells"].sum() == test.n_obs
     assert list(out.obs["cellular_label"].cat.categories) == [*symphony_model.cell_types, "Unknown"]
+    assert record["params"]["gene_classifier_weight"] == 0.5
     probabilities = out.obsm["cellular_label_probabilities"]
     np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(out.obs["cellular_label_confidence"], probabilities.max(1), rtol=1e-6)
     soft = symphony_model.predict(test, soft=True)
     assert list(soft.columns) == symphony_model.cell_types and soft.index.equals(test.obs_names)
-    np.testing.assert_allclose(soft.to_numpy(), probabilities, rtol=1e-5, atol=1e-6)
+    genes = symphony_model.get_gene_classifier_probabilities(test)
+    assert list(genes.columns) == symphony_model.cell_types
+    np.testing.assert_allclose(0.5 * soft.to_numpy() + 0.5 * genes.to_numpy(), probabilities, rtol=1e-5, atol=1e-6)
+    labels = np.asarray(symphony_model.cell_types)[probabilities.argmax(1)]
+    assignable = (out.obs["cellular_label"] != "Unknown").to_numpy()
+    np.testing.assert_array_equal(labels[assignable], out.obs["cellular_label"][assignable].astype(str))
+
+    head_only = cellular.tl.cellular_annotate(test, symphony_model, gene_classifier_weight=0, copy=True)
+    assert head_only.uns["cellular"]["cellular_label"]["params"]["gene_classifier_weight"] == 0.0
+    np.testing.assert_allclose(head_only.obsm["cellular_label_probabilities"], soft.to_numpy(), rtol=1e-5, atol=1e-6)
     hard = symphony_model.predict(test)
-    assignable = out.obs["cellular_label"] != "Unknown"
-    np.testing.assert_array_equal(hard[assignable.to_numpy()], out.obs["cellular_label"][assignable].astype(str))
+    assignable = (head_only.obs["cellular_label"] != "Unknown").to_numpy()
+    np.testing.assert_array_equal(hard[assignable], head_only.obs["cellular_label"][assignable].astype(str))
+    # The novelty flags read the head's probabilities, on which their p-values were calibrated, whatever the blend.
+    np.testing.assert_array_equal(out.obs["cellular_label"] == "Unknown", head_only.obs["cellular_label"] == "Unknown")
+
+
+def test_the_gene_classifier_averaged_with_the_head_labels_other_labs_cells_better(symphony_model, symphony_split):
+    """The head reads the embedding, the gene classifier the encoder's inputs; averaged (the default) they label
+    Symphony's held-out 3' v2 cells and pbmc3k better than the head alone (at the fixture's seed: macro-F1 0.902 vs
+    0.876 and 0.823 vs 0.805), and the average stays calibrated: its log loss is below the head's."""
+    _, test = symphony_split
+    for query in (test, read_dataset("pbmc3k_seurat")):
+        scores, losses = {}, {}
+        for weight in (0.0, None):
+            out = cellular.tl.cellular_annotate(
+                query, symphony_model, novel_as_unknown=False, gene_classifier_weight=weight, copy=True
+            )
+            known, codes = known_type_codes(symphony_model, out)
+            truth = out.obs["cell_type"].astype(str)[known]
+            scores[weight] = f1_score(truth, out.obs["cellular_label"].astype(str)[known], average="macro")
+            probabilities = out.obsm["cellular_label_probabilities"][known]
+            losses[weight] = log_loss(codes, probabilities, labels=np.arange(len(symphony_model.cell_types)))
+        assert scores[None] >= scores[0.0] + 0.01, scores
+        assert losses[None] < losses[0.0], losses
 
 
 def test_results_survive_h5ad_round_trip_and_use_rep(symphony_model, symphony_split, tmp_path):
@@ -438,6 +470,8 @@ def test_bad_query_values_and_arguments_are_refused(symphony_model, symphony_spl
         cellular.tl.cellular_annotate(test.copy(), symphony_model, min_confidence=1.5)
     with pytest.raises(ValueError, match="unknown_label"):
         cellular.tl.cellular_annotate(test.copy(), symphony_model, unknown_label="B cell")
+    with pytest.raises(ValueError, match=r"gene_classifier_weight must be a number in \[0, 1\]"):
+        cellular.tl.cellular_annotate(test.copy(), symphony_model, gene_classifier_weight=1.5)
     with pytest.raises(ValueError, match="novelty_uncertainty_weight"):
         symphony_model.train_classifier(novelty_uncertainty_weight=-1.0)
     with pytest.raises(ValueError, match="novelty_gene_uncertainty_weight must be a non-negative number"):

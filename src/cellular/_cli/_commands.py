@@ -263,6 +263,7 @@ def annotate(args: argparse.Namespace) -> int:
         min_confidence=args.min_confidence,
         unknown_label=args.unknown_label,
         hierarchy_threshold=args.hierarchy_threshold,
+        gene_classifier_weight=args.gene_classifier_weight,
         **_served(reading, args),
     )
     write_h5ad(adata, output, args.overwrite)

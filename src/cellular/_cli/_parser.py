@@ -364,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--no-novel-as-unknown", action="store_true", help="keep the most probable type for cells flagged as novel"
     )
+    options.add_argument(
+        "--gene-classifier-weight",
+        type=_fraction,
+        default=None,
+        metavar="W",
+        help="weight of the model's gene classifier averaged with the classifier head; 0: the head alone "
+        "(default: 0.5 when the model has one)",
+    )
     _add_hierarchy_threshold(options)
     options.add_argument(
         "--unknown-label", default="Unknown", metavar="LABEL", help="label of unassigned cells (default: Unknown)"

@@ -159,7 +159,7 @@ class GeneClassifierMixin:
             raise ValueError(
                 "This CELLULAR model has no gene classifier (trained with classifier=False or gene_classifier=False, "
                 "or saved by an older version); retrain the classifier stage with model.train_classifier(), or pass "
-                "gene_classifier_weight=0 to transfer labels by the kNN vote alone."
+                "gene_classifier_weight=0 to label cells by the kNN vote or the classifier head alone."
             )
 
     def gene_classifier_probabilities_from_logits(self, logits: np.ndarray, temperature: float | None = None):

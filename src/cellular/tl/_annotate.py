@@ -11,6 +11,7 @@ from ._common import (
     check_model,
     model_record,
     package_uns,
+    requested_gene_classifier_weight,
     serve_query,
     write_annotation,
     write_hierarchy_levels,
@@ -29,6 +30,7 @@ def cellular_annotate(
     min_confidence: float = 0.0,
     unknown_label: str = "Unknown",
     hierarchy_threshold: float = 0.7,
+    gene_classifier_weight: float | None = None,
     use_rep: str | None = None,
     batch_size: int = 4096,
     layer: str | None = SAME_AS_TRAINING,
@@ -39,12 +41,14 @@ def cellular_annotate(
     progress_bar: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
-    """Annotate cells with the model's calibrated classifier.
+    """Annotate cells with the model's calibrated classifiers.
 
     Each cell gets the reference type of highest calibrated probability, that probability as its confidence, and
-    the full probability vector. Cells that :func:`cellular.tl.novel_types` would flag at ``alpha`` (and cells below
-    ``min_confidence``) are labelled ``unknown_label`` instead, so a type absent from the reference is not forced
-    onto its nearest neighbour.
+    the full probability vector. The probabilities are the classifier head's (on the embedding) averaged with the
+    gene classifier's (a logistic regression on the encoder's inputs), each calibrated on held-out reference cells
+    (under the query's gene panel when it lacks genes). Cells that :func:`cellular.tl.novel_types` would flag at
+    ``alpha`` (and cells below ``min_confidence``) are labelled ``unknown_label`` instead, so a type absent from the
+    reference is not forced onto its nearest neighbour.
 
     Parameters
     ----------
@@ -67,6 +71,9 @@ def cellular_annotate(
         the probability a label needs to be the cell's deepest confident label. A cell whose type is uncertain
         between two subtypes gets their parent ("T cell" rather than a wrong "CD8 T cell"). Above 0.5, so two
         siblings cannot both pass.
+    gene_classifier_weight
+        Weight of the model's gene classifier in the average with the head, in ``[0, 1]``; 0: the head alone.
+        ``None``: 0.5 when the model has a gene classifier, else 0.
     use_rep
         Key of ``adata.obsm`` holding this model's embedding of ``adata``; the cells are embedded now when
         ``None``.
@@ -90,10 +97,10 @@ def cellular_annotate(
     ``adata.obs[key_added + '_confidence']``
         Calibrated probability of the most probable type (also for cells labelled ``unknown_label``).
     ``adata.obsm[key_added + '_probabilities']``
-        ``(n_cells, n_types)`` calibrated probabilities; column order in ``uns``.
+        ``(n_cells, n_types)`` calibrated probabilities (the average above); column order in ``uns``.
     ``adata.uns['cellular'][key_added]``
-        ``params``, ``classes`` (the probability columns) and ``counts`` (DataFrame of cells per label); with a
-        hierarchy also ``hierarchy`` (its ``levels`` and ``parents``).
+        ``params`` (with ``gene_classifier_weight``, the weight used), ``classes`` (the probability columns) and
+        ``counts`` (DataFrame of cells per label); with a hierarchy also ``hierarchy`` (its ``levels`` and ``parents``).
 
     With a label hierarchy, the labels at every level follow one top-down path (the likeliest root, then its
     likeliest child, ...), so they never contradict the hierarchy; ``adata.obs[key_added]`` is the path's type and
@@ -113,6 +120,7 @@ def cellular_annotate(
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}.")
     check_model(model, classifier=True)
+    gene_classifier_weight = requested_gene_classifier_weight(model, gene_classifier_weight)
     classes = list(model.cell_types)
     if unknown_label in classes:
         raise ValueError(
@@ -131,12 +139,18 @@ def cellular_annotate(
         min_gene_overlap=min_gene_overlap,
         panel=panel,
         novelty=novel_as_unknown,
+        gene_logits=gene_classifier_weight > 0,
         progress_bar=progress_bar,
     )
-    probabilities = served.probabilities()
+    head = served.probabilities()
+    probabilities, gene_classifier_weight = head, gene_classifier_weight if served.gene_logits is not None else 0.0
+    if gene_classifier_weight > 0:
+        genes = served.gene_classifier_probabilities()
+        probabilities = (1.0 - gene_classifier_weight) * head + gene_classifier_weight * genes
     unknown = probabilities.max(axis=1) < min_confidence
     if novel_as_unknown:
-        _, flags = novelty_flags(served, adata.obs_names, probabilities, alpha, fdr)
+        # The novelty score's uncertainty part is the head's: its p-values were calibrated on the head's.
+        _, flags = novelty_flags(served, adata.obs_names, head, alpha, fdr)
         unknown |= flags
     params = {
         "novel_as_unknown": bool(novel_as_unknown),
@@ -145,6 +159,7 @@ def cellular_annotate(
         "min_confidence": float(min_confidence),
         "unknown_label": unknown_label,
         "calibration_temperature": float(served.classifier_temperature),
+        "gene_classifier_weight": float(gene_classifier_weight),
         **served.record,
         "model": model_record(model),
     }

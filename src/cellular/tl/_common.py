@@ -24,6 +24,10 @@ PANEL_PATHS = ("auto", "direct", "refit")
 # (or for a model trained without panel masking) the query is refused with the fix.
 DIRECT_PREFERRED_SHARE = 0.9
 DIRECT_MIN_SHARE = 0.4
+# The gene classifier's share of the label probabilities, averaged with the kNN vote (tl.cellular_map) or with the
+# classifier head (tl.cellular_annotate): equal weights beat the vote alone and the head alone on every map pair of
+# the field benchmark (benchmarks/annotation_blends.py).
+DEFAULT_GENE_CLASSIFIER_WEIGHT = 0.5
 
 
 @dataclass
@@ -58,6 +62,17 @@ class ServedQuery:
         """Calibrated gene-classifier probabilities of the query cells (under the query's panel when calibrated)."""
         temperature = None if self.calibration is None else self.calibration.gene_classifier_temperature
         return self.model.gene_classifier_probabilities_from_logits(self.gene_logits, temperature)
+
+
+def requested_gene_classifier_weight(model: CELLULAR, weight: float | None) -> float:
+    """The gene classifier's weight asked for: the default's when ``None`` (0 for a model without one); checked."""
+    if weight is None:
+        return DEFAULT_GENE_CLASSIFIER_WEIGHT if model.has_gene_classifier else 0.0
+    if isinstance(weight, bool) or not (isinstance(weight, int | float) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"gene_classifier_weight must be a number in [0, 1], got {weight!r}.")
+    if weight > 0:
+        model.require_gene_classifier()
+    return float(weight)
 
 
 def serve_query(

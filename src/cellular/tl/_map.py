@@ -12,14 +12,19 @@ from cellular.data import LabelHierarchy, check_finite_embedding
 from cellular.index import ClassEvidence, ReferenceIndex
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
-from ._common import ServedQuery, check_model, model_record, package_uns, serve_query, write_hierarchy_levels
+from ._common import (
+    ServedQuery,
+    check_model,
+    model_record,
+    package_uns,
+    requested_gene_classifier_weight,
+    serve_query,
+    write_hierarchy_levels,
+)
 
 logger = logging.getLogger(__name__)
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-# The gene classifier's share of the transferred probabilities: equal weights beat the vote alone on every map
-# pair of the field benchmark (benchmarks/annotation_blends.py).
-DEFAULT_GENE_CLASSIFIER_WEIGHT = 0.5
 # What calibrated a query's distance p-values when the model read its held-out cells under the query's gene panel.
 UNDER_THE_PANEL = "held-out cells read under the query's gene panel"
 
@@ -257,13 +262,7 @@ def _requested_weight(model: CELLULAR | None, weight: float | None) -> float:
                 "vote. Pass the model, or leave gene_classifier_weight unset."
             )
         return 0.0
-    if weight is None:
-        return DEFAULT_GENE_CLASSIFIER_WEIGHT if model.has_gene_classifier else 0.0
-    if not (isinstance(weight, int | float) and 0.0 <= weight <= 1.0):
-        raise ValueError(f"gene_classifier_weight must be a number in [0, 1], got {weight!r}.")
-    if weight > 0:
-        model.require_gene_classifier()
-    return float(weight)
+    return requested_gene_classifier_weight(model, weight)
 
 
 def _gene_classifier_evidence(
