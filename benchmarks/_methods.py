@@ -201,14 +201,22 @@ def _cellular_embedding(fold: Fold, cache: FoldCache, model, variant: str = "cel
     return cache.fitted(f"{variant}_embedding", embed)
 
 
-def cellular_classifier(fold: Fold, cache: FoldCache, settings: Settings, variant: str = "cellular") -> MethodOutput:
-    """CELLULAR encoder + its calibrated classifier head averaged with its gene classifier, as
-    ``tl.cellular_annotate`` labels cells by default; novelty = the model's novelty score."""
+def cellular_classifier(
+    fold: Fold,
+    cache: FoldCache,
+    settings: Settings,
+    variant: str = "cellular",
+    *,
+    gene_classifier_weight: float | None = None,
+) -> MethodOutput:
+    """CELLULAR encoder + its calibrated classifier head averaged with its gene classifier
+    (``gene_classifier_weight``: the package default when ``None``, 0 for the head alone), as ``tl.cellular_annotate``
+    labels cells; novelty = the model's novelty score."""
     from cellular.tl._common import requested_gene_classifier_weight
 
     model, fit_seconds = _cellular_model(fold, cache, settings, variant)
     (train_z, test_z), embed_seconds = _cellular_embedding(fold, cache, model, variant)
-    weight = requested_gene_classifier_weight(model, None)
+    weight = requested_gene_classifier_weight(model, gene_classifier_weight)
 
     def predict():
         probabilities = model.probabilities_from_embedding(test_z)

@@ -9,7 +9,8 @@ encoder inputs (log-normalised, batch-matched genes, taken from the model's read
 gene classifier. Each source alone and each equal-weight average of probabilities (at most one linear model in an
 average) is scored by macro-F1 over the test cells of trained types; the package's own sources also by the expected
 calibration error of their largest probability. ``kNN + gene classifier`` is what
-``tl.cellular_map`` transfers for the model's labels by default.
+``tl.cellular_map`` transfers for the model's labels by default, ``head + gene classifier`` what
+``tl.cellular_annotate`` labels cells with.
 
     python -m benchmarks.annotation_blends                    # every task, seeds 0 1 2 (about 10 minutes)
     python -m benchmarks.annotation_blends --seeds 0 --report-only
@@ -42,7 +43,7 @@ TASKS = [
 KEYS = ["task", "seed"]
 REGULARISATION = (0.1, 1.0)
 LINEAR_SOURCES = ("gene classifier",)
-ECE_SOURCES = ("head", "kNN", "gene classifier", "kNN + gene classifier")
+ECE_SOURCES = ("head", "kNN", "gene classifier", "kNN + gene classifier", "head + gene classifier")
 
 
 def _sources(fold, seed: int) -> dict[str, np.ndarray]:
@@ -61,7 +62,7 @@ def _sources(fold, seed: int) -> dict[str, np.ndarray]:
 
     cache, settings = FoldCache(), Settings(seed=seed)
     sources = {
-        "head": cellular_classifier(fold, cache, settings).probabilities,
+        "head": cellular_classifier(fold, cache, settings, gene_classifier_weight=0).probabilities,
         "kNN": cellular_knn(fold, cache, settings, gene_classifier_weight=0).probabilities,
     }
     model, _ = _cellular_model(fold, cache, settings)
@@ -143,7 +144,7 @@ def _table(frame: pd.DataFrame, metric: str, title: str) -> str:
             "kNN: the reference index's vote alone; gene classifier: the model's calibrated logistic regression on "
             "the encoder's inputs; LR: scikit-learn's logistic regression on the same inputs of all labelled training "
             "cells; `a + b`: equal-weight average of probabilities (`kNN + gene classifier` is the package's label "
-            "transfer)."
+            "transfer, `head + gene classifier` its annotation)."
             if metric == "macro_f1"
             else "Test cells of trained types; the confidence is the largest probability."
         ),

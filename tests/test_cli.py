@@ -122,7 +122,7 @@ def _embed(adata, model):
 
 def _annotate(adata, model):
     cellular.tl.cellular_embed(adata, model)
-    cellular.tl.cellular_annotate(adata, model, alpha=0.1, min_confidence=0.3)
+    cellular.tl.cellular_annotate(adata, model, alpha=0.1, min_confidence=0.3, gene_classifier_weight=0.25)
 
 
 def _novel(adata, model):
@@ -136,7 +136,11 @@ def _map(adata, model):
 
 QUERY_COMMANDS = {
     "embed": (["--quiet"], _embed, ["X_cellular"]),
-    "annotate": (["--alpha", "0.1", "--min-confidence", "0.3"], _annotate, ["cellular_label", "X_cellular"]),
+    "annotate": (
+        ["--alpha", "0.1", "--min-confidence", "0.3", "--gene-classifier-weight", "0.25"],
+        _annotate,
+        ["cellular_label", "X_cellular"],
+    ),
     "novel": (
         ["--fdr", "--alpha", "0.2", "--group", "--min-group-size", "3"],
         _novel,
