@@ -143,8 +143,8 @@ def cellular_annotate(
         progress_bar=progress_bar,
     )
     head = served.probabilities()
-    probabilities, gene_classifier_weight = head, gene_classifier_weight if served.gene_logits is not None else 0.0
-    if gene_classifier_weight > 0:
+    probabilities = head
+    if gene_classifier_weight > 0:  # a refit on the query's genes keeps the model's gene classifier settings
         genes = served.gene_classifier_probabilities()
         probabilities = (1.0 - gene_classifier_weight) * head + gene_classifier_weight * genes
     unknown = probabilities.max(axis=1) < min_confidence
