@@ -54,9 +54,9 @@ Embed query cells with a trained model (cellular.tl.cellular_embed).
 Writes obsm[KEY] and uns['cellular']['params']."""
 
 _ANNOTATE_DESCRIPTION = """\
-Label query cells with the model's calibrated classifier
-(cellular.tl.cellular_annotate), after writing their embedding as
-`cellular embed` does. Cells flagged as novel are labelled Unknown.
+Label query cells with the model's calibrated classifier head averaged with
+its gene classifier (cellular.tl.cellular_annotate), after writing their
+embedding as `cellular embed` does. Cells flagged as novel are labelled Unknown.
 Writes obs[KEY], obs[KEY_confidence], obsm[KEY_probabilities] and
 uns['cellular'][KEY]."""
 
