@@ -219,17 +219,23 @@ def cellular_classifier(
     weight = requested_gene_classifier_weight(model, gene_classifier_weight)
 
     def predict():
-        probabilities = model.probabilities_from_embedding(test_z)
-        if weight > 0:
-            genes = model.get_gene_classifier_probabilities(fold.test, min_gene_overlap=0.0).to_numpy()
-            probabilities = (1.0 - weight) * probabilities + weight * genes
+        frame = pd.DataFrame(_annotation_probabilities(model, fold, test_z, weight), columns=model.cell_types)
         novelty = model.get_novelty_scores(fold.test, min_gene_overlap=0.0)["score"].to_numpy()
-        frame = pd.DataFrame(probabilities, columns=model.cell_types)
         return aligned(frame, fold.classes), novelty
 
     (probabilities, novelty), predict_seconds = timed(predict)
     embedding = np.vstack([train_z, test_z])
     return MethodOutput(probabilities, novelty, embedding, fit_seconds, embed_seconds + predict_seconds)
+
+
+def _annotation_probabilities(model, fold: Fold, test_z: np.ndarray, weight: float) -> np.ndarray:
+    """The head's calibrated probabilities of the test cells averaged with the gene classifier's at ``weight``
+    (columns in the model's type order), as ``tl.cellular_annotate`` computes them."""
+    probabilities = model.probabilities_from_embedding(test_z)
+    if weight > 0:
+        genes = model.get_gene_classifier_probabilities(fold.test, min_gene_overlap=0.0).to_numpy()
+        probabilities = (1.0 - weight) * probabilities + weight * genes
+    return probabilities
 
 
 def cellular_gene_grid(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
@@ -243,13 +249,17 @@ def cellular_no_moments(fold: Fold, cache: FoldCache, settings: Settings) -> Met
 
 
 def cellular_hierarchy(fold: Fold, cache: FoldCache, settings: Settings) -> MethodOutput:
-    """CELLULAR whose head trains on the dataset's lineage map; its labels back off to the parent when unsure."""
+    """CELLULAR whose head trains on the dataset's lineage map; its labels (the head averaged with the gene classifier,
+    as ``tl.cellular_annotate``) back off to the parent when unsure."""
     output = cellular_classifier(fold, cache, settings, "cellular_hierarchy")
     model, _ = _cellular_model(fold, cache, settings, "cellular_hierarchy")
     hierarchy = model.label_hierarchy
     if hierarchy is not None:
+        from cellular.tl._common import requested_gene_classifier_weight
+
         (_, test_z), _ = _cellular_embedding(fold, cache, model, "cellular_hierarchy")
-        prediction = hierarchy.predict(model.probabilities_from_embedding(test_z), HIERARCHY_THRESHOLD)
+        weight = requested_gene_classifier_weight(model, None)
+        prediction = hierarchy.predict(_annotation_probabilities(model, fold, test_z, weight), HIERARCHY_THRESHOLD)
         output.labels = np.where(
             prediction.deepest >= 0, np.asarray(hierarchy.nodes, dtype=object)[prediction.deepest], UNLABELLED
         )
