@@ -14,7 +14,10 @@ uncertainty; conformal p-values come from the calibration cells' combined scores
 
 Writes ``novelty_combinations.csv`` (one row per fold, seed and combination; resumable by (dataset, seed)) and
 ``novelty_combinations.md``: AUROC, the share of known-type test cells flagged at alpha = 0.05, and the share of
-the held-out type's cells flagged (power). An exploration: the package's score is the ``sum`` row.
+the held-out type's cells flagged (power). An exploration: the first ``sum`` row adds the package's three distances
+at equal weights; the package itself weights the gene distance 3 and adds the gene classifier's uncertainty where
+the reference vouches for it, and its gene space is already standardised (so the ``genes`` and ``standardised
+genes`` rows coincide).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SCALE_QUANTILE = 0.9
 UNCERTAINTY_WEIGHT = 0.1
 PARTS = {"prototype": "distance", "hidden": "hidden_distance", "genes": "gene_distance"}
 COMBINATIONS = {
-    "sum: prototype + hidden + genes (package)": (("prototype", "hidden", "genes"), 1),
+    "sum: prototype + hidden + genes (the package's distances, equal weights)": (("prototype", "hidden", "genes"), 1),
     "sum: prototype + hidden + standardised genes": (("prototype", "hidden", "standardised genes"), 1),
     "sum: prototype + hidden + genes + standardised genes": (
         ("prototype", "hidden", "genes", "standardised genes"),
