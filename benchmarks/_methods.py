@@ -231,10 +231,12 @@ def cellular_classifier(
 def _annotation_probabilities(model, fold: Fold, test_z: np.ndarray, weight: float) -> np.ndarray:
     """The head's calibrated probabilities of the test cells averaged with the gene classifier's at ``weight``
     (columns in the model's type order), as ``tl.cellular_annotate`` computes them."""
+    from cellular.index import ClassEvidence
+
     probabilities = model.probabilities_from_embedding(test_z)
     if weight > 0:
         genes = model.get_gene_classifier_probabilities(fold.test, min_gene_overlap=0.0).to_numpy()
-        probabilities = (1.0 - weight) * probabilities + weight * genes
+        probabilities = ClassEvidence(genes, model.cell_types, weight).blended(probabilities, model.cell_types)
     return probabilities
 
 

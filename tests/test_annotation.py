@@ -472,6 +472,8 @@ def test_bad_query_values_and_arguments_are_refused(symphony_model, symphony_spl
         cellular.tl.cellular_annotate(test.copy(), symphony_model, unknown_label="B cell")
     with pytest.raises(ValueError, match=r"gene_classifier_weight must be a number in \[0, 1\]"):
         cellular.tl.cellular_annotate(test.copy(), symphony_model, gene_classifier_weight=1.5)
+    with pytest.raises(ValueError, match="gene_classifier_weight must be a number"):
+        cellular.tl.cellular_annotate(test.copy(), symphony_model, gene_classifier_weight=True)
     with pytest.raises(ValueError, match="novelty_uncertainty_weight"):
         symphony_model.train_classifier(novelty_uncertainty_weight=-1.0)
     with pytest.raises(ValueError, match="novelty_gene_uncertainty_weight must be a non-negative number"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from anndata import AnnData
 
+from cellular.index import ClassEvidence
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
 from ._common import (
@@ -145,8 +146,8 @@ def cellular_annotate(
     head = served.probabilities()
     probabilities = head
     if gene_classifier_weight > 0:  # a refit on the query's genes keeps the model's gene classifier settings
-        genes = served.gene_classifier_probabilities()
-        probabilities = (1.0 - gene_classifier_weight) * head + gene_classifier_weight * genes
+        genes = ClassEvidence(served.gene_classifier_probabilities(), classes, gene_classifier_weight)
+        probabilities = genes.blended(head, classes)
     unknown = probabilities.max(axis=1) < min_confidence
     if novel_as_unknown:
         # The novelty score's uncertainty part is the head's: its p-values were calibrated on the head's.
