@@ -50,7 +50,7 @@ COMBINATIONS = {
 
 def _standardised_gene_distances(model, train, calibration_rows, test) -> tuple[np.ndarray, np.ndarray]:
     """Mean 15-NN distance to the labelled training cells in standardised input genes (PCA 50): calibration, test."""
-    from cellular.model._novelty import PCASpace
+    from cellular.model._novelty_spaces import PCASpace
 
     labels = model.registered_labels()
     training_rows = np.asarray(model.train_indices_)

@@ -96,7 +96,7 @@ def test_gene_classifier_saves_loads_and_maps_identically(kang_onto_symphony, tm
 def test_probe_uncertainty_is_the_entropy_of_the_calibrated_classifier_with_absent_genes_at_the_mean(symphony):
     """The novelty part reads the gene classifier exactly: the naive entropy of softmax(logits / temperature), with
     the genes a query lacks read at the training mean (as ``GeneLinearClassifier`` does with its mask)."""
-    from cellular.model._novelty import LinearProbe
+    from cellular.model._novelty_spaces import LinearProbe
     from cellular.nn import MIN_ENTROPY
 
     adata = symphony.copy()

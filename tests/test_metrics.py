@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cellular.metrics import benjamini_hochberg, conformal_pvalues, expected_calibration_error
-from cellular.model._novelty import NoveltyReference, NoveltySpaces, PCASpace, shrink_spreads
+from cellular.model._novelty import NoveltyReference, shrink_spreads
+from cellular.model._novelty_spaces import NoveltySpaces, PCASpace
 from cellular.nn import CellTypeClassifier, fit_temperature
 
 

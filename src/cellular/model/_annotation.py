@@ -20,7 +20,8 @@ from ._classifier_training import classifier_logits, fit_classifier
 from ._common import SAME_AS_TRAINING
 from ._device import resolve_device
 from ._gene_classifier import GENE_CLASSIFIER_C, check_gene_uncertainty_weight
-from ._novelty import MAX_HIDDEN_REFERENCE_CELLS, NoveltyReference, NoveltySpaces, PCASpace
+from ._novelty import NoveltyReference
+from ._novelty_spaces import MAX_HIDDEN_REFERENCE_CELLS, NoveltySpaces, PCASpace
 from ._panels import CalibrationCells
 
 logger = logging.getLogger(__name__)

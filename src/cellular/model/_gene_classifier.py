@@ -20,7 +20,7 @@ from cellular.metrics import expected_calibration_error
 from cellular.nn import GeneLinearClassifier, fit_gene_classifier, fit_temperature, held_out_type_aurocs
 
 from ._common import SAME_AS_TRAINING
-from ._novelty import LinearProbe
+from ._novelty_spaces import LinearProbe
 
 # Labelled training cells the gene classifier is fitted on (a uniform sample of them when there are more).
 MAX_GENE_CLASSIFIER_CELLS = 50_000
@@ -124,7 +124,7 @@ class GeneClassifierMixin:
         return NOVELTY_GENE_UNCERTAINTY_WEIGHT
 
     def gene_classifier_probe(self) -> LinearProbe:
-        """The gene classifier as a :class:`~cellular.model._novelty.LinearProbe`: its uncertainty as a novelty part.
+        """The gene classifier as a :class:`~cellular.model._novelty_spaces.LinearProbe`, for the novelty score.
 
         The probe reads the fit's own probabilities (temperature 1), the uncertainty the self-assessment measured. The
         calibrated temperature is fitted on known-type cells only; where those separate perfectly it sharpens the

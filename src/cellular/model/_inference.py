@@ -304,7 +304,7 @@ class InferenceMixin:
     ):
         """Embedding of normalised expression; with ``hidden`` also the first hidden layer of each cell.
 
-        ``hidden="raw"`` returns ``(z, activations)``; :class:`~cellular.model._novelty.NoveltySpaces` return
+        ``hidden="raw"`` returns ``(z, activations)``; :class:`~cellular.model._novelty_spaces.NoveltySpaces` return
         ``(z, projections)`` into them (genes absent from the query, ``gene_mask``, read at the training mean),
         computed minibatch by minibatch. ``on_inputs(rows, x)`` is called with every minibatch's inputs on the device.
         """
