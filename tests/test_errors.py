@@ -96,6 +96,10 @@ def _set_fraction(x):
     x[2, 3] = 0.5
 
 
+def _log1p(x):
+    x[:] = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+
+
 def _saved_model_with_version(ctx, version):
     path = ctx.tmp_path / "model"
     ctx.model.save(path, overwrite=True)
@@ -149,7 +153,15 @@ def case_negative_values(ctx):
 
 
 def case_non_integer_counts(ctx):
+    _setup(_with_x(_counts(ctx.symphony), _log1p))
+
+
+def case_corrected_counts(ctx):
     _setup(_with_x(_counts(ctx.symphony), _set_fraction))
+
+
+def case_counts_as_log_values(ctx):
+    ctx.model.get_latent_representation(_query(ctx.symphony), log_normalized=True)
 
 
 def case_cells_without_counts(ctx):

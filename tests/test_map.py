@@ -1,6 +1,7 @@
 """Reference mapping on real data: pbmc3k_seurat onto a model and index built on pbmc_symphony_3tech."""
 
 import logging
+import re
 
 import anndata as ad
 import numpy as np
@@ -253,6 +254,33 @@ def test_distance_pvalues_are_calibrated_on_held_out_cells_read_as_a_query(atlas
     assert trained_on_all.build_reference_index(unheld).calibration_source == "reference cells"
     with pytest.raises(ValueError, match="distance_calibration must be"):
         index.transfer_labels(index.embedding[:5], distance_calibration=np.array([0.1, np.nan]))
+
+
+def test_annotate_names_the_types_that_lose_most_cells_to_unknown(atlas_without_b_cells, pbmc3k, caplog):
+    """pbmc3k onto Symphony without B cells: ``counts`` records, per likeliest type, the cells labelled Unknown, and
+    one warning names exactly the types that lose most of their (at least 5) cells so. Symphony's megakaryocytes
+    (7 reference cells) are among them: a type with a handful of reference cells cannot vouch for its query cells."""
+    model, _ = atlas_without_b_cells
+    query = pbmc3k.copy()
+    with caplog.at_level(logging.WARNING, logger="cellular"):
+        cellular.tl.cellular_annotate(query, model)
+    counts = query.uns["cellular"]["cellular_label"]["counts"]
+    likeliest = np.asarray(model.cell_types)[query.obsm["cellular_label_probabilities"].argmax(1)]
+    unknown = (query.obs["cellular_label"] == "Unknown").to_numpy()
+    n_likeliest = pd.Series(likeliest).value_counts().reindex(model.cell_types, fill_value=0)
+    n_unknown = pd.Series(likeliest[unknown]).value_counts().reindex(model.cell_types, fill_value=0)
+    np.testing.assert_array_equal(counts.loc[model.cell_types, "n_likeliest"], n_likeliest)
+    np.testing.assert_array_equal(counts.loc[model.cell_types, "n_unknown"], n_unknown)
+    assert counts.loc["Unknown", "n_cells"] == unknown.sum()
+    lost = [name for name in model.cell_types if n_likeliest[name] >= 5 and n_unknown[name] >= 0.5 * n_likeliest[name]]
+    assert "Megakaryocyte/Platelet" in lost, counts
+    warnings = [message for message in caplog.messages if message.startswith("Most cells whose likeliest type")]
+    assert len(warnings) == 1
+    assert re.findall(r"'([^']+)' \(\d+ of \d+\)", warnings[0]) == lost
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cellular"):
+        cellular.tl.cellular_annotate(query, model, novel_as_unknown=False)
+    assert not any(message.startswith("Most cells whose likeliest type") for message in caplog.messages)
 
 
 def test_join_reference_query(atlas, pbmc3k):

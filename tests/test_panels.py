@@ -363,12 +363,15 @@ def test_refit_rejects_unreadable_query_values_before_training(symphony_model, s
     query = test[:, model.genes[:100]].copy()
     query.X = query.X.astype(np.float32) * 0.5
     refits = dict(model.__dict__.get("_restricted_models", {}))
-    with pytest.raises(ValueError, match="holds non-integer values, but raw counts were expected"):
+    with pytest.raises(ValueError, match="holds non-integer values up to .* they look like corrected or rescaled"):
         cellular.tl.cellular_annotate(query, model, panel="refit")
     assert model.__dict__.get("_restricted_models", {}) == refits
     with pytest.raises(ValueError, match="holds non-integer values"):
         model.check_query_values(query)
-    model.check_query_values(query, log_normalized=True)  # non-negative: readable as log-normalised values
+    with pytest.raises(ValueError, match="they look like raw counts"):  # too large to be log-normalised values
+        model.check_query_values(query, log_normalized=True)
+    query.X = query.X.log1p()
+    model.check_query_values(query, log_normalized=True)  # readable as log-normalised values
 
 
 def test_genes_named_in_a_var_column_map_as_named_by_var_names(symphony_model, symphony_split):

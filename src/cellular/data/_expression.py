@@ -29,6 +29,8 @@ COUNTS_FIX = (
     "log_normalized=True: in setup_anndata for training data, in the call that reads a query (the tl functions and "
     "the model's methods take it), or --log-normalized on the command line."
 )
+# No log-normalised value exceeds this (log1p of 1e13, log2 of 1e9): larger values are counts, raw or rescaled.
+LOG1P_MAX = 30.0
 
 
 def get_matrix(adata: AnnData, layer: str | None) -> np.ndarray | sp.spmatrix:
@@ -72,7 +74,7 @@ def matrix_name(layer: str | None) -> str:
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
-def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> None:
+def check_expression_values(matrix, *, counts: bool | None, where: str = "adata.X") -> None:
     """Raise a ``ValueError`` naming the problem if the values cannot be used.
 
     One pass over the values, in blocks (streamed from disk for a backed matrix), without full-size copies.
@@ -82,20 +84,22 @@ def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> 
     matrix
         Dense or sparse expression matrix, in memory or backed.
     counts
-        Whether raw counts are expected (non-negative integers) or log1p-normalised values (non-negative).
+        Whether raw counts are expected (non-negative integers) or log1p-normalised values (non-negative, at most
+        :data:`LOG1P_MAX`); ``None``: any non-negative values (counts or log-normalised).
     where
         Name of the matrix used in messages.
     """
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(f"{where} is empty (shape {matrix.shape}); CELLULAR needs at least one cell and one gene.")
     check_row_readable(matrix, where)
-    n_bad, minimum, non_integer = 0, np.inf, False
+    n_bad, minimum, maximum, non_integer = 0, np.inf, -np.inf, False
     for values in _value_blocks(matrix):
         if values.size == 0:
             continue
         finite = np.isfinite(values)
         n_bad += int(values.size - finite.sum())
-        minimum = min(minimum, float(values[finite].min())) if finite.any() else minimum
+        if finite.any():
+            minimum, maximum = min(minimum, float(values[finite].min())), max(maximum, float(values[finite].max()))
         non_integer = non_integer or (counts and not np.array_equal(values[finite], np.round(values[finite])))
     if n_bad:
         raise ValueError(
@@ -109,8 +113,22 @@ def check_expression_values(matrix, *, counts: bool, where: str = "adata.X") -> 
             "Scaled or centred data (e.g. after sc.pp.scale) cannot be used: pass the unscaled matrix, for example "
             "adata.raw.to_adata() or a layer holding counts."
         )
+    if non_integer and maximum > LOG1P_MAX:
+        raise ValueError(
+            f"{where} holds non-integer values up to {maximum:.4g}, too large to be log1p-normalised: they look like "
+            "corrected or rescaled counts (e.g. corrected for ambient RNA, or normalize_total without log1p). "
+            "CELLULAR normalises counts itself: pass the raw counts (e.g. layer='counts'), or round corrected counts "
+            "to integers first (e.g. adata.X.data = np.round(adata.X.data) for a sparse matrix)."
+        )
     if non_integer:
         raise ValueError(f"{where} holds non-integer values, but raw counts were expected. {COUNTS_FIX}")
+    if counts is False and maximum > LOG1P_MAX:
+        raise ValueError(
+            f"{where} holds values up to {maximum:.4g}, but log1p-normalised values were expected (they stay below "
+            f"{LOG1P_MAX:g}): they look like raw counts. Drop log_normalized=True (--log-normalized on the command "
+            "line) so the counts are normalised for you, or pass log-normalised values (sc.pp.normalize_total, then "
+            "sc.pp.log1p)."
+        )
 
 
 def library_sizes(matrix) -> np.ndarray:

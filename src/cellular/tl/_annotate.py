@@ -101,7 +101,9 @@ def cellular_annotate(
         ``(n_cells, n_types)`` calibrated probabilities (the average above); column order in ``uns``.
     ``adata.uns['cellular'][key_added]``
         ``params`` (with ``gene_classifier_weight``, the weight used), ``classes`` (the probability columns) and
-        ``counts`` (DataFrame of cells per label); with a hierarchy also ``hierarchy`` (its ``levels`` and ``parents``).
+        ``counts`` (DataFrame per label: ``n_cells`` labelled so, ``n_likeliest`` whose likeliest type it is,
+        ``n_unknown`` of those labelled ``unknown_label``; a warning names the types that lose most of their cells
+        so); with a hierarchy also ``hierarchy`` (its ``levels`` and ``parents``).
 
     With a label hierarchy, the labels at every level follow one top-down path (the likeliest root, then its
     likeliest child, ...), so they never contradict the hierarchy; ``adata.obs[key_added]`` is the path's type and

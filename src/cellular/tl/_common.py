@@ -293,7 +293,10 @@ def write_annotation(
 ) -> None:
     """Write an annotation's slots: label (``unknown_label`` where ``unknown``), confidence, probabilities, ``uns``.
 
-    ``predicted`` gives each cell's class code; the most probable class when ``None``.
+    ``predicted`` gives each cell's class code; the most probable class when ``None``. ``counts`` in ``uns`` holds,
+    per label, the cells labelled so (``n_cells``), the cells whose likeliest type it is (``n_likeliest``) and how
+    many of those were labelled ``unknown_label`` (``n_unknown``); a warning names the types that lost most of
+    their cells to ``unknown_label``.
     """
     predicted = probabilities.argmax(axis=1) if predicted is None else predicted
     confidence = probabilities[np.arange(probabilities.shape[0]), predicted]
@@ -301,13 +304,40 @@ def write_annotation(
     adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
     adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
     adata.obsm[f"{key_added}_probabilities"] = probabilities.astype(np.float32)
-    package_uns(adata)[key_added] = {
-        "params": params,
-        "classes": classes,
-        "counts": pd.DataFrame(
-            {"n_cells": np.bincount(codes, minlength=len(classes) + 1)}, index=pd.Index([*classes, unknown_label])
-        ),
-    }
+    n_likeliest = np.bincount(predicted, minlength=len(classes) + 1)
+    n_unknown = np.bincount(predicted[unknown], minlength=len(classes) + 1)
+    n_likeliest[-1] = n_unknown[-1] = 0
+    counts = pd.DataFrame(
+        {"n_cells": np.bincount(codes, minlength=len(classes) + 1), "n_likeliest": n_likeliest, "n_unknown": n_unknown},
+        index=pd.Index([*classes, unknown_label]),
+    )
+    package_uns(adata)[key_added] = {"params": params, "classes": classes, "counts": counts}
+    warn_mostly_unknown(counts, key_added, unknown_label)
+
+
+# A type loses "most" of its cells to the unknown label at this share, counted from this many cells.
+MOSTLY_UNKNOWN_SHARE, MOSTLY_UNKNOWN_MIN_CELLS = 0.5, 5
+
+
+def warn_mostly_unknown(counts: pd.DataFrame, key_added: str, unknown_label: str) -> None:
+    """Log a warning naming the types most of whose likeliest cells were labelled ``unknown_label``."""
+    lost = counts[
+        (counts["n_likeliest"] >= MOSTLY_UNKNOWN_MIN_CELLS)
+        & (counts["n_unknown"] >= MOSTLY_UNKNOWN_SHARE * counts["n_likeliest"])
+    ]
+    if lost.empty:
+        return
+    named = ", ".join(f"{name!r} ({row.n_unknown} of {row.n_likeliest})" for name, row in lost.iterrows())
+    logger.warning(
+        "Most cells whose likeliest type is %s are labelled %r (flagged as novel, or below min_confidence). A type "
+        "with few reference cells is flagged this way even when the cells are of that type: check "
+        "adata.obsm['%s_probabilities'] and adata.uns['cellular']['%s']['counts'], or pass novel_as_unknown=False "
+        "to keep every cell's likeliest type.",
+        named,
+        unknown_label,
+        key_added,
+        key_added,
+    )
 
 
 def write_hierarchy_levels(

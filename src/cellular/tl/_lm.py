@@ -71,7 +71,7 @@ def cell_sentences(
     if missing:
         raise KeyError(f"obs_keys {missing} are not columns of adata.obs (columns: {list(adata.obs.columns)}).")
     matrix = get_matrix(adata, layer)
-    check_expression_values(matrix, counts=False, where="adata.X" if layer is None else f"adata.layers[{layer!r}]")
+    check_expression_values(matrix, counts=None, where="adata.X" if layer is None else f"adata.layers[{layer!r}]")
     names = adata.var_names.astype(str).to_numpy()
     columns = None
     if mask_var == "auto":

@@ -53,7 +53,8 @@ def tree_annotate(
     ``adata.obsm[key_added + '_probabilities']``
         ``(n_cells, n_types)`` calibrated probabilities; column order in ``uns``.
     ``adata.uns['cellular'][key_added]``
-        ``params``, ``classes`` and ``counts`` (DataFrame of cells per label).
+        ``params``, ``classes`` and ``counts`` (DataFrame per label: ``n_cells``, ``n_likeliest``, ``n_unknown``, as
+        in :func:`cellular.tl.cellular_annotate`).
     """
     if not isinstance(annotator, TreeAnnotator):
         raise TypeError(f"annotator must be a cellular.trees.TreeAnnotator, got {type(annotator).__name__}.")
