@@ -332,7 +332,7 @@ def warn_mostly_unknown(counts: pd.DataFrame, key_added: str, unknown_label: str
         "Most cells whose likeliest type is %s are labelled %r (flagged as novel, or below min_confidence). A type "
         "with few reference cells is flagged this way even when the cells are of that type: check "
         "adata.obsm['%s_probabilities'] and adata.uns['cellular']['%s']['counts'], or pass novel_as_unknown=False "
-        "to keep every cell's likeliest type.",
+        "(--no-novel-as-unknown on the command line) to keep every cell's likeliest type.",
         named,
         unknown_label,
         key_added,
