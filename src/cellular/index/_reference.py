@@ -14,8 +14,16 @@ from cellular.data import check_finite_embedding
 from cellular.metrics import conformal_pvalues
 
 from . import _faiss, _nndescent
+from ._calibration import (
+    _CALIBRATION_NEIGHBORS,
+    MIN_HELD_OUT_CALIBRATION_CELLS,
+    ReferenceCalibrationMixin,
+    drop_rows,
+    unit_rows,
+)
 from ._exact import exact_knn, neighbor_distances
-from ._options import BACKENDS, HELD_OUT_CELLS, METRICS, REFERENCE_CELLS, resolve_device
+from ._inputs import as_embedding, cell_names_index, label_keys_of, label_levels
+from ._options import BACKENDS, METRICS, REFERENCE_CELLS, resolve_device
 from ._reference_io import ReferenceIndexIOMixin
 from ._transfer import ClassEvidence, calibrate_votes, neighbor_weights, vote
 
@@ -29,10 +37,6 @@ EXACT_SEARCH_BUDGET = 3e9
 search on two CPU cores runs about 1.8e8 cell pairs a second, and numba compiles pynndescent's search for about 30 s
 in every new process (its kernels are closures, which numba cannot cache on disk; measured by
 ``benchmarks/map_speed.py --startup``): below this budget the exact answer comes sooner, and it is exact."""
-
-_N_CALIBRATION_CELLS = 5_000
-_CALIBRATION_NEIGHBORS = 50
-MIN_HELD_OUT_CALIBRATION_CELLS = 20
 
 
 @dataclass
@@ -68,7 +72,7 @@ class LabelTransfer:
     distance_pvalue: np.ndarray | None = None
 
 
-class ReferenceIndex(ReferenceIndexIOMixin):
+class ReferenceIndex(ReferenceCalibrationMixin, ReferenceIndexIOMixin):
     """A reference atlas ready for mapping: its embedding, one or more label levels, and a nearest-neighbour index.
 
     Build one from a trained model and the reference AnnData with :meth:`build` (or
@@ -155,7 +159,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         _faiss_index: np.ndarray | None = None,
         _calibration: np.ndarray | None = None,
     ):
-        embedding = _as_embedding(embedding, "embedding")
+        embedding = as_embedding(embedding, "embedding")
         n_cells = embedding.shape[0]
         if n_cells < 2:
             raise ValueError(f"A reference index needs at least two cells, got {n_cells}.")
@@ -170,9 +174,9 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         if metric == "cosine" and not (np.linalg.norm(embedding, axis=1) > 0).all():
             raise ValueError("The embedding has all-zero rows, which have no direction for the cosine metric.")
         self.embedding = embedding
-        self.cell_names = _cell_names(cell_names, n_cells)
+        self.cell_names = cell_names_index(cell_names, n_cells)
         self.unlabeled_category = unlabeled_category
-        self.labels = _label_levels(labels, n_cells, unlabeled_category)
+        self.labels = label_levels(labels, n_cells, unlabeled_category)
         self.metric = metric
         self.device = resolve_device(device)
         if backend == "auto":
@@ -267,7 +271,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             it keeps at least 20 cells held out of encoder training and ``adata_ref`` holds them all.
         """
         model.require_trained()
-        label_keys = _label_keys(label_keys, adata_ref, model.setup_args["labels_key"])
+        label_keys = label_keys_of(label_keys, adata_ref, model.setup_args["labels_key"])
         labels = {key: adata_ref.obs[key].to_numpy() for key in label_keys}
         if use_rep is not None:
             if use_rep not in adata_ref.obsm:
@@ -336,7 +340,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
     # ------------------------------------------------------------------ search
     def _search_data(self) -> np.ndarray:
         if self.metric == "cosine":
-            return _unit_rows(self.embedding)
+            return unit_rows(self.embedding)
         return self.embedding
 
     def _prepare_search(self) -> None:
@@ -395,11 +399,11 @@ class ReferenceIndex(ReferenceIndexIOMixin):
         if queries.shape[0] == 0:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         if self.metric == "cosine":
-            queries = _unit_rows(queries)
+            queries = unit_rows(queries)
         return self._search(queries, k)
 
     def _check_queries(self, embedding, what: str = "query embedding") -> np.ndarray:
-        queries = _as_embedding(embedding, what)
+        queries = as_embedding(embedding, what)
         if queries.shape[1] != self.n_latent:
             raise ValueError(
                 f"The {what} has {queries.shape[1]} dimensions but the reference has {self.n_latent}; "
@@ -483,7 +487,7 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             indices, distances = self.query(embedding, k)
         else:
             indices, distances = self.query(embedding, self._check_k(k + 1) if k < self.n_cells else k)
-            indices, distances = _drop_rows(indices, distances, np.asarray(exclude_rows), k)
+            indices, distances = drop_rows(indices, distances, np.asarray(exclude_rows), k)
         weights = neighbor_weights(
             distances, weighting=weighting, temperature=self.temperature if temperature is None else temperature
         )
@@ -520,122 +524,3 @@ class ReferenceIndex(ReferenceIndexIOMixin):
             result.classes[level] = classes
             result.uncertainty[level] = (1.0 - best).astype(np.float32)
         return result
-
-    # ------------------------------------------------------------- calibration
-    def _calibration_distances(self, n_neighbors: int = _CALIBRATION_NEIGHBORS) -> np.ndarray:
-        """Sorted distances of a sample of reference cells to their nearest *other* reference cells."""
-        rng = np.random.default_rng(self.seed)
-        n_sample = min(self.n_cells, _N_CALIBRATION_CELLS)
-        sample = np.sort(rng.choice(self.n_cells, n_sample, replace=False))
-        n_neighbors = min(n_neighbors, self.n_cells - 1)
-        queries = self.embedding[sample]
-        if self.metric == "cosine":
-            queries = _unit_rows(queries)
-        indices, distances = self._search(queries, n_neighbors + 1)
-        return _drop_rows(indices, distances, sample, n_neighbors)[1]
-
-    def _set_calibration_cells(self, embedding, cell_names) -> None:
-        queries = self._check_queries(embedding, "calibration embedding")
-        if queries.shape[0] < MIN_HELD_OUT_CALIBRATION_CELLS:
-            raise ValueError(
-                f"calibration_embedding holds {queries.shape[0]} cells; the distance p-values need at least "
-                f"{MIN_HELD_OUT_CALIBRATION_CELLS} held-out cells. Pass more cells, or calibration_embedding=None to "
-                "calibrate on the reference cells themselves."
-            )
-        names = np.full(queries.shape[0], "", dtype=str) if cell_names is None else np.asarray(cell_names, dtype=str)
-        if names.shape != (queries.shape[0],):
-            raise ValueError(f"calibration_cell_names has {names.size} names for {queries.shape[0]} calibration cells.")
-        self._calibration_embedding, self._calibration_cell_names = queries, names
-        self.calibration_source = HELD_OUT_CELLS
-
-    def _calibration_for(self, n_neighbors: int) -> np.ndarray:
-        """Sorted distances to their ``n_neighbors`` nearest reference cells of the cells that calibrate."""
-        if self._calibration_embedding is None:
-            return self._calibration_distances(n_neighbors)
-        n_neighbors = min(n_neighbors, self.n_cells - 1)
-        indices, distances = self.query(self._calibration_embedding, n_neighbors + 1)
-        # A held-out cell that is also in the reference skips its own copy: the nearest neighbour of its name.
-        is_self = np.asarray(self.cell_names, dtype=str)[indices] == self._calibration_cell_names[:, None]
-        return _drop_first(indices, distances, is_self, n_neighbors)[1]
-
-    def reference_mean_distances(self, k: int) -> np.ndarray:
-        """The mean distances to ``k`` reference neighbours the distance p-values are calibrated on.
-
-        From the index's held-out cells when it has them (:attr:`calibration_source`), else from a sample of up to
-        5,000 reference cells to their ``k`` nearest other reference cells. The yardstick for query distances: a
-        query cell of a known type falls inside this distribution.
-        """
-        k = self._check_k(k)
-        if k > self._calibration.shape[1]:
-            self._calibration = self._calibration_for(k)
-        return self._calibration[:, :k].mean(axis=1)
-
-    def _default_temperature(self) -> float:
-        distances = self._calibration if self.calibration_source == REFERENCE_CELLS else self._calibration_distances()
-        column = min(15, distances.shape[1]) - 1
-        scale = float(np.median(distances[:, column]))
-        return scale if scale > 0 else 1.0
-
-
-def _drop_rows(indices: np.ndarray, distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each cell's neighbours without its own reference row (its farthest neighbour when the row was not found)."""
-    return _drop_first(indices, distances, indices == rows[:, None], k)
-
-
-def _drop_first(indices: np.ndarray, distances: np.ndarray, is_self: np.ndarray, k: int):
-    """Each row's ``k`` neighbours left after dropping its first ``is_self`` one (its farthest when there is none)."""
-    is_self = is_self.copy()
-    is_self[~is_self.any(axis=1), -1] = True
-    keep = np.ones_like(is_self)
-    keep[np.arange(indices.shape[0]), is_self.argmax(axis=1)] = False
-    n = indices.shape[0]
-    return indices[keep].reshape(n, -1)[:, :k], distances[keep].reshape(n, -1)[:, :k]
-
-
-def _as_embedding(values, what: str) -> np.ndarray:
-    return check_finite_embedding(values, f"The {what}", "Embed the cells again, or remove those rows.")
-
-
-def _unit_rows(values: np.ndarray) -> np.ndarray:
-    return values / np.linalg.norm(values, axis=1, keepdims=True)
-
-
-def _cell_names(cell_names, n_cells: int) -> pd.Index:
-    if cell_names is None:
-        return pd.Index([str(i) for i in range(n_cells)])
-    names = pd.Index([str(name) for name in cell_names])
-    if len(names) != n_cells:
-        raise ValueError(f"Got {len(names)} cell names for {n_cells} reference cells.")
-    return names
-
-
-def _label_levels(labels, n_cells: int, unlabeled_category: str) -> dict[str, pd.Categorical]:
-    if labels is None:
-        return {}
-    if isinstance(labels, pd.DataFrame):
-        labels = {str(column): labels[column].to_numpy() for column in labels.columns}
-    levels = {}
-    for name, values in labels.items():
-        values = pd.Series(np.asarray(values, dtype=object))
-        if len(values) != n_cells:
-            raise ValueError(f"Label level {name!r} has {len(values)} values for {n_cells} reference cells.")
-        text = values.astype(str).where(values.notna() & (values.astype(str) != unlabeled_category))
-        categorical = pd.Categorical(text)
-        if len(categorical.categories) == 0:
-            raise ValueError(f"Label level {name!r} has no labelled reference cells.")
-        levels[str(name)] = categorical
-    return levels
-
-
-def _label_keys(label_keys, adata_ref, model_labels_key: str) -> list[str]:
-    if label_keys is None:
-        label_keys = [model_labels_key] if model_labels_key in adata_ref.obs else []
-    elif isinstance(label_keys, str):
-        label_keys = [label_keys]
-    missing = [key for key in label_keys if key not in adata_ref.obs]
-    if missing:
-        raise KeyError(
-            f"label_keys {missing} are not columns of adata_ref.obs (columns: {list(adata_ref.obs.columns)}). "
-            "Pass the columns holding the reference labels."
-        )
-    return list(label_keys)
