@@ -273,7 +273,7 @@ def _bad_query(test, kind: str):
     [
         ("nan", "contains 1 NaN or infinite values"),
         ("negative", "contains negative values"),
-        ("fraction", "holds non-integer values, but raw counts were expected"),
+        ("fraction", "holds non-integer values up to"),
         ("few genes", "Only 10 of the reference's 1767 genes are shared"),
         ("empty", "adata.X is empty (shape (0, 1767))"),
     ],
