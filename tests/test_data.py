@@ -83,6 +83,25 @@ def test_alignment_by_gene_id_column_and_errors():
         align_genes(duplicated, ["A"])
 
 
+def test_gene_ids_with_versions_on_one_side_are_named_with_the_fix_for_that_side():
+    ids = [f"ENSG{i:011d}" for i in range(10)]
+    versioned = [f"{gene}.{i % 3 + 1}" for i, gene in enumerate(ids)]
+    query = make_adata(np.ones((1, 10)), versioned)
+    with pytest.raises(ValueError, match=r"but 10 match when version suffixes are removed .* remove them first"):
+        align_genes(query, ids, min_gene_overlap=0.0)
+    stripped = query.copy()
+    stripped.var_names = stripped.var_names.str.replace(r"\.\d+$", "", regex=True)  # the fix the message gives
+    assert align_genes(stripped, ids).n_matched == 10
+    with pytest.raises(ValueError, match=r"the model's ids carry them: rename the query's ids"):
+        align_genes(make_adata(np.ones((1, 10)), ids), versioned, min_gene_overlap=0.0)
+    versions = {gene.split(".")[0]: gene for gene in versioned}  # the fix for that side
+    renamed = make_adata(np.ones((1, 10)), [versions.get(gene, gene) for gene in ids])
+    assert align_genes(renamed, versioned).n_matched == 10
+    # Symbols whose names end in ".<digits>" (clone-based lncRNAs) match as they are: no error when most genes match.
+    symbols = ["AC012345.1", "RP11-206L10.2", "LYZ"]
+    assert align_genes(make_adata(np.ones((1, 3)), symbols), symbols).n_matched == 3
+
+
 def test_empty_data_is_rejected():
     with pytest.raises(ValueError, match=r"adata.X is empty \(shape \(0, 2\)\)"):
         read_expression(make_adata(np.zeros((0, 2)), ["a", "b"]), ["a"], layer=None, log_normalized=False, target_sum=1)

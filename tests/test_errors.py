@@ -591,6 +591,12 @@ def case_gene_name_case(ctx):
     cellular.tl.cellular_annotate(query, ctx.model)
 
 
+def case_gene_id_versions(ctx):
+    query = _query(ctx.symphony)
+    query.var_names = [f"{gene}.1" for gene in query.var_names]
+    cellular.tl.cellular_annotate(query, ctx.model)
+
+
 def case_genes_in_another_column(ctx):
     query = _query(ctx.symphony)
     query.var["symbol"] = query.var_names.to_numpy()

@@ -212,6 +212,7 @@ def align_genes(
     missing = [genes[i] for i in np.flatnonzero(~matched)]
     fraction = n_matched / len(genes)
     _check_name_case(names, genes, n_matched, source)
+    _check_version_suffixes(names, genes, n_matched, source)
     _check_gene_columns(adata, genes, n_matched, source, gene_id_key)
     if fraction < min_gene_overlap:
         raise ValueError(
@@ -242,6 +243,35 @@ def _check_name_case(names: pd.Index, genes: list[str], n_matched: int, source: 
             f"the same genes, rename them to the model's convention first, e.g. "
             f"adata.{source} = adata.{source}.str.upper(), or match on ids with gene_id_key=..."
         )
+
+
+_VERSION_SUFFIX = r"\.\d+$"
+
+
+def _check_version_suffixes(names: pd.Index, genes: list[str], n_matched: int, source: str) -> None:
+    """Refuse a query whose gene ids match the model's far better without version suffixes (``ENSG....16``)."""
+    if n_matched > 0.9 * len(genes):
+        return
+    stripped = pd.Index(names.astype(str).str.replace(_VERSION_SUFFIX, "", regex=True))
+    first = ~stripped.duplicated()
+    wanted = pd.Index(genes).str.replace(_VERSION_SUFFIX, "", regex=True)
+    position = stripped[first].get_indexer(wanted)
+    n_stripped = int((position >= 0).sum())
+    if n_stripped < max(2 * n_matched, n_matched + 0.1 * len(genes)):
+        return
+    gene = next(g for g, p in zip(genes, position, strict=True) if p >= 0 and names[first][p] != g)
+    example = f"{names[first][position[genes.index(gene)]]!r} for {gene!r}"
+    if (stripped != names).mean() > (wanted != pd.Index(genes)).mean():
+        fix = f"remove them first, e.g. adata.{source} = adata.{source}.str.replace(r'\\.\\d+$', '', regex=True)"
+    else:
+        fix = (
+            "the model's ids carry them: rename the query's ids to the model's first, e.g. versions = "
+            "{g.split('.')[0]: g for g in model.genes}; adata.var_names = [versions.get(g, g) for g in adata.var_names]"
+        )
+    raise ValueError(
+        f"Only {n_matched} of the model's {len(genes)} genes match adata.{source} exactly, but {n_stripped} match "
+        f"when version suffixes are removed (e.g. {example}): the gene ids carry versions on one side only; {fix}."
+    )
 
 
 def _check_gene_columns(adata: AnnData, genes: list[str], n_matched: int, source: str, gene_id_key) -> None:
