@@ -346,7 +346,13 @@ class AnnotationMixin:
         gene_weight = params.get("novelty_gene_weight", 0.0)
         uncertainty_weight = self._gene_uncertainty_weight(requested)
         spaces, projections = self._novelty_spaces(
-            train_idx, calibration_idx, device, seed, genes=gene_weight > 0, gene_uncertainty=uncertainty_weight > 0
+            train_idx,
+            calibration_idx,
+            labels,
+            device,
+            seed,
+            genes=gene_weight > 0,
+            gene_uncertainty=uncertainty_weight > 0,
         )
         self.novelty_reference_ = NoveltyReference.fit(
             z[train_idx],
@@ -422,10 +428,13 @@ class AnnotationMixin:
         hierarchy = self.label_hierarchy
         return None if hierarchy is None else hierarchy.ancestry
 
-    def _novelty_spaces(self, train_idx, calibration_idx, device, seed, genes: bool, gene_uncertainty: bool = False):
+    def _novelty_spaces(
+        self, train_idx, calibration_idx, labels, device, seed, genes: bool, gene_uncertainty: bool = False
+    ):
         """Novelty spaces fitted on (a sample of) the training cells, and the calibration cells' projections.
 
-        The encoder's first hidden layer, with ``genes`` also its input, and with ``gene_uncertainty`` the gene
+        The encoder's first hidden layer, with ``genes`` also its input (with its distances scaled for types of few
+        cells: :attr:`~cellular.model._novelty_spaces.PCASpace.type_scale`), and with ``gene_uncertainty`` the gene
         classifier's uncertainty.
         """
         rng = np.random.default_rng(seed)
@@ -438,7 +447,7 @@ class AnnotationMixin:
         spaces = NoveltySpaces(PCASpace.fit(activations, seed, unit_length=True, relative=True))
         if genes:
             inputs = expression.rows(np.arange(expression.n_cells))
-            spaces.genes = PCASpace.fit(inputs, seed, unit_length=False, standardize=True)
+            spaces.genes = PCASpace.fit(inputs, seed, unit_length=False, standardize=True, labels=labels[sample])
         if gene_uncertainty:
             spaces.gene_uncertainty = self.gene_classifier_probe()
         return spaces, self._encode(read(np.asarray(calibration_idx)), 4096, device, hidden=spaces)[1]

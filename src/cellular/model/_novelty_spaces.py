@@ -49,6 +49,12 @@ class PCASpace:
         ``(n_cells,)`` mean distance of each reference cell to its nearest other reference cells. With it,
         :meth:`distances` are relative to the local density of the reference (1: as close as the reference cells
         are to each other there); ``None``: plain distances.
+    type_scale
+        ``(n_cells,)`` divides the distance of a cell whose nearest reference cell is this one: for a cell of a type
+        with fewer reference cells than neighbours averaged, how much farther its type's cells lie from their
+        neighbours than the typical type's do (the ratio of medians, at least 1); 1 for every other cell. A type of
+        a few cells has few of its own among any cell's neighbours, so its query cells would read as novel;
+        ``None``: no scaling.
     """
 
     mean: np.ndarray
@@ -57,6 +63,7 @@ class PCASpace:
     unit_length: bool = True
     scale: np.ndarray | None = None
     radius: np.ndarray | None = None
+    type_scale: np.ndarray | None = None
 
     @classmethod
     def fit(
@@ -67,16 +74,19 @@ class PCASpace:
         *,
         standardize: bool = False,
         relative: bool = False,
+        labels: np.ndarray | None = None,
         n_components: int = HIDDEN_COMPONENTS,
     ) -> PCASpace:
         """PCA of training cells' values (a sample of them when there are many).
 
         ``standardize`` scales features to unit variance first; ``relative`` makes :meth:`distances` relative to
-        the reference cells' own neighbour distances.
+        the reference cells' own neighbour distances; ``labels`` (the cells' type codes) sets :attr:`type_scale`.
         """
         rng = np.random.default_rng(seed)
         if values.shape[0] > MAX_HIDDEN_REFERENCE_CELLS:
-            values = values[np.sort(rng.choice(values.shape[0], MAX_HIDDEN_REFERENCE_CELLS, replace=False))]
+            kept = np.sort(rng.choice(values.shape[0], MAX_HIDDEN_REFERENCE_CELLS, replace=False))
+            values = values[kept]
+            labels = None if labels is None else np.asarray(labels)[kept]
         values = np.asarray(values, dtype=np.float32)
         mean = values.mean(axis=0)
         scale = None
@@ -96,7 +106,21 @@ class PCASpace:
         if relative:  # each reference cell's own row comes first among its neighbours: leave it out
             _, distances = space._nearest(space.reference, HIDDEN_NEIGHBORS + 1)
             space.radius = np.maximum(distances[:, 1:].mean(axis=1), 1e-6).astype(np.float32)
+        if labels is not None:
+            space.type_scale = space._small_type_scale(np.asarray(labels, dtype=np.int64))
         return space
+
+    def _small_type_scale(self, labels: np.ndarray) -> np.ndarray:
+        """:attr:`type_scale` of the reference cells, whose type codes are ``labels``."""
+        sizes = np.bincount(labels)
+        _, distances = self._nearest(self.reference, HIDDEN_NEIGHBORS + 1)
+        own = distances[:, 1:].mean(axis=1)  # each cell's own row comes first among its neighbours
+        order = np.argsort(labels, kind="stable")
+        groups = np.split(own[order], np.cumsum(sizes)[:-1])
+        spreads = np.array([np.median(group) if group.size else np.nan for group in groups])
+        ratio = np.maximum(spreads / max(float(np.nanmedian(spreads)), 1e-12), 1.0)
+        small = (sizes > 0) & (sizes < HIDDEN_NEIGHBORS)
+        return np.where(small, ratio, 1.0)[labels].astype(np.float32)
 
     def _centered(self, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
         centered = np.asarray(values, dtype=np.float32) - self.mean
@@ -124,10 +148,13 @@ class PCASpace:
     def distances(self, projected: np.ndarray, k: int = HIDDEN_NEIGHBORS) -> np.ndarray:
         """Mean distance of projected cells to their ``k`` nearest reference cells.
 
-        Relative to those cells' own neighbour distances when the space has a :attr:`radius`.
+        Relative to those cells' own neighbour distances when the space has a :attr:`radius`; divided by the
+        nearest reference cell's :attr:`type_scale` when the space has one.
         """
         indices, distances = self._nearest(projected, k)
         mean = distances.mean(axis=1).astype(np.float64)
+        if self.type_scale is not None and indices.shape[0]:
+            mean = mean / self.type_scale[indices[:, 0]]
         return mean if self.radius is None else mean / self.radius[indices].mean(axis=1)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
@@ -140,6 +167,8 @@ class PCASpace:
             arrays[f"{prefix}_scale"] = self.scale
         if self.radius is not None:
             arrays[f"{prefix}_radius"] = self.radius
+        if self.type_scale is not None:
+            arrays[f"{prefix}_type_scale"] = self.type_scale
         return arrays
 
     @classmethod
@@ -152,16 +181,20 @@ class PCASpace:
         components = np.asarray(arrays[f"{prefix}_components"], dtype=np.float32)
         mean = np.asarray(arrays[f"{prefix}_mean"], dtype=np.float32)
         reference = np.asarray(arrays[f"{prefix}_reference"], dtype=np.float32)
-        scale, radius = (arrays.get(f"{prefix}_{name}") for name in ("scale", "radius"))
+        scale, radius, type_scale = (arrays.get(f"{prefix}_{name}") for name in ("scale", "radius", "type_scale"))
         scale = None if scale is None else np.asarray(scale, dtype=np.float32)
         radius = None if radius is None else np.asarray(radius, dtype=np.float32)
+        type_scale = None if type_scale is None else np.asarray(type_scale, dtype=np.float32)
         fits = n_features is None or mean.shape == (n_features,)
         fits &= mean.shape == components.shape[:1] and reference.shape[1:] == components.shape[1:]
         fits &= scale is None or (scale.shape == mean.shape and bool(np.all(scale > 0)))
         fits &= radius is None or (radius.shape == reference.shape[:1] and bool(np.all(radius > 0)))
+        fits &= type_scale is None or (
+            type_scale.shape == reference.shape[:1] and bool(np.all(np.isfinite(type_scale) & (type_scale >= 1)))
+        )
         if not fits:
             raise ValueError(f"The saved novelty {prefix} space is inconsistent; the model file is damaged.")
-        return cls(mean, components, reference, unit_length, scale, radius)
+        return cls(mean, components, reference, unit_length, scale, radius, type_scale)
 
 
 @dataclass
