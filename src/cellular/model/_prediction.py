@@ -175,7 +175,9 @@ class PredictionMixin:
         cells; divided by those cells' own mean distance to their 15 nearest training cells, so a sparse region of
         the reference is not read as novel), weighted by ``novelty_hidden_weight`` (1.0), and the mean distance to
         the 15 nearest training cells in the encoder's input genes (log-normalised and batch-matched, then
-        standardised and clipped at 10; genes a query lacks are read at the training mean), weighted by
+        standardised and clipped at 10; genes a query lacks are read at the training mean; for a cell nearest to a
+        type of fewer than 15 training cells, divided by how much farther apart that type's cells lie than the
+        typical type's), weighted by
         ``novelty_gene_weight`` (3.0 when the model matches batch moments), and, where the reference's
         self-assessment passes, the entropy of the gene classifier's probabilities (temperature 1), weighted by
         ``novelty_gene_uncertainty_weight`` (1.0; see :meth:`train_classifier`). The p-value of a
