@@ -143,6 +143,34 @@ def test_standardised_relative_space_round_trips_and_refuses_damaged_arrays():
             PCASpace.from_arrays({**arrays, name: damaged}, "gene", unit_length=False, n_features=9)
 
 
+def test_type_scale_matches_naive_reference_for_small_types_only():
+    """A type of fewer cells than the 15 neighbours averaged gets the ratio of its cells' median neighbour distance
+    to the median over types (at least 1); larger types get 1; a cell's distance is divided by its nearest reference
+    cell's factor. It round-trips and refuses damaged arrays."""
+    rng = np.random.default_rng(3)
+    centres = np.eye(6, dtype=np.float32) * 6
+    labels = np.repeat([0, 1, 2], [40, 40, 6])
+    values = centres[labels] + rng.normal(size=(86, 6)).astype(np.float32) * np.array([0.5, 0.5, 3.0])[labels, None]
+    space = PCASpace.fit(values, seed=0, unit_length=False, labels=labels, n_components=6)
+    own = np.array([mean for mean, _ in _naive_mean_knn(space.reference, space.reference, 15, skip_own_row=True)])
+    spreads = np.array([np.median(own[labels == t]) for t in range(3)])
+    factor = np.where(np.arange(3) == 2, np.maximum(spreads / np.median(spreads), 1.0), 1.0)
+    np.testing.assert_allclose(space.type_scale, factor[labels], rtol=1e-4)
+    assert factor[2] > 1.5 and space.type_scale[labels < 2].tolist() == [1.0] * 80
+    queries = (centres[[0, 2, 2]] + rng.normal(size=(3, 6))).astype(np.float32)
+    projected = space.project(queries)
+    expected = [
+        mean / factor[labels[neighbours[0]]] for mean, neighbours in _naive_mean_knn(space.reference, projected, 15)
+    ]
+    np.testing.assert_allclose(space.distances(projected), expected, rtol=1e-4)
+    arrays = space.to_arrays("gene")
+    loaded = PCASpace.from_arrays(arrays, "gene", unit_length=False, n_features=6)
+    np.testing.assert_array_equal(loaded.distances(projected), space.distances(projected))
+    for damaged in (arrays["gene_type_scale"][:-1], np.full_like(arrays["gene_type_scale"], 0.5)):
+        with pytest.raises(ValueError, match="novelty gene space is inconsistent; the model file is damaged"):
+            PCASpace.from_arrays({**arrays, "gene_type_scale": damaged}, "gene", unit_length=False, n_features=6)
+
+
 def _reference_with_gene_space(gene_weight, matching_gene_weight=None):
     """A novelty reference over two types with a hidden-layer and a gene space, and query cells' inputs to it."""
     rng = np.random.default_rng(11)
