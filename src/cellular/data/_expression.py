@@ -225,18 +225,32 @@ def align_genes(
     return GeneAlignment(source_index=source_index, n_matched=n_matched, missing=missing)
 
 
+def _matches_far_better(n_other: int, n_matched: int, n_genes: int) -> bool:
+    """Whether another reading of the names matches at least twice as many genes, and 10 % of the model's more."""
+    return n_other >= max(2 * n_matched, n_matched + 0.1 * n_genes)
+
+
+def _normalised_match(names: pd.Index, genes: list[str], normalise) -> tuple[int, str | None]:
+    """How many ``genes`` match ``names`` once both are ``normalise``-d.
+
+    Also one pair that matches only so, as ``"'query name' for 'model gene'"`` (``None`` when there is none).
+    """
+    normalised = pd.Index(normalise(pd.Index(names.astype(str))))
+    first = ~normalised.duplicated()
+    kept_names = names[first]
+    position = normalised[first].get_indexer(normalise(pd.Index(genes)))
+    found = np.flatnonzero(position >= 0)
+    differing = found[kept_names[position[found]] != pd.Index(genes)[found]]
+    example = f"{kept_names[position[differing[0]]]!r} for {genes[differing[0]]!r}" if differing.size else None
+    return int(found.size), example
+
+
 def _check_name_case(names: pd.Index, genes: list[str], n_matched: int, source: str) -> None:
     """Refuse a query whose gene names match the model's far better when case is ignored (a naming mismatch)."""
     if n_matched > 0.9 * len(genes):  # folding case could not add the 10 % of genes the rule asks for
         return
-    upper = pd.Index(names.str.upper())
-    first = ~upper.duplicated()
-    folded_names, folded = names[first], upper[first]
-    position = folded.get_indexer(pd.Index(genes).str.upper())
-    n_folded = int((position >= 0).sum())
-    if n_folded >= max(2 * n_matched, n_matched + 0.1 * len(genes)):
-        gene = next(g for g, p in zip(genes, position, strict=True) if p >= 0 and folded_names[p] != g)
-        example = f"{folded_names[position[genes.index(gene)]]!r} for {gene!r}"
+    n_folded, example = _normalised_match(names, genes, lambda index: index.str.upper())
+    if _matches_far_better(n_folded, n_matched, len(genes)):
         raise ValueError(
             f"Only {n_matched} of the model's {len(genes)} genes match adata.{source} exactly, but {n_folded} match "
             f"when upper and lower case are ignored (e.g. {example}): the gene names differ in case. If they name "
@@ -248,20 +262,19 @@ def _check_name_case(names: pd.Index, genes: list[str], n_matched: int, source: 
 _VERSION_SUFFIX = r"\.\d+$"
 
 
+def _without_version(index: pd.Index) -> pd.Index:
+    return index.str.replace(_VERSION_SUFFIX, "", regex=True)
+
+
 def _check_version_suffixes(names: pd.Index, genes: list[str], n_matched: int, source: str) -> None:
     """Refuse a query whose gene ids match the model's far better without version suffixes (``ENSG....16``)."""
     if n_matched > 0.9 * len(genes):
         return
-    stripped = pd.Index(names.astype(str).str.replace(_VERSION_SUFFIX, "", regex=True))
-    first = ~stripped.duplicated()
-    wanted = pd.Index(genes).str.replace(_VERSION_SUFFIX, "", regex=True)
-    position = stripped[first].get_indexer(wanted)
-    n_stripped = int((position >= 0).sum())
-    if n_stripped < max(2 * n_matched, n_matched + 0.1 * len(genes)):
+    n_stripped, example = _normalised_match(names, genes, _without_version)
+    if not _matches_far_better(n_stripped, n_matched, len(genes)):
         return
-    gene = next(g for g, p in zip(genes, position, strict=True) if p >= 0 and names[first][p] != g)
-    example = f"{names[first][position[genes.index(gene)]]!r} for {gene!r}"
-    if (stripped != names).mean() > (wanted != pd.Index(genes)).mean():
+    names_versioned = (_without_version(pd.Index(names.astype(str))) != names).mean()
+    if names_versioned > (_without_version(pd.Index(genes)) != pd.Index(genes)).mean():
         fix = f"remove them first, e.g. adata.{source} = adata.{source}.str.replace(r'\\.\\d+$', '', regex=True)"
     else:
         fix = (
@@ -294,7 +307,7 @@ def _check_gene_columns(adata: AnnData, genes: list[str], n_matched: int, source
         n_column = int(wanted.isin(pd.Index(values.astype(str))).sum())
         if n_column > n_best:
             best, n_best = column, n_column
-    if best is not None and n_best >= max(2 * n_matched, n_matched + 0.1 * len(genes)):
+    if best is not None and _matches_far_better(n_best, n_matched, len(genes)):
         raise ValueError(
             f"Only {n_matched} of the model's {len(genes)} genes match adata.{source}, but {n_best} match "
             f"adata.var[{best!r}]: the genes are named in that column. Use it as the gene names first, e.g. "

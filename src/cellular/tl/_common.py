@@ -306,7 +306,6 @@ def write_annotation(
     adata.obsm[f"{key_added}_probabilities"] = probabilities.astype(np.float32)
     n_likeliest = np.bincount(predicted, minlength=len(classes) + 1)
     n_unknown = np.bincount(predicted[unknown], minlength=len(classes) + 1)
-    n_likeliest[-1] = n_unknown[-1] = 0
     counts = pd.DataFrame(
         {"n_cells": np.bincount(codes, minlength=len(classes) + 1), "n_likeliest": n_likeliest, "n_unknown": n_unknown},
         index=pd.Index([*classes, unknown_label]),
