@@ -356,6 +356,23 @@ def test_results_survive_h5ad_round_trip_and_use_rep(symphony_model, symphony_sp
         cellular.tl.cellular_annotate(query, symphony_model, use_rep="X_bad")
 
 
+def test_a_stored_embedding_of_a_query_lacking_genes_is_calibrated_as_a_fresh_one(symphony_model, symphony_split):
+    _, test = symphony_split
+    dropped = set(symphony_model.genes[::40])
+    query = test[:, [gene for gene in test.var_names if gene not in dropped]].copy()
+    fresh = query.copy()
+    cellular.tl.cellular_annotate(fresh, symphony_model)
+    cellular.tl.cellular_embed(query, symphony_model)
+    cellular.tl.cellular_annotate(query, symphony_model, use_rep="X_cellular")
+    stored, direct = (data.uns["cellular"]["cellular_label"]["params"] for data in (query, fresh))
+    assert direct["panel_path"] == "direct" and stored["panel_path"] == "stored"
+    assert stored["panel_calibrated"] and stored["panel_calibration"] == direct["panel_calibration"]
+    np.testing.assert_allclose(
+        query.obsm["cellular_label_probabilities"], fresh.obsm["cellular_label_probabilities"], atol=1e-6
+    )
+    np.testing.assert_array_equal(query.obs["cellular_label"], fresh.obs["cellular_label"])
+
+
 def back_frame(adata):
     return adata.uns["cellular"]["cellular_representations"]["representations"]
 
@@ -401,6 +418,20 @@ def test_representation_distances_in_uns(symphony_model, symphony_split):
         cellular.tl.cell_type_representations(data, symphony_model, labels_key="no_such_column")
     with pytest.raises(ValueError, match="method"):
         symphony_model.get_cell_type_representations(method="mode")
+
+
+def test_representations_of_integer_labels_are_named_as_text(symphony_model, symphony_split):
+    train, _ = symphony_split
+    data = train.copy()
+    codes = data.obs["cell_type"].cat.codes.astype(int)
+    data.obs["type_code"] = codes
+    cellular.tl.cell_type_representations(data, symphony_model, labels_key="type_code", key_added="by_code")
+    cellular.tl.cell_type_representations(data, symphony_model, key_added="by_name")
+    by_code, by_name = data.uns["cellular"]["by_code"], data.uns["cellular"]["by_name"]
+    names = dict(zip(codes.astype(str), data.obs["cell_type"].astype(str), strict=True))
+    renamed = by_code["representations"].rename(index=names).loc[by_name["representations"].index]
+    np.testing.assert_allclose(renamed.to_numpy(), by_name["representations"].to_numpy())
+    assert by_code["n_cells"]["n_cells"].sum() == by_name["n_cells"]["n_cells"].sum() == data.n_obs
 
 
 def test_model_without_classifier_is_refused(symphony):

@@ -416,6 +416,9 @@ def test_query_lacking_most_model_genes_is_served_by_a_refit_on_the_recorded_ref
     (moved / "training_data.json").write_text(json.dumps({**record, "sizes": [size + 1 for size in record["sizes"]]}))
     code, _, err = run("annotate", path, "-m", moved, "-o", tmp_path / "refused.h5ad")
     assert code == 1 and "Attach the training data" in err and "--reference" in err
+    (moved / "training_data.json").write_text('{"paths": [')  # damaged: the same refusal, naming the file
+    code, _, err = run("annotate", path, "-m", moved, "-o", tmp_path / "refused.h5ad")
+    assert code == 1 and "training_data.json cannot be read" in err and "Attach the training data" in err
     code, _, err = run("annotate", path, "-m", moved, "-o", tmp_path / "annotated.h5ad", "--reference", cli.reference)
     assert code == 0, err
     assert (

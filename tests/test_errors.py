@@ -669,6 +669,42 @@ def case_not_finite_classifier(ctx):
     cellular.tl.cellular_annotate(_query(ctx.symphony), _damaged_copy(ctx, "classifier"))
 
 
+def case_use_rep_refit(ctx):
+    query = _narrow_query(ctx, 100)
+    cellular.tl.cellular_embed(query, ctx.model, min_gene_overlap=0.0)
+    cellular.tl.cellular_annotate(query, ctx.model, use_rep="X_cellular")
+
+
+def case_load_other_training_data(ctx):
+    CELLULAR.load(_saved_copy(ctx), adata=_counts(ctx.symphony))
+
+
+def case_saved_anndata_other_cells(ctx):
+    path = _saved_copy(ctx)
+    _counts(ctx.symphony).write_h5ad(path / "adata.h5ad")
+    CELLULAR.load(path)
+
+
+def case_legacy_model_missing_field(ctx):
+    path = _legacy_copy(ctx)
+    metadata = json.loads((path / "model.json").read_text())
+    del metadata["target_sum"]
+    (path / "model.json").write_text(json.dumps(metadata))
+    CELLULAR.load(path)
+
+
+def case_legacy_index_in_model_folder(ctx):
+    path = _saved_copy(ctx, "with_index")
+    index_path = path / "reference_index"
+    cellular.ReferenceIndex.build(ctx.model, _counts(ctx.symphony)).save(index_path, overwrite=True)
+    metadata = json.loads((index_path / "index.json").read_text())
+    metadata["format_version"] = 1
+    for key in ("files", "arrays", "metadata_sha256"):
+        del metadata[key]
+    (index_path / "index.json").write_text(json.dumps(metadata))
+    CELLULAR.load(path)
+
+
 def case_not_finite_use_rep(ctx):
     query = _query(ctx.symphony)
     cellular.tl.cellular_embed(query, ctx.model)

@@ -107,6 +107,28 @@ def test_save_load_round_trip(trained, split, tmp_path):
     np.testing.assert_array_equal(with_data.get_latent_representation(), trained.get_latent_representation())
 
 
+def test_load_attaches_only_the_training_data(trained, split, tmp_path):
+    train, test = split
+    trained.save(tmp_path / "model", save_anndata=True)
+    assert CELLULAR.load(tmp_path / "model").adata.n_obs == train.n_obs
+    # Saved again without its data, the folder no longer holds the data saved with the earlier model.
+    trained.save(tmp_path / "model", overwrite=True)
+    assert not (tmp_path / "model" / "adata.h5ad").exists() and CELLULAR.load(tmp_path / "model").adata is None
+    # The training cells in another order, or other cells, would be split by the stored indices wrongly.
+    for other in (train[::-1].copy(), test.copy()):
+        with pytest.raises(ValueError, match="not the model's training data"):
+            CELLULAR.load(tmp_path / "model", adata=other)
+    test.write_h5ad(tmp_path / "model" / "adata.h5ad")
+    with pytest.raises(ValueError, match="holds other cells than the"):
+        CELLULAR.load(tmp_path / "model")
+    # A model loaded without its data keeps the record, so saving it again still guards its folder.
+    (tmp_path / "model" / "adata.h5ad").unlink()
+    CELLULAR.load(tmp_path / "model").save(tmp_path / "again")
+    with pytest.raises(ValueError, match="not the model's training data"):
+        CELLULAR.load(tmp_path / "again", adata=test.copy())
+    assert CELLULAR.load(tmp_path / "again", adata=train.copy()).adata.n_obs == train.n_obs
+
+
 def test_models_saved_with_an_affine_input_layer_norm_still_load(trained, split, tmp_path):
     """Earlier versions gave the input LayerNorm per-gene affine parameters (today's models have none): such a file
     loads with them, and embeds as the equivalent network with the affine map folded into the first Linear."""

@@ -57,6 +57,23 @@ def test_cellular_embed_trains_when_no_model_given(small):
     assert data.uns["cellular"]["params"]["trained_here"] is True
 
 
+def test_cellular_embed_trains_on_a_layer_and_embeds_that_layer(small):
+    data = small.copy()
+    data.layers["counts"] = data.X.copy()
+    cellular.pp.normalize_log1p(data)  # X now holds log values, the counts stay in the layer
+    model = cellular.tl.cellular_embed(
+        data,
+        labels_key="cell_type",
+        layer="counts",
+        max_epochs=2,
+        model_kwargs={"n_latent": 8, "n_top_genes": 200},
+        train_kwargs={"progress_bar": False},
+    )
+    counts_only = small.copy()
+    np.testing.assert_allclose(data.obsm["X_cellular"], model.get_latent_representation(counts_only), atol=1e-5)
+    assert data.uns["cellular"]["params"]["layer"] == "counts"
+
+
 def test_cellular_embed_bad_arguments(small, small_model):
     with pytest.raises(ValueError, match="labels_key"):
         cellular.tl.cellular_embed(small.copy())

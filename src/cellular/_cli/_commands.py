@@ -13,6 +13,7 @@ from ._common import (
     CommandError,
     UsageError,
     counts_line,
+    error_message,
     existing_files,
     existing_model_folder,
     load_model,
@@ -181,10 +182,20 @@ def _with_training_data(model, args: argparse.Namespace, refit: bool):
     record_path = args.model / TRAINING_DATA_FILE
     if not record_path.exists():
         return model
-    record = json.loads(record_path.read_text())
-    # folders saved before multi-file references record one "path" and "size"
-    reference = [Path(p) for p in record.get("paths", [record.get("path")])]
-    sizes = record.get("sizes", [record.get("size")])
+    try:
+        record = json.loads(record_path.read_text())
+        # folders saved before multi-file references record one "path" and "size"
+        reference = [Path(p) for p in record.get("paths", [record.get("path")])]
+        sizes = [int(size) for size in record.get("sizes", [record.get("size")])]
+        if len(reference) != len(sizes):
+            raise ValueError("paths and sizes differ in number")
+    except (ValueError, TypeError, AttributeError) as error:
+        logger.warning(
+            "%s cannot be read (%s); pass the training data with --reference to refit on the query's genes.",
+            record_path,
+            error_message(error),
+        )
+        return model
     if not all(path.exists() and path.stat().st_size == size for path, size in zip(reference, sizes, strict=True)):
         logger.warning(
             "The model's training data %s is gone or changed; it cannot be refitted on the query's genes.",

@@ -145,6 +145,12 @@ class ReferenceIndexIOMixin:
         shapes = {name: list(np.shape(value)) for name, value in arrays.items()}
         write_metadata(dir_path / _METADATA_FILE, metadata, dir_path / _ARRAYS_FILE, "arrays", shapes)
 
+    @staticmethod
+    def saved_without_checksums(dir_path: str | Path) -> bool:
+        """Whether the index saved in ``dir_path`` claims the format version written before checksums existed."""
+        metadata = read_metadata(Path(dir_path) / _METADATA_FILE, _FIX)
+        return metadata.get("format_version") == _UNCHECKED_VERSION
+
     @classmethod
     def load(
         cls,

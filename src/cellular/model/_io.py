@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from importlib.metadata import version
@@ -47,7 +48,22 @@ _READABLE_VERSIONS = (*_UNCHECKED_VERSIONS, _FORMAT_VERSION)
 _METADATA_FILE = "model.json"
 _WEIGHTS_FILE = "model.pt"
 _INDEX_FOLDER = "reference_index"
+_ANNDATA_FILE = "adata.h5ad"
 _FIX = "Save the model again from an intact copy, or retrain it."
+
+# Fields every model file holds, versions without checksums (not validated by the schema) included.
+_LEGACY_REQUIRED = (
+    "genes",
+    "target_sum",
+    "gene_count_fractions",
+    "seed",
+    "module_kwargs",
+    "init_params",
+    "is_trained",
+    "training_summary",
+    "history",
+    "registry",
+)
 
 _OBJECT = {"type": "object"}
 _NULLABLE_OBJECT = {"type": ["object", "null"]}
@@ -121,6 +137,16 @@ _SCHEMA = {
         "training_summary": _NULLABLE_OBJECT,
         "train_params": _NULLABLE_OBJECT,
         "calibration_cell_names": {"anyOf": [STRINGS, {"type": "null"}]},
+        "training_cells": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "required": ["n_obs", "obs_names_sha256"],
+                    "properties": {"n_obs": {"type": "integer", "minimum": 1}, "obs_names_sha256": SHA256},
+                },
+                {"type": "null"},
+            ]
+        },
         "history": {"anyOf": [{"type": "object", "additionalProperties": NUMBERS}, {"type": "null"}]},
         "registry": {"type": "object", "required": ["setup_args", "field_registries"]},
         "classifier": {
@@ -202,6 +228,7 @@ class SaveLoadMixin:
             "training_summary": getattr(self, "training_summary_", None),
             "train_params": self.train_params_,
             "calibration_cell_names": None if self.calibration_cells_ is None else self.calibration_cells_.cell_names,
+            "training_cells": self.training_cells_record(),
             "history": None if self.history_ is None else {k: v.iloc[:, 0].tolist() for k, v in self.history_.items()},
             "registry": self.registry_,
         }
@@ -231,10 +258,24 @@ class SaveLoadMixin:
         elif (index_path / "index.json").exists():
             # The index of the model saved here before would be loaded with this one and refused as foreign.
             shutil.rmtree(index_path)
+        anndata_path = dir_path / _ANNDATA_FILE
         if save_anndata:
             if self.adata is None:
                 raise ValueError("save_anndata=True but the model has no attached AnnData.")
-            self.adata.write_h5ad(dir_path / "adata.h5ad")
+            self.adata.write_h5ad(anndata_path)
+        elif anndata_path.exists():
+            # The training data of the model saved here before would be attached to this one on load.
+            anndata_path.unlink()
+
+    def training_cells_record(self) -> dict | None:
+        """The number and order of the cells the model was trained on (their names' SHA-256), or ``None``.
+
+        Saved with the model; :meth:`load` checks the AnnData it attaches against it, so that the stored training
+        and held-out cell indices select the cells they selected in training.
+        """
+        if self.adata is not None:
+            return _cells_record(self.adata)
+        return getattr(self, "training_cells_", None)
 
     @classmethod
     def load(
@@ -276,16 +317,37 @@ class SaveLoadMixin:
             fix=_FIX,
             unchecked_versions=_UNCHECKED_VERSIONS,
         )
+        if not checked:
+            missing = [field for field in _LEGACY_REQUIRED if field not in metadata]
+            if missing:
+                raise damaged(metadata_path, f"lacks the field(s) {missing}", _FIX)
         metadata = _serialization.decode(metadata)
         tensors = _read_tensors(dir_path / _WEIGHTS_FILE, metadata.get("tensors") if checked else None)
         _check_consistency(metadata, tensors, metadata_path)
         registry = metadata["registry"]
 
-        if adata is None and (dir_path / "adata.h5ad").exists():
+        training_cells = metadata.get("training_cells")
+        if adata is None and (dir_path / _ANNDATA_FILE).exists():
             import anndata
 
-            adata = anndata.read_h5ad(dir_path / "adata.h5ad")
+            adata = anndata.read_h5ad(dir_path / _ANNDATA_FILE)
+            if training_cells is not None and _cells_record(adata) != training_cells:
+                raise damaged(
+                    dir_path / _ANNDATA_FILE,
+                    f"holds other cells than the {training_cells['n_obs']} the model was trained on ({adata.n_obs} "
+                    "cells; other names or another order)",
+                    "Delete it and pass the training data with CELLULAR.load(path, adata=reference), or save the "
+                    "model again with save_anndata=True.",
+                )
+        elif adata is not None and training_cells is not None and _cells_record(adata) != training_cells:
+            raise ValueError(
+                f"The AnnData passed to CELLULAR.load is not the model's training data: it holds {adata.n_obs} cells, "
+                f"the model was trained on {training_cells['n_obs']} (names and order must match), and its stored "
+                "training and held-out cell indices would select other cells. Pass the training data as it was, or "
+                "load without adata to embed and annotate queries."
+            )
         model = cls.__new__(cls)
+        model.training_cells_ = training_cells
         if adata is not None:
             cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
             BaseModelClass.__init__(model, adata)
@@ -343,6 +405,13 @@ class SaveLoadMixin:
         model.validation_indices_ = _numpy_or_none(tensors.get("indices.validation_indices_"))
         model.reference_index_ = None
         if (dir_path / _INDEX_FOLDER).exists():
+            if checked and ReferenceIndex.saved_without_checksums(dir_path / _INDEX_FOLDER):
+                raise damaged(
+                    dir_path / _INDEX_FOLDER,
+                    "is an index without checksums (format version 1) in the folder of a model saved with them; "
+                    "model.save never writes that pair, so the index was replaced or edited",
+                    "Rebuild it with model.build_reference_index(adata_ref) and save the model again.",
+                )
             index = ReferenceIndex.load(dir_path / _INDEX_FOLDER, device=device)
             if index.model_fingerprint != model.fingerprint:
                 raise damaged(
@@ -408,6 +477,14 @@ def _check_consistency(metadata: dict, tensors: dict[str, torch.Tensor], path: P
     if calibration_labels is not None and calibration_labels.numel():
         if int(calibration_labels.min()) < 0 or int(calibration_labels.max()) >= n_types:
             raise damaged(path, f"calibration labels lie outside the {n_types} cell types", _FIX)
+
+
+def _cells_record(adata: AnnData) -> dict:
+    """``n_obs`` and the SHA-256 of ``adata``'s cell names in order (one name per line)."""
+    digest = hashlib.sha256()
+    for start in range(0, adata.n_obs, 100_000):
+        digest.update(("\n".join(map(str, adata.obs_names[start : start + 100_000])) + "\n").encode())
+    return {"n_obs": int(adata.n_obs), "obs_names_sha256": digest.hexdigest()}
 
 
 def _numpy_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:

@@ -87,6 +87,8 @@ class RepresentationMixin:
                 "column holding the cell types as labels_key."
             )
         values = source.obs[key].astype("category")
+        # Types are named as text, as setup_anndata names them (integer labels included).
+        values = values.cat.rename_categories([str(name) for name in values.cat.categories])
         unlabelled = self.setup_args.get("unlabeled_category", "Unknown")
         if unlabelled in values.cat.categories:
             values = values.cat.remove_categories([unlabelled])

@@ -109,21 +109,14 @@ def serve_query(
         "gene_id_key": gene_id_key,
         "progress_bar": progress_bar,
     }
-    if use_rep is not None:
-        z = _stored_embedding(adata, model, use_rep)
-        hidden = logits = None
-        if novelty or gene_logits:
-            embedded = model.embed_query(adata, **reading, with_hidden=novelty, with_gene_logits=gene_logits)
-            hidden, logits = embedded.hidden, embedded.gene_logits
-        record = {"use_rep": use_rep, "panel_path": "stored"}
-        return ServedQuery(model, z, record, index, hidden=hidden, gene_logits=logits)
+    z = None if use_rep is None else _stored_embedding(adata, model, use_rep)
     alignment = align_genes(
         adata, model.gene_names_for(gene_id_key), gene_id_key=gene_id_key, min_gene_overlap=min_gene_overlap
     )
     present = alignment.present
     share = model.expression_share(present)
     record = {
-        "use_rep": None,
+        "use_rep": use_rep,
         "n_genes_matched": int(alignment.n_matched),
         "n_model_genes": len(model.genes),
         "expression_share": share,
@@ -131,6 +124,8 @@ def serve_query(
     path = panel
     if panel == "auto":
         path = _auto_path(model, present, share, alignment.n_matched)
+    if z is not None:
+        return _stored_query(model, adata, z, record, path, present, index, transfer, reading, novelty, gene_logits)
     record["panel_path"] = path
     if path == "refit" and not present.all():
         if index is not None:
@@ -153,6 +148,34 @@ def serve_query(
         if calibration is not None:
             record["panel_calibration"] = dict(calibration.summary)
     return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden, embedded.gene_logits)
+
+
+def _stored_query(model, adata, z, record, path, present, index, transfer, reading, novelty, gene_logits):
+    """A query served by an embedding stored in ``obsm``: calibrated for its panel as a direct embedding is.
+
+    A query that the rule serves with a refitted model cannot be served by the model's own stored embedding.
+    """
+    use_rep = record["use_rep"]
+    if path == "refit" and not present.all():
+        raise ValueError(
+            f"The query measures {record['n_genes_matched']} of the model's {record['n_model_genes']} genes, "
+            f"carrying {record['expression_share']:.0%} of the reference's expression: it is served by a model "
+            f"refitted on its genes, which adata.obsm[{use_rep!r}] (the model's own embedding) is not. Pass "
+            "use_rep=None to embed the cells with the refitted model, or panel='direct' to use the stored embedding."
+        )
+    record["panel_path"] = "stored"
+    hidden = logits = calibration = None
+    if novelty or gene_logits:
+        embedded = model.embed_query(
+            adata, min_gene_overlap=0.0, **reading, with_hidden=novelty, with_gene_logits=gene_logits
+        )
+        hidden, logits = embedded.hidden, embedded.gene_logits
+    if not present.all():
+        calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
+        record["panel_calibrated"] = calibration is not None
+        if calibration is not None:
+            record["panel_calibration"] = dict(calibration.summary)
+    return ServedQuery(model, z, record, index, calibration, hidden, logits)
 
 
 def _warn_missing(alignment, share: float, path: str) -> None:

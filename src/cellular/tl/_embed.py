@@ -81,18 +81,18 @@ def cellular_embed(
     if trained_here:
         if labels_key is None:
             raise ValueError("Pass a trained `model`, or `labels_key` (and optionally `batch_key`) to train one.")
+        log_normalized = bool(log_normalized)
         model = _train_model(
-            adata, labels_key, batch_key, layer, bool(log_normalized), max_epochs, model_kwargs, train_kwargs
+            adata, labels_key, batch_key, layer, log_normalized, max_epochs, model_kwargs, train_kwargs
         )
-        layer, log_normalized = None, None
     elif labels_key is not None or batch_key is not None or max_epochs is not None:
         raise ValueError("labels_key, batch_key and max_epochs only apply when training a new model (model=None).")
 
-    read_layer = model.setup_args["layer"] if trained_here else layer
+    # A model trained here was set up on a view holding `layer` as its X: the cells are read from that same layer.
     embedded = model.embed_query(
         adata,
         batch_size=batch_size,
-        layer=read_layer,
+        layer=layer,
         log_normalized=log_normalized,
         gene_id_key=gene_id_key,
         min_gene_overlap=min_gene_overlap,
@@ -119,7 +119,7 @@ def cellular_embed(
         "genes": list(model.genes),
         "n_genes_matched": int(alignment.n_matched),
         "missing_genes": list(alignment.missing),
-        "layer": read_layer,
+        "layer": layer,
         "trained_here": trained_here,
     }
     if trained_here:
