@@ -280,7 +280,8 @@ def annotate(args: argparse.Namespace) -> int:
     write_h5ad(adata, output, args.overwrite)
     say(
         args,
-        f"cellular annotate: {adata.n_obs} cells -> obs[{args.key_added!r}]: {counts_line(adata.obs[args.key_added])}",
+        f"cellular annotate: {adata.n_obs} cells -> obs[{args.key_added!r}]: "
+        f"{counts_line(adata.obs[args.key_added], always=args.unknown_label)}",
     )
     say(args, f"  wrote {output} in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
@@ -360,7 +361,7 @@ def map_(args: argparse.Namespace) -> int:
     )
     for level in record["params"]["levels"]:
         column = f"{args.key_added}_{level}"
-        say(args, f"  obs[{column!r}]: {counts_line(adata.obs[column])}")
+        say(args, f"  obs[{column!r}]: {counts_line(adata.obs[column], always=args.unknown_label)}")
     say(args, f"  wrote {output} in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 

@@ -236,12 +236,18 @@ def error_message(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def counts_line(labels, limit: int = 8) -> str:
-    """``"A 10, B 4, ..."``: cells per label, most frequent first."""
+def counts_line(labels, limit: int = 12, always: str | None = None) -> str:
+    """``"A 10, B 4, ..."``: cells per label, most frequent first.
+
+    ``always`` (the unknown label) is shown even when it falls beyond ``limit``.
+    """
     counts = labels.value_counts()
-    counts = counts[counts > 0]
-    shown = ", ".join(f"{name} {count}" for name, count in counts.iloc[:limit].items())
-    return shown + (f", ... ({len(counts) - limit} more)" if len(counts) > limit else "")
+    pairs = [(name, int(count)) for name, count in counts.items() if count > 0]
+    shown = pairs[:limit]
+    if always is not None and always not in dict(shown) and always in dict(pairs):
+        shown = shown[: limit - 1] + [(always, dict(pairs)[always])]
+    hidden = len(pairs) - len(shown)
+    return ", ".join(f"{name} {count}" for name, count in shown) + (f", ... ({hidden} more)" if hidden else "")
 
 
 # Python arguments whose command-line flag has another name.
