@@ -67,7 +67,8 @@ def cell_type_representations(
     ``representations``
         DataFrame, types x latent dimensions.
     ``distances``
-        DataFrame, types x types, distances under ``metric``.
+        ``(n_types, n_types)`` array of distances under ``metric``, types in the order of ``representations``' rows
+        (an array, not a table: type names such as ``"Megakaryocyte/Platelet"`` cannot be keys of an h5ad file).
     ``n_cells``
         DataFrame of cells per type.
     ``params``
@@ -102,7 +103,7 @@ def cell_type_representations(
     counts = pd.Series(labels).value_counts()
     package_uns(adata)[key_added] = {
         "representations": table,
-        "distances": pd.DataFrame(distances, index=table.index.astype(str), columns=table.index.astype(str)),
+        "distances": distances,
         "n_cells": pd.DataFrame({"n_cells": [int(counts[name]) for name in table.index]}, index=table.index),
         "params": {
             "labels_key": model.setup_args["labels_key"] if labels_key is None else labels_key,
