@@ -276,6 +276,11 @@ def test_flagged_cells_are_grouped_with_markers(cellbench_model, cellbench_split
     assert (members == CELLBENCH_NOVEL_LINE).mean() > 0.8
     assert len(described[largest]["markers"]) == 5
     assert set(described[largest]["markers"]) <= set(query.var_names)
+    # Markers are genes the group expresses more widely than the known cells do.
+    detected = query[:, described[largest]["markers"]].X > 0
+    in_group = (groups == largest).to_numpy()
+    known = ~query.obs["cellular_novel"].to_numpy()
+    assert (np.asarray(detected[in_group].mean(0)) > np.asarray(detected[known].mean(0))).all()
 
 
 def test_annotate_writes_documented_slots_only(symphony_model, symphony_split):
