@@ -544,3 +544,30 @@ def test_train_with_label_levels_and_the_gene_grid_encoder(cli, tmp_path):
     code, _, err = run("map", cli.query, "-m", model, "-o", tmp_path / "mapped.h5ad", "--quiet")
     assert code == 0, err
     assert "cellular_cell_type_hierarchical" in ad.read_h5ad(tmp_path / "mapped.h5ad").obs
+
+
+def test_train_under_the_package_lineage_map(cli, tmp_path):
+    model = tmp_path / "lineage"
+    options = ["--labels-key", "cell_type", "--batch-key", "batch", "--lineage-map", "pbmc", "--n-top-genes", "300"]
+    code, out, err = run("train", cli.reference, *options, "-o", model, *TRAINING)
+    assert code == 0, err
+    assert "under the 'pbmc' lineage map" in out
+    loaded = CELLULAR.load(model)
+    levels = loaded.label_hierarchy.level_names
+    assert len(levels) >= 2 and levels == [f"level_{depth}" for depth in range(len(levels))]
+    out_path = tmp_path / "annotated.h5ad"
+    code, _, err = run("annotate", cli.query, "-m", model, "-o", out_path, "--quiet")
+    assert code == 0, err
+    annotated = ad.read_h5ad(out_path)
+    parents = cellular.data.lineage_map("pbmc")
+
+    def lineage(label):
+        chain = [label]
+        while chain[-1] in parents:
+            chain.append(parents[chain[-1]])
+        return chain
+
+    finest, coarser = (annotated.obs[f"cellular_label_{level}"].astype(str) for level in (levels[-1], levels[-2]))
+    typed = finest.isin(loaded.cell_types)
+    assert typed.mean() > 0.5  # the levels never contradict: the coarser label lies on the finest one's lineage
+    assert all(parent in lineage(child) for child, parent in zip(finest[typed], coarser[typed], strict=True))

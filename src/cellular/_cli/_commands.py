@@ -105,6 +105,7 @@ def train(args: argparse.Namespace) -> int:
         f"cellular train: {adata.n_obs} cells x {adata.n_vars} genes from {', '.join(map(str, reference))}; "
         f"{len(model.cell_types)} cell types in obs[{labels_key!r}]"
         + (f" ({n_unlabelled} cells {args.unlabeled_category!r}, unlabelled)" if n_unlabelled else "")
+        + (f", under the {args.lineage_map!r} lineage map" if args.lineage_map is not None else "")
         + (f", {model.n_batches} batches in obs[{args.batch_key!r}]" if args.batch_key else ""),
     )
     say(
