@@ -484,11 +484,14 @@ def test_query_without_model_genes_is_refused(symphony_model, symphony_split):
             call(renamed, symphony_model)
 
 
-def test_tune_classifier_searches_and_retrains(symphony_model):
-    pytest.importorskip("optuna")
+def test_tune_classifier_searches_and_retrains(symphony_model, capsys):
+    optuna = pytest.importorskip("optuna")
     before = symphony_model.classifier_params_
+    verbosity = optuna.logging.get_verbosity()
     try:
         best = symphony_model.tune_classifier(n_trials=2, max_epochs=5)
+        assert "2/2" in capsys.readouterr().err  # the progress bar over the trials
+        assert optuna.logging.get_verbosity() == verbosity  # the caller's optuna logging is left as it was
         assert set(best) == {"hidden_sizes", "dropout_rate", "lr"}
         assert symphony_model.classifier_summary_["tuning"]["n_trials"] == 2
         assert symphony_model.classifier_params_["hidden_sizes"] == best["hidden_sizes"]

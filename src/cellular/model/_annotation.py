@@ -183,6 +183,7 @@ class AnnotationMixin:
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
         seed: int | None = None,
+        progress_bar: bool = True,
         **fixed,
     ) -> dict:
         """Search the classifier's layer sizes, learning rate and dropout with optuna, then train the best.
@@ -201,6 +202,9 @@ class AnnotationMixin:
             Where to embed and train.
         seed
             Seed of the sampler and of every trial.
+        progress_bar
+            Show optuna's progress bar over the trials (on stderr); each trial trains a head, so a search of 20
+            trials takes minutes on a CPU.
         **fixed
             Other :meth:`train_classifier` arguments, held fixed during the search.
 
@@ -255,9 +259,13 @@ class AnnotationMixin:
             )
             return fit.stopping_loss
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
-        study.optimize(objective, n_trials=n_trials, timeout=timeout)
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would bury the progress bar
+        try:
+            study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+            study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=progress_bar)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         best = {
             "hidden_sizes": [int(study.best_params["hidden_1"]), int(study.best_params["hidden_2"])],
             "dropout_rate": float(study.best_params["dropout_rate"]),
