@@ -5,7 +5,6 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
 from cellular.data import read_expression
@@ -216,10 +215,7 @@ def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size,
         clusters = np.zeros(flagged.size, dtype=int)
     else:
         cells = ad.AnnData(obsm={"X_cellular": z[flagged]}, obs=pd.DataFrame(index=adata.obs_names[flagged]))
-        # Gaussian connectivities: the UMAP ones compile numba kernels first, several seconds in every new process.
-        sc.pp.neighbors(
-            cells, n_neighbors=min(15, flagged.size - 1), use_rep="X_cellular", method="gauss", random_state=0
-        )
+        sc.pp.neighbors(cells, n_neighbors=min(15, flagged.size - 1), use_rep="X_cellular", random_state=0)
         sc.tl.leiden(cells, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=0)
         clusters = cells.obs["leiden"].astype(int).to_numpy()
     names[flagged] = [f"novel_{c}" for c in clusters]
@@ -236,17 +232,12 @@ def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size,
     )
     labels = pd.Categorical(np.where(flags, names, "known"), categories=[*categories, "known"])
     rows = marker_cells(labels.codes, MARKER_CELLS_PER_GROUP)
-    values = sp.csr_matrix(expression.normalized_rows(rows))
-    testable = [c for c in categories if (labels == c).sum() >= 2]
-    # A gene no cell of a tested group expresses cannot rank among its markers (cells over-expressing it); the
-    # Wilcoxon test, the slow step, skips those genes.
-    in_groups = np.isin(np.asarray(labels[rows]), testable)
-    expressed = np.flatnonzero(values[in_groups].getnnz(axis=0) > 0)
     markers_data = ad.AnnData(
-        X=values[:, expressed], obs=pd.DataFrame({"group": labels[rows]}, index=adata.obs_names[rows])
+        X=expression.normalized_rows(rows), obs=pd.DataFrame({"group": labels[rows]}, index=adata.obs_names[rows])
     )
-    markers_data.var_names = [genes[i] for i in expressed]
+    markers_data.var_names = genes
     reference = "known" if (~flags).any() else "rest"
+    testable = [c for c in categories if (labels == c).sum() >= 2]
     summary = {}
     if testable:
         sc.tl.rank_genes_groups(markers_data, "group", groups=testable, reference=reference, method="wilcoxon")
