@@ -141,12 +141,7 @@ def serve_query(
         )
     embedded = model.embed_query(adata, min_gene_overlap=min_gene_overlap, **reading, with_gene_logits=gene_logits)
     _warn_missing(alignment, share, path)
-    calibration = None
-    if not present.all():
-        calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
-        record["panel_calibrated"] = calibration is not None
-        if calibration is not None:
-            record["panel_calibration"] = dict(calibration.summary)
+    calibration = _panel_calibration(model, present, index, transfer, record)
     return ServedQuery(model, embedded.z, record, index, calibration, embedded.hidden, embedded.gene_logits)
 
 
@@ -164,18 +159,28 @@ def _stored_query(model, adata, z, record, path, present, index, transfer, readi
             "use_rep=None to embed the cells with the refitted model, or panel='direct' to use the stored embedding."
         )
     record["panel_path"] = "stored"
-    hidden = logits = calibration = None
+    hidden = logits = None
     if novelty or gene_logits:
         embedded = model.embed_query(
             adata, min_gene_overlap=0.0, **reading, with_hidden=novelty, with_gene_logits=gene_logits
         )
         hidden, logits = embedded.hidden, embedded.gene_logits
-    if not present.all():
-        calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
-        record["panel_calibrated"] = calibration is not None
-        if calibration is not None:
-            record["panel_calibration"] = dict(calibration.summary)
+    calibration = _panel_calibration(model, present, index, transfer, record)
     return ServedQuery(model, z, record, index, calibration, hidden, logits)
+
+
+def _panel_calibration(model, present, index, transfer, record):
+    """The model's calibration under the query's gene panel, recorded in ``record``.
+
+    ``None`` when the query measures every model gene, or when the model cannot calibrate.
+    """
+    if present.all():
+        return None
+    calibration = model.calibrate_for_panel(present, index=index, **(transfer or {}))
+    record["panel_calibrated"] = calibration is not None
+    if calibration is not None:
+        record["panel_calibration"] = dict(calibration.summary)
+    return calibration
 
 
 def _warn_missing(alignment, share: float, path: str) -> None:
