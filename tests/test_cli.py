@@ -571,3 +571,12 @@ def test_train_under_the_package_lineage_map(cli, tmp_path):
     typed = finest.isin(loaded.cell_types)
     assert typed.mean() > 0.5  # the levels never contradict: the coarser label lies on the finest one's lineage
     assert all(parent in lineage(child) for child, parent in zip(finest[typed], coarser[typed], strict=True))
+
+
+def test_label_counts_always_show_the_unknown_label():
+    from cellular._cli._common import counts_line
+
+    labels = pd.Series([f"type {i}" for i in range(14) for _ in range(20 - i)] + ["Unknown"] * 3)
+    line = counts_line(labels, always="Unknown")
+    assert line.startswith("type 0 20, type 1 19") and line.endswith("type 10 10, Unknown 3, ... (3 more)")
+    assert "Unknown" not in counts_line(labels) and counts_line(labels).endswith("... (3 more)")

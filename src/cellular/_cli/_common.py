@@ -241,11 +241,11 @@ def counts_line(labels, limit: int = 12, always: str | None = None) -> str:
 
     ``always`` (the unknown label) is shown even when it falls beyond ``limit``.
     """
-    counts = labels.value_counts()
-    pairs = [(name, int(count)) for name, count in counts.items() if count > 0]
+    pairs = [(name, int(count)) for name, count in labels.value_counts().items() if count > 0]
     shown = pairs[:limit]
-    if always is not None and always not in dict(shown) and always in dict(pairs):
-        shown = shown[: limit - 1] + [(always, dict(pairs)[always])]
+    beyond = [pair for pair in pairs[limit:] if pair[0] == always]
+    if beyond:
+        shown = shown[: limit - 1] + beyond
     hidden = len(pairs) - len(shown)
     return ", ".join(f"{name} {count}" for name, count in shown) + (f", ... ({hidden} more)" if hidden else "")
 

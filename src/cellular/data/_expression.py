@@ -96,11 +96,11 @@ def check_expression_values(matrix, *, counts: bool | None, where: str = "adata.
     for values in _value_blocks(matrix):
         if values.size == 0:
             continue
-        finite = np.isfinite(values)
-        n_bad += int(values.size - finite.sum())
-        if finite.any():
-            minimum, maximum = min(minimum, float(values[finite].min())), max(maximum, float(values[finite].max()))
-        non_integer = non_integer or (counts and not np.array_equal(values[finite], np.round(values[finite])))
+        kept = values[np.isfinite(values)]
+        n_bad += int(values.size - kept.size)
+        if kept.size:
+            minimum, maximum = min(minimum, float(kept.min())), max(maximum, float(kept.max()))
+        non_integer = non_integer or (counts and not np.array_equal(kept, np.round(kept)))
     if n_bad:
         raise ValueError(
             f"{where} contains {n_bad} NaN or infinite values. Remove or repair those cells/genes "

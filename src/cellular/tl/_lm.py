@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from anndata import AnnData
 
-from cellular.data._expression import check_expression_values, get_matrix
+from cellular.data._expression import check_expression_values, get_matrix, matrix_name
 from cellular.lm import CellSentenceEncoder, sentences_from_top_genes, top_genes
 from cellular.lm._encoder import _obs_sentences
 
@@ -71,7 +71,7 @@ def cell_sentences(
     if missing:
         raise KeyError(f"obs_keys {missing} are not columns of adata.obs (columns: {list(adata.obs.columns)}).")
     matrix = get_matrix(adata, layer)
-    check_expression_values(matrix, counts=None, where="adata.X" if layer is None else f"adata.layers[{layer!r}]")
+    check_expression_values(matrix, counts=None, where=matrix_name(layer))
     names = adata.var_names.astype(str).to_numpy()
     columns = None
     if mask_var == "auto":
