@@ -585,6 +585,17 @@ def case_index_arrays(ctx):
     cellular.ReferenceIndex.load(path)
 
 
+def case_index_level_names(ctx):
+    path = _saved_index(ctx)
+    metadata = json.loads((path / "index.json").read_text())
+    metadata["format_version"] = 1
+    for key in ("files", "arrays", "metadata_sha256"):
+        del metadata[key]
+    metadata["level_names"] = ["cell_type", "cell_type"]
+    (path / "index.json").write_text(json.dumps(metadata))
+    cellular.ReferenceIndex.load(path)
+
+
 def case_gene_name_case(ctx):
     query = _query(ctx.symphony)
     query.var_names = query.var_names.str.lower()

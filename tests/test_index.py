@@ -1,5 +1,7 @@
 """ReferenceIndex, exact kNN and label transfer, checked against naive implementations."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -285,3 +287,17 @@ def test_save_load_round_trip_is_exact(tmp_path, backend, monkeypatch):
     # Nothing in the folder needs pickle.
     with np.load(tmp_path / "index" / "arrays.npz", allow_pickle=False) as stored:
         assert all(stored[name].dtype != object for name in stored.files)
+
+
+def test_label_levels_survive_a_metadata_file_rewritten_with_sorted_keys(tmp_path):
+    """The metadata checksum reads keys sorted, so a tool that sorts them (``jq -S``) must not swap the levels."""
+    reference, types = _clustered(300)
+    labels = pd.DataFrame({"type": np.array(list("abcd"))[types], "lineage": np.array(list("xxyy"))[types]})
+    index = cellular.ReferenceIndex.from_embedding(reference, labels, backend="exact", device="cpu")
+    index.save(tmp_path / "index")
+    metadata_path = tmp_path / "index" / "index.json"
+    metadata_path.write_text(json.dumps(json.loads(metadata_path.read_text()), indent=1, sort_keys=True))
+    loaded = cellular.ReferenceIndex.load(tmp_path / "index")
+    assert loaded.label_levels == ["type", "lineage"]
+    for level in ("type", "lineage"):
+        np.testing.assert_array_equal(np.asarray(loaded.labels[level]), np.asarray(index.labels[level]))

@@ -79,6 +79,7 @@ _SCHEMA = {
         "model_fingerprint": {"anyOf": [SHA256, {"type": "null"}]},
         "calibration_source": {"enum": list(CALIBRATION_SOURCES)},
         "levels": {"type": "object", "additionalProperties": {**STRINGS, "minItems": 1}},
+        "level_names": STRINGS,
         "files": {
             "type": "object",
             "required": [_ARRAYS_FILE],
@@ -89,6 +90,15 @@ _SCHEMA = {
         METADATA_CHECKSUM: SHA256,
     },
 }
+
+
+def level_order(metadata: dict, path: Path) -> list[str]:
+    """The label levels in the order their codes were saved: ``level_names`` when recorded (files written before it
+    existed keep the order of ``levels`` as written)."""
+    names = metadata.get("level_names", list(metadata["levels"]))
+    if len(set(names)) != len(names) or set(names) != set(metadata["levels"]):
+        raise damaged(path, f"level_names {names} does not name each label level {list(metadata['levels'])} once", _FIX)
+    return names
 
 
 class ReferenceIndexIOMixin:
@@ -125,6 +135,8 @@ class ReferenceIndexIOMixin:
             "model_fingerprint": self.model_fingerprint,
             "calibration_source": self.calibration_source,
             "levels": {name: [str(c) for c in values.categories] for name, values in self.labels.items()},
+            # The checksum reads the metadata with sorted keys, so the order of "levels" is not protected by it.
+            "level_names": list(self.labels),
         }
         arrays = {
             "embedding": self.embedding,
@@ -195,10 +207,11 @@ class ReferenceIndexIOMixin:
             unchecked_versions=(_UNCHECKED_VERSION,),
         )
         arrays = _read_arrays(dir_path / _ARRAYS_FILE, metadata["arrays"] if checked else None)
-        _check_arrays(arrays, metadata, dir_path / _ARRAYS_FILE)
+        levels = level_order(metadata, metadata_path)
+        _check_arrays(arrays, metadata, levels, dir_path / _ARRAYS_FILE)
         labels = {
-            name: pd.Categorical.from_codes(arrays[f"label_codes_{position}"], categories=categories)
-            for position, (name, categories) in enumerate(metadata["levels"].items())
+            name: pd.Categorical.from_codes(arrays[f"label_codes_{position}"], categories=metadata["levels"][name])
+            for position, name in enumerate(levels)
         }
         graph = None
         if "graph_indices" in arrays:
@@ -254,7 +267,7 @@ def _read_arrays(path: Path, recorded: dict | None) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _check_arrays(arrays: dict[str, np.ndarray], metadata: dict, path: Path) -> None:
+def _check_arrays(arrays: dict[str, np.ndarray], metadata: dict, levels: list[str], path: Path) -> None:
     """Shapes, dtypes and ranges that tie the arrays to each other and to the metadata."""
     expected = {"embedding", "cell_names", "calibration"}
     if metadata.get("calibration_source", REFERENCE_CELLS) != REFERENCE_CELLS:
@@ -289,7 +302,8 @@ def _check_arrays(arrays: dict[str, np.ndarray], metadata: dict, path: Path) -> 
             or calibration.shape[0] != cells.shape[0]
         ):
             raise damaged(path, "the held-out calibration cells do not fit the embedding and their distances", _FIX)
-    for position, (name, categories) in enumerate(metadata["levels"].items()):
+    for position, name in enumerate(levels):
+        categories = metadata["levels"][name]
         codes = arrays[f"label_codes_{position}"]
         if (
             codes.shape != (n_cells,)
