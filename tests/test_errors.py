@@ -800,6 +800,24 @@ def case_unsafe_encoder_files(ctx):
     CellSentenceEncoder.load(path)
 
 
+def case_encoder_folder_in_use(ctx):
+    from cellular.lm import CellSentenceEncoder
+
+    path = ctx.tmp_path / "analysis"
+    path.mkdir()
+    (path / "notes.txt").write_text("the user's own file")
+    try:
+        CellSentenceEncoder.pretrained(device="cpu").save(path, overwrite=True)
+    finally:
+        assert (path / "notes.txt").read_text() == "the user's own file"
+
+
+def case_encoder_exists(ctx):
+    from cellular.lm import CellSentenceEncoder
+
+    CellSentenceEncoder.pretrained(device="cpu").save(_saved_encoder(ctx))
+
+
 def case_encoder_module_types(ctx):
     from cellular.lm import CellSentenceEncoder
 

@@ -105,11 +105,20 @@ class CellSentenceEncoder:
         )
 
     def save(self, dir_path: str | Path, overwrite: bool = False) -> None:
-        """Write the encoder to a folder: safetensors weights, JSON configuration, tokenizer files and a manifest."""
+        """Write the encoder to a folder: safetensors weights, JSON configuration, tokenizer files and a manifest.
+
+        ``overwrite=True`` replaces an encoder saved in ``dir_path`` (the whole folder); a folder holding other files
+        is never cleared.
+        """
         dir_path = Path(dir_path)
         if dir_path.exists() and any(dir_path.iterdir()):
+            if not (dir_path / _MANIFEST).is_file():
+                raise FileExistsError(
+                    f"{dir_path} holds files but no saved sentence encoder, and saving would replace the whole "
+                    f"folder; save the encoder into a new or empty folder."
+                )
             if not overwrite:
-                raise FileExistsError(f"{dir_path} is not empty; pass overwrite=True to replace it.")
+                raise FileExistsError(f"{dir_path} already holds a sentence encoder; pass overwrite=True to replace it.")
             shutil.rmtree(dir_path)
         self.model.save(str(dir_path), create_model_card=False, safe_serialization=True)
         weights_sha256 = file_sha256(dir_path / _WEIGHTS)
