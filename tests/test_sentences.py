@@ -126,6 +126,16 @@ def test_label_pairs_come_in_blocks_of_distinct_types_across_batches():
     assert np.mean(batches[pairs.first] != batches[pairs.second]) > 0.95
 
 
+def test_label_pairs_never_pair_a_cell_with_itself_when_a_type_is_in_one_batch():
+    labels = np.array(["a"] * 6 + ["b"] * 2)
+    batches = np.array(["b1", "b2"] * 3 + ["b1", "b1"])
+    pairs = label_pairs(labels, n_pairs=400, block_size=2, batches=batches, seed=0)
+    assert np.all(pairs.first != pairs.second)
+    assert np.all(labels[pairs.first] == labels[pairs.second])
+    across = batches[pairs.first] != batches[pairs.second]
+    assert across[labels[pairs.first] == "a"].all() and not across[labels[pairs.first] == "b"].any()
+
+
 def test_pca_pairs_targets_are_cosines_and_zero_across_groups():
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(200, 5)).astype(np.float32)

@@ -95,15 +95,17 @@ def label_pairs(
     keys = rng.random((n_blocks, usable.size))
     type_of_pair = usable[np.argsort(keys, axis=1)[:, :block_size]].ravel()[:n_pairs]
     anchors = _draw_from(codes_known, type_of_pair, rng)
-    partners = _draw_from(codes_known, type_of_pair, rng)
-    batch_codes = None if batches is None else _codes(np.asarray(batches, dtype=object)[known])[0]
-    for _ in range(16):
-        redraw = partners == anchors
-        if batch_codes is not None:
-            redraw |= batch_codes[partners] == batch_codes[anchors]
-        if not redraw.any():
-            break
-        partners[redraw] = _draw_from(codes_known, type_of_pair[redraw], rng)
+    partners = _draw_other(codes_known, type_of_pair, anchors, rng)
+    if batches is not None:
+        batch_codes = _codes(np.asarray(batches, dtype=object)[known])[0]
+        # Only a type found in two or more batches can pair across batches.
+        type_batch = np.unique(np.stack([codes_known, batch_codes]), axis=1)
+        spans_batches = np.bincount(type_batch[0], minlength=types.size) >= 2
+        for _ in range(16):
+            redraw = (batch_codes[partners] == batch_codes[anchors]) & spans_batches[type_of_pair]
+            if not redraw.any():
+                break
+            partners[redraw] = _draw_other(codes_known, type_of_pair[redraw], anchors[redraw], rng)
     return SentencePairs(known[anchors], known[partners], np.ones(type_of_pair.size), block_size=block_size)
 
 
@@ -114,6 +116,19 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
 def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     types, codes = np.unique(values.astype(str), return_inverse=True)
     return codes.astype(np.int64), types
+
+
+def _draw_other(codes: np.ndarray, wanted: np.ndarray, cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each wanted type code, a uniformly random position of a cell with that code other than ``cells`` (each of
+    that type; the type must have two or more cells)."""
+    order = np.argsort(codes, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    counts = np.bincount(codes, minlength=int(wanted.max(initial=0)) + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    offsets = np.floor(rng.random(wanted.size) * (counts[wanted] - 1)).astype(np.int64)
+    offsets += offsets >= rank[cells] - starts[wanted]
+    return order[starts[wanted] + offsets]
 
 
 def _draw_from(codes: np.ndarray, wanted: np.ndarray, rng: np.random.Generator) -> np.ndarray:
