@@ -859,6 +859,24 @@ def case_tree_untrusted_types(ctx):
     TreeAnnotator.load(path)
 
 
+def case_tree_count_shares(ctx):
+    from cellular.trees import TreeAnnotator
+
+    path = ctx.tmp_path / "trees"
+    TreeAnnotator(n_estimators=5, n_top_genes=100).fit(_counts(ctx.symphony), "cell_type").save(path, overwrite=True)
+    manifest_path = next(path.glob("*.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["features"]["gene_count_fractions"] = manifest["features"]["gene_count_fractions"][:-1]
+    manifest_path.write_text(json.dumps(manifest))
+    TreeAnnotator.load(path)
+
+
+def case_tree_n_top_genes(ctx):
+    from cellular.trees import TreeAnnotator
+
+    TreeAnnotator(n_estimators=5, n_top_genes=10.7).fit(_counts(ctx.symphony), "cell_type")
+
+
 def case_marker_min_cells(ctx):
     cellular.tl.marker_importances(_counts(ctx.symphony), "cell_type", min_cells=10_000)
 

@@ -74,6 +74,35 @@ def test_genes_are_matched_by_name(split, forest):
     np.testing.assert_array_equal(forest.predict_proba(test), forest.predict_proba(shuffled))
 
 
+def test_a_query_lacking_genes_is_read_on_the_training_scale(split, forest):
+    """Libraries of a query measuring half of the genes are scaled by the share of counts those genes carry."""
+    import copy
+    import dataclasses
+
+    train, test = split
+    genes = np.asarray(forest.features_.genes)
+    kept_genes = set(genes[np.random.default_rng(0).choice(genes.size, genes.size // 2, replace=False)])
+    kept = np.flatnonzero(np.isin(genes, list(kept_genes)))
+
+    def lacking(adata):
+        return adata[:, [gene for gene in adata.var_names if gene not in set(genes) or gene in kept_genes]].copy()
+
+    naive = dataclasses.replace(forest.features_, gene_count_fractions=None)
+    cells = train[:1000]
+    full_mean = forest.features_.transform(cells)[:, kept].mean()
+    rescaled_mean = forest.features_.transform(lacking(cells), min_gene_overlap=0.3)[:, kept].mean()
+    unscaled_mean = naive.transform(lacking(cells), min_gene_overlap=0.3)[:, kept].mean()
+    assert abs(rescaled_mean - full_mean) < 0.02 * full_mean
+    assert unscaled_mean > 1.2 * full_mean
+    known, _, codes = _known(forest, test)
+    query = lacking(test)
+    accuracy = (forest.predict_proba(query, min_gene_overlap=0.3)[known].argmax(1) == codes).mean()
+    naive_forest = copy.copy(forest)
+    naive_forest.features_ = naive
+    naive_accuracy = (naive_forest.predict_proba(query, min_gene_overlap=0.3)[known].argmax(1) == codes).mean()
+    assert accuracy > naive_accuracy
+
+
 @pytest.mark.parametrize("method", ["random_forest", "hist_gradient_boosting"])
 def test_save_load_gives_identical_probabilities_without_pickle(split, tmp_path, monkeypatch, method):
     train, test = split

@@ -6,6 +6,7 @@ from ._expression import (
     NormalizedExpression,
     align_genes,
     check_expression_values,
+    mean_count_shares,
     read_expression,
 )
 from ._features import GeneFeatures
@@ -46,6 +47,7 @@ __all__ = [
     "grid_neighbour_correlation",
     "grid_side",
     "lineage_map",
+    "mean_count_shares",
     "n_epoch_minibatches",
     "pbmc68k_reduced_lognorm",
     "read_collection",

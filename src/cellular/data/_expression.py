@@ -552,3 +552,11 @@ def read_expression(
         logger.info("The genes present carry %.1f%% of reference counts; libraries are rescaled.", 100 * present_share)
         sizes = sizes / max(present_share, 1e-12)
     return NormalizedExpression(selected, target_sum / sizes), alignment
+
+
+def mean_count_shares(expression) -> np.ndarray:
+    """Mean over cells of each gene's share of the cell's counts (``expression`` read with ``target_sum=1``)."""
+    totals = np.zeros(expression.matrix.shape[1])
+    for start, stop, block in expression.stored_chunks():
+        totals += np.asarray((sp.diags(expression.size_factors[start:stop]) @ block).sum(axis=0)).reshape(-1)
+    return totals / max(expression.n_cells, 1)

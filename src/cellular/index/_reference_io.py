@@ -93,8 +93,10 @@ _SCHEMA = {
 
 
 def level_order(metadata: dict, path: Path) -> list[str]:
-    """The label levels in the order their codes were saved: ``level_names`` when recorded (files written before it
-    existed keep the order of ``levels`` as written)."""
+    """The label levels in the order their codes were saved.
+
+    That is ``level_names`` when recorded; files written before it existed keep the order of ``levels`` as written.
+    """
     names = metadata.get("level_names", list(metadata["levels"]))
     if len(set(names)) != len(names) or set(names) != set(metadata["levels"]):
         raise damaged(path, f"level_names {names} does not name each label level {list(metadata['levels'])} once", _FIX)

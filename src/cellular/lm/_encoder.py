@@ -118,7 +118,9 @@ class CellSentenceEncoder:
                     f"folder; save the encoder into a new or empty folder."
                 )
             if not overwrite:
-                raise FileExistsError(f"{dir_path} already holds a sentence encoder; pass overwrite=True to replace it.")
+                raise FileExistsError(
+                    f"{dir_path} already holds a sentence encoder; pass overwrite=True to replace it."
+                )
             shutil.rmtree(dir_path)
         self.model.save(str(dir_path), create_model_card=False, safe_serialization=True)
         weights_sha256 = file_sha256(dir_path / _WEIGHTS)

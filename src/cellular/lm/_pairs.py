@@ -119,8 +119,10 @@ def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _draw_other(codes: np.ndarray, wanted: np.ndarray, cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """For each wanted type code, a uniformly random position of a cell with that code other than ``cells`` (each of
-    that type; the type must have two or more cells)."""
+    """For each wanted type code, a uniformly random position of a cell with that code other than ``cells``.
+
+    Each of ``cells`` is of its wanted type, and each wanted type has two or more cells.
+    """
     order = np.argsort(codes, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)

@@ -6,7 +6,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
@@ -14,7 +13,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from cellular.data import LabelHierarchy, read_expression
+from cellular.data import LabelHierarchy, mean_count_shares, read_expression
 from cellular.data._expression import get_matrix
 from cellular.data._layout import GENE_LAYOUTS, LAYOUT_SAMPLE_CELLS, gene_grid_layout
 from cellular.data._moments import BatchMoments
@@ -235,7 +234,7 @@ class CELLULAR(
             inverse_library = expression.size_factors
             if target_sum is None:
                 target_sum = float(np.median(1.0 / inverse_library))
-            self.gene_count_fractions = _mean_count_shares(expression)
+            self.gene_count_fractions = mean_count_shares(expression)
             expression.size_factors = inverse_library * target_sum
         self.target_sum: float | None = target_sum
         self.reference_index_: ReferenceIndex | None = None
@@ -491,11 +490,3 @@ def _layout(expression, genes: list[str], method: str, seed: int) -> np.ndarray:
     n_sample = min(expression.n_cells, LAYOUT_SAMPLE_CELLS)
     sample = np.sort(rng.choice(expression.n_cells, n_sample, replace=False))
     return gene_grid_layout(genes, "coexpression", expression.rows(sample), seed=seed)
-
-
-def _mean_count_shares(expression) -> np.ndarray:
-    """Mean over cells of each gene's share of the cell's counts (``expression`` read with ``target_sum=1``)."""
-    totals = np.zeros(expression.matrix.shape[1])
-    for start, stop, block in expression.stored_chunks():
-        totals += np.asarray((sp.diags(expression.size_factors[start:stop]) @ block).sum(axis=0)).reshape(-1)
-    return totals / max(expression.n_cells, 1)
