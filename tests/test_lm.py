@@ -130,6 +130,19 @@ def test_supervised_fine_tuning_beats_zero_shot_on_a_held_out_technology(zero_sh
     assert len(losses) == 1 and encoder.fine_tuning[0]["variant"] == "labels"
 
 
+def test_an_unsaved_fine_tuned_encoder_records_no_weights_hash(sentences, tmp_path):
+    cells = sentences[:20].copy()
+    tuned = CellSentenceEncoder.pretrained(device="cpu")
+    tuned.fine_tune(sentences[:64].copy(), n_pairs=16, batch_size=16, n_pcs=5, seed=0)
+    assert tuned.weights_sha256 is None
+    cellular.tl.lm_embed(cells, encoder=tuned)
+    assert cells.uns["cellular"]["X_cellama"]["params"]["weights_sha256"] is None
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    tuned.save(tmp_path / "encoder")
+    assert tuned.weights_sha256 == CellSentenceEncoder.load(tmp_path / "encoder", device="cpu").weights_sha256
+    assert tuned.weights_sha256 != weights.WEIGHTS_SHA256
+
+
 def test_fine_tuned_encoder_saves_and_loads_without_pickle(fine_tuned, sentences, tmp_path):
     encoder, _ = fine_tuned
     encoder.save(tmp_path / "encoder")

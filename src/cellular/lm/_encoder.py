@@ -58,12 +58,13 @@ class CellSentenceEncoder:
     model
         A ``sentence_transformers.SentenceTransformer``.
     weights_sha256
-        SHA-256 of the weights the model was loaded from.
+        SHA-256 of the weights the model was loaded from; ``None`` once fine-tuned, until :meth:`save` writes the
+        weights and records theirs.
     fine_tuning
         Record of the fine-tuning rounds applied so far.
     """
 
-    def __init__(self, model, *, weights_sha256: str, fine_tuning: list[dict] | None = None):
+    def __init__(self, model, *, weights_sha256: str | None, fine_tuning: list[dict] | None = None):
         self.model = model
         self.weights_sha256 = weights_sha256
         self.fine_tuning = list(fine_tuning or [])
@@ -357,6 +358,7 @@ class CellSentenceEncoder:
                 epoch_losses.append(total / len(pairs))
             self.model.eval()
         bar.close()
+        self.weights_sha256 = None  # the weights in memory are no longer the ones hashed
         self.fine_tuning.append(
             {
                 "n_pairs": len(pairs),

@@ -146,7 +146,8 @@ def lm_embed(
     ``adata.obsm[key_added]``
         ``(n_cells, n_dims)`` unit-length float32 embedding.
     ``adata.uns['cellular'][key_added]``
-        ``params`` (sentence key, encoder state, weights' SHA-256).
+        ``params`` (sentence key, encoder state, weights' SHA-256: ``None`` for an encoder fine-tuned since it was
+        last saved or loaded).
     """
     sentences = _obs_sentences(adata, sentence_key)
     if encoder is None:
