@@ -89,7 +89,7 @@ def lm_rows(adata: ad.AnnData, seed: int, done: set) -> list[dict]:
         encoder.fine_tune(
             train,
             labels_key="cell_type" if variant == "supervised" else None,
-            batch_key="batch",
+            batch_key="batch" if variant == "supervised" else None,
             n_pairs=N_PAIRS,
             seed=seed,
         )

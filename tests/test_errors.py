@@ -818,6 +818,14 @@ def case_encoder_exists(ctx):
     CellSentenceEncoder.pretrained(device="cpu").save(_saved_encoder(ctx))
 
 
+def case_fine_tune_variant_option(ctx):
+    from cellular.lm import CellSentenceEncoder
+
+    cells = _query(ctx.symphony)[:40].copy()
+    cellular.tl.cell_sentences(cells)
+    CellSentenceEncoder.pretrained(device="cpu").fine_tune(cells, batch_key="batch", n_pairs=8)
+
+
 def case_encoder_module_types(ctx):
     from cellular.lm import CellSentenceEncoder
 

@@ -225,6 +225,13 @@ class CellSentenceEncoder:
         Mean loss per epoch.
         """
         sentences = _obs_sentences(adata, sentence_key)
+        ignored = ("groups_key", groups_key, "the PCA variant (without labels_key)")
+        if labels_key is None:
+            ignored = ("batch_key", batch_key, "the supervised variant (with labels_key)")
+        if ignored[1] is not None:
+            raise ValueError(
+                f"{ignored[0]}={ignored[1]!r} applies to {ignored[2]} only; drop it, or choose that variant."
+            )
         if labels_key is not None:
             for key in (labels_key, batch_key):
                 if key is not None and key not in adata.obs:
