@@ -889,6 +889,12 @@ def case_marker_min_cells(ctx):
     cellular.tl.marker_importances(_counts(ctx.symphony), "cell_type", min_cells=10_000)
 
 
+def case_marker_plot_no_types(ctx):
+    adata = _counts(ctx.symphony)[:400].copy()
+    cellular.tl.marker_importances(adata, "cell_type", n_estimators=5, n_permutation_genes=2, n_repeats=1, min_cells=5)
+    cellular.pl.marker_importances(adata, cell_types=[], show=False)
+
+
 def _grid_model_copy(ctx):
     adata = _counts(ctx.symphony)
     CELLULAR.setup_anndata(adata, labels_key="cell_type")

@@ -67,6 +67,8 @@ def marker_importances(
     markers, scores = record["markers"], record["scores"]
     available = list(scores.index)
     cell_types = available if cell_types is None else list(cell_types)
+    if not cell_types:
+        raise ValueError(f"{function}: cell_types is empty; pass some of {available}, or None for every type.")
     unknown = [cell_type for cell_type in cell_types if cell_type not in available]
     if unknown:
         raise KeyError(f"{function}: no markers for {unknown}; available types: {available}.")
