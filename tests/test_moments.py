@@ -186,6 +186,19 @@ def test_small_query_batches_are_pooled_or_left_alone(symphony_model, symphony_s
     assert expression.standardization.codes[0] == len(model.batches)
 
 
+def test_a_small_batch_is_matched_alike_beside_a_large_one(symphony_model, symphony_split):
+    """Each query batch's composition sample holds its own cells, however large the batches beside it."""
+    _, test = symphony_split
+    large = ad.concat([test] * 20, index_unique="-")
+    large.obs["batch"] = "large"
+    small = test[:40].copy()
+    small.obs["batch"] = "small"
+    together = ad.concat([large, small], index_unique="-")
+    alone = symphony_model.get_latent_representation(small)
+    beside = symphony_model.get_latent_representation(together)[large.n_obs :]
+    np.testing.assert_allclose(beside, alone, atol=1e-5)
+
+
 def test_saved_moments_round_trip_and_enter_the_fingerprint(symphony_model, symphony_split, tmp_path):
     model = symphony_model
     _, test = symphony_split

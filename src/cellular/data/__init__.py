@@ -21,7 +21,13 @@ from ._hierarchies import (
 )
 from ._layout import GENE_LAYOUTS, gene_grid_layout, grid_neighbour_correlation, grid_side
 from ._moments import BatchMoments, BatchStandardization
-from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
+from ._sampling import (
+    epoch_minibatches,
+    n_epoch_minibatches,
+    rows_per_group,
+    sequential_minibatches,
+    stratified_split,
+)
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "read_collection",
     "read_expression",
     "read_shared_dataset",
+    "rows_per_group",
     "sequential_minibatches",
     "stratified_split",
     "synthetic_counts",

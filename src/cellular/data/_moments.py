@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._sampling import sequential_minibatches
+from ._sampling import rows_per_group, sequential_minibatches
 
 logger = logging.getLogger(__name__)
 
@@ -262,9 +262,8 @@ class BatchMoments:
         scale, offset = self._affine_for(means, stds, compositions, present)
         if not n_groups or classify is None:
             return BatchStandardization(codes, scale, offset)
-        rows = np.flatnonzero(codes >= n_stored)
-        if rows.size > COMPOSITION_SAMPLE_CELLS:
-            rows = np.sort(np.random.default_rng(0).choice(rows, COMPOSITION_SAMPLE_CELLS, replace=False))
+        # Each query group is sampled on its own: a small batch beside a large one keeps its cells in the sample.
+        rows = rows_per_group(np.where(codes >= n_stored, codes, -1), COMPOSITION_SAMPLE_CELLS)
         sample = expression.subset(rows)
         groups = codes[rows] - n_stored
 

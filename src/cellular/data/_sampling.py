@@ -84,3 +84,20 @@ def n_epoch_minibatches(n_cells: int, batch_size: int) -> int:
 def sequential_minibatches(n_cells: int, batch_size: int) -> list[np.ndarray]:
     """Consecutive minibatches covering ``range(n_cells)`` in order (for inference)."""
     return [np.arange(start, min(start + batch_size, n_cells)) for start in range(0, n_cells, batch_size)]
+
+
+def rows_per_group(codes: np.ndarray, per_group: int, seed: int = 0) -> np.ndarray:
+    """Sorted rows holding every group's cells, or ``per_group`` of them drawn at random where a group has more.
+
+    ``codes`` gives each cell's group; cells with a negative code are left out.
+    """
+    codes = np.asarray(codes)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(codes, kind="stable")
+    groups, starts = np.unique(codes[order], return_index=True)
+    chosen = []
+    for group, members in zip(groups, np.split(order, starts[1:]), strict=True):
+        if group < 0:
+            continue
+        chosen.append(members if members.size <= per_group else rng.choice(members, per_group, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)

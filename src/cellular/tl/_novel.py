@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from cellular.data import read_expression
+from cellular.data import read_expression, rows_per_group
 from cellular.metrics import benjamini_hochberg
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
@@ -194,16 +194,6 @@ MARKER_CELLS_PER_GROUP = 5_000
 the ranking reads only those rows, so its memory is bounded whatever the size of the query."""
 
 
-def marker_cells(codes: np.ndarray, per_group: int, seed: int = 0) -> np.ndarray:
-    """Sorted rows holding every group's cells, or ``per_group`` of them drawn at random where a group has more."""
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for code in np.unique(codes):
-        members = np.flatnonzero(codes == code)
-        chosen.append(members if members.size <= per_group else rng.choice(members, per_group, replace=False))
-    return np.sort(np.concatenate(chosen))
-
-
 def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size, n_markers, layer, log_normalized):
     import scanpy as sc
 
@@ -231,7 +221,7 @@ def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size,
         adata, genes, layer=layer, log_normalized=log_normalized, target_sum=model.target_sum or 1e4
     )
     labels = pd.Categorical(np.where(flags, names, "known"), categories=[*categories, "known"])
-    rows = marker_cells(labels.codes, MARKER_CELLS_PER_GROUP)
+    rows = rows_per_group(labels.codes, MARKER_CELLS_PER_GROUP)
     markers_data = ad.AnnData(
         X=expression.normalized_rows(rows), obs=pd.DataFrame({"group": labels[rows]}, index=adata.obs_names[rows])
     )
