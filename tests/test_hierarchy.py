@@ -103,6 +103,27 @@ def test_consistency_penalty_is_zero_for_consistent_probabilities_and_positive_o
     np.testing.assert_allclose(consistency_penalty(independent, hierarchy.nodes, PBMC), 0.2)
 
 
+def test_a_type_that_is_also_a_parent_keeps_the_cells_it_is_likeliest_for():
+    """A reference labelled at mixed depth: ``T cell`` is a type and the parent of two others."""
+    types = ["T cell", "CD4 T cell", "CD8 T cell", "B cell"]
+    hierarchy = LabelHierarchy(PBMC, types)
+    probabilities = np.array(
+        [
+            [0.60, 0.20, 0.10, 0.10],  # the coarse type itself
+            [0.20, 0.50, 0.20, 0.10],  # a subtype
+            [0.30, 0.30, 0.30, 0.10],  # a tie stays at the type
+            [0.10, 0.10, 0.10, 0.70],
+            [0.00, 0.40, 0.40, 0.20],  # a type without mass descends
+        ]
+    )
+    prediction = hierarchy.predict(probabilities, threshold=0.5)
+    finest = [types[code] for code in prediction.finest]
+    assert finest == ["T cell", "CD4 T cell", "T cell", "B cell", "CD4 T cell"]
+    for path in prediction.path:
+        names = [hierarchy.nodes[code] for code in path]
+        assert all(a == b or PBMC.get(b) == a for a, b in zip(names[:-1], names[1:], strict=True)), names
+
+
 def test_predictions_follow_one_path_and_back_off_to_the_parent(ambiguous):
     model, train, query = ambiguous
     hierarchy = model.label_hierarchy

@@ -137,32 +137,43 @@ class LabelHierarchy:
             if node in parents and parents[node] in node_index:
                 self.children[node_index[parents[node]], node_index[node]] = True
         self.roots = np.array([node not in parents for node in self.nodes])
+        self.type_nodes = np.array([node_index[t] for t in types], dtype=np.int64)
+        self.is_type = np.isin(np.arange(len(self.nodes)), self.type_nodes)
 
     def node_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         """``(n_cells, n_nodes)`` probabilities of every node from ``(n_cells, n_types)`` type probabilities."""
         return np.asarray(probabilities, dtype=np.float64) @ self.ancestry
 
-    def top_down(self, node_probabilities: np.ndarray) -> np.ndarray:
+    def top_down(self, probabilities: np.ndarray) -> np.ndarray:
         """``(n_cells, n_levels)`` node codes of the top-down path: the likeliest root, then the likeliest child.
 
-        Consistent by construction: each level's label is the parent (in the map) of the next level's, or the same
-        label where a type has no deeper level.
+        A node that is itself a type (a reference labelled at mixed depth: ``T cell`` beside ``CD4 T cell``) keeps its
+        cells where the type alone is at least as probable as each of its children. Consistent by construction: each
+        level's label is the parent (in the map) of the next level's, or the same label where the path stops.
         """
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        node_probabilities = self.node_probabilities(probabilities)
         n_cells = node_probabilities.shape[0]
+        own = np.zeros_like(node_probabilities)
+        own[:, self.type_nodes] = probabilities
+        cells = np.arange(n_cells)
         current = np.where(self.roots[None, :], node_probabilities, -np.inf).argmax(axis=1)
         path = np.empty((n_cells, self.n_levels), dtype=np.int64)
         path[:, 0] = current
         for depth in range(1, self.n_levels):
             candidates = self.children[current]
             scores = np.where(candidates, node_probabilities, -np.inf)
-            current = np.where(candidates.any(axis=1), scores.argmax(axis=1), current)
+            best = scores.argmax(axis=1)
+            stay = self.is_type[current] & (own[cells, current] >= scores[cells, best])
+            descend = candidates.any(axis=1) & ~stay
+            current = np.where(descend, best, current)
             path[:, depth] = current
         return path
 
     def predict(self, probabilities: np.ndarray, threshold: float) -> HierarchicalPrediction:
         """Consistent labels at every level and the deepest confident one, from type probabilities."""
         nodes = self.node_probabilities(probabilities)
-        path = self.top_down(nodes)
+        path = self.top_down(probabilities)
         deepest = self.deepest_confident(nodes, path, threshold)
         confidence = np.where(deepest >= 0, nodes[np.arange(nodes.shape[0]), np.maximum(deepest, 0)], nodes.max(1))
         type_of_node = {node: i for i, node in enumerate(self.types)}
