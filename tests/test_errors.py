@@ -144,6 +144,12 @@ def case_empty(ctx):
     CELLULAR.setup_anndata(_counts(ctx.symphony)[:0].copy(), labels_key="cell_type")
 
 
+def case_duplicated_cell_names(ctx):
+    adata = _counts(ctx.symphony)[:50].copy()
+    adata.obs_names = [*adata.obs_names[:-1], adata.obs_names[0]]
+    CELLULAR.setup_anndata(adata, labels_key="cell_type")
+
+
 def case_nan_values(ctx):
     ctx.model.get_latent_representation(_mutated_query(ctx, _set_nan))
 
@@ -594,6 +600,13 @@ def case_index_level_names(ctx):
     metadata["level_names"] = ["cell_type", "cell_type"]
     (path / "index.json").write_text(json.dumps(metadata))
     cellular.ReferenceIndex.load(path)
+
+
+def case_join_other_index(ctx):
+    query = _query(ctx.symphony)[:100].copy()
+    cellular.tl.cellular_map(query, ctx.model, cellular.ReferenceIndex.build(ctx.model, _counts(ctx.symphony)))
+    other = _quick_model(ctx)
+    cellular.tl.join_reference_query(query, cellular.ReferenceIndex.build(other, _counts(ctx.symphony)))
 
 
 def case_gene_name_case(ctx):

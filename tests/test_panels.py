@@ -356,6 +356,31 @@ def test_refit_leaves_out_reference_cells_without_counts_over_the_panel(symphony
     assert (query.obs["cellular_cell_type"].astype(str).to_numpy()[known] == truth[known]).mean() > 0.8
 
 
+def test_a_refitted_query_names_rows_of_the_given_index_and_joins_only_its_own(symphony_model, symphony_split):
+    """Neighbour rows follow the given index even where the refit dropped reference cells; the refitted embedding
+    joins only the refitted index, and a later index's levels and metric are honoured."""
+    model = symphony_model
+    train, _ = symphony_split
+    counts = train[:, model.genes].X
+    genes = [g for g, value in zip(model.genes, np.asarray(counts[0].todense()).ravel(), strict=True) if value == 0]
+    query = train[:, genes].copy()
+    query = query[np.asarray(query.X.sum(axis=1)).ravel() > 0][:200].copy()
+    index = cellular.ReferenceIndex.build(model, train)
+    cellular.tl.cellular_map(query, model, index, panel="refit")
+    params = query.uns["cellular"]["cellular_map"]["params"]
+    assert params["panel_path"] == "refit" and params["n_reference_cells"] < index.n_cells
+    nearest = np.asarray(index.cell_names)[query.obsm["cellular_neighbor_indices"][:, 0]]
+    assert (nearest == query.obs_names.to_numpy()).mean() > 0.95  # training cells find themselves
+    with pytest.raises(ValueError, match="refitted on its genes"):
+        cellular.tl.join_reference_query(query, index)
+    refitted_index = model.restrict_to_genes(query).reference_index_
+    joint = cellular.tl.join_reference_query(query, refitted_index)
+    assert joint.n_obs == refitted_index.n_cells + query.n_obs
+    euclidean = cellular.ReferenceIndex.build(model, train, metric="euclidean")
+    cellular.tl.cellular_map(query, model, euclidean, panel="refit")
+    assert query.uns["cellular"]["cellular_map"]["params"]["metric"] == "euclidean"
+
+
 def test_refit_rejects_unreadable_query_values_before_training(symphony_model, symphony_split):
     """A query the model cannot read (here fractional values read as counts) is refused before the refit trains."""
     model = symphony_model

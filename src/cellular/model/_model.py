@@ -357,6 +357,12 @@ class CELLULAR(
                 f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); CELLULAR needs labelled cells "
                 "with expressed genes. Check the filtering or subsetting that produced it."
             )
+        if not adata.obs_names.is_unique:
+            duplicated = adata.obs_names[adata.obs_names.duplicated()].unique()
+            raise ValueError(
+                f"adata.obs_names holds {len(duplicated)} duplicated cell names (e.g. {list(duplicated[:3])}); the model "
+                "names the cells it indexes and calibrates on. Make them unique first: adata.obs_names_make_unique()."
+            )
         labels_key, label_hierarchy, label_levels = _label_levels(
             adata, labels_key, label_hierarchy, label_levels, str(unlabeled_category)
         )

@@ -242,8 +242,13 @@ def _check_reindexable(model: CELLULAR, index: ReferenceIndex) -> None:
 
 
 def _restricted_index(restricted: CELLULAR, model: CELLULAR, index: ReferenceIndex) -> ReferenceIndex:
-    """The reference index rebuilt with a refitted model (built once, then kept by the refitted model)."""
-    if restricted.reference_index_ is None:
+    """The reference index rebuilt with a refitted model, with ``index``'s label levels and search settings.
+
+    Built once and kept by the refitted model, and built again when a later query asks for other levels or settings.
+    """
+    kept = restricted.reference_index_
+    settings = (index.label_levels, index.unlabeled_category, index.backend, index.metric)
+    if kept is None or (kept.label_levels, kept.unlabeled_category, kept.backend, kept.metric) != settings:
         restricted.build_reference_index(
             restricted.adata,  # the model's training data, less cells without counts over a narrow panel
             label_keys=index.label_levels,

@@ -133,7 +133,8 @@ def cellular_map(
         cells; for a query missing some of the model's genes and served by the model itself, on the held-out cells
         read under the query's panel. ``params['distance_calibration']`` records which.
     ``adata.obsm[key_added + '_neighbor_indices']``, ``adata.obsm[key_added + '_neighbor_distances']``
-        ``(n_cells, k)`` reference row numbers (order of ``index.cell_names``) and distances, nearest first.
+        ``(n_cells, k)`` reference row numbers (order of ``index.cell_names``, also where a refitted model served
+        the query) and distances, nearest first.
     ``adata.obs[key_added + '_' + L + '_' + level]``, ``adata.obs[key_added + '_' + L + '_hierarchical']``
         For the model's labels level ``L`` when the model has a label hierarchy: the labels of each hierarchy level
         from the vote shares summed up the hierarchy (one consistent top-down path), and the deepest of them with a
@@ -173,6 +174,7 @@ def cellular_map(
             gene_logits=gene_classifier_weight > 0,
             progress_bar=progress_bar,
         )
+    requested_index = index
     z, index = served.z, served.index
     vote_temperatures = None if served.calibration is None else served.calibration.vote_temperatures
     reference_distances, distance_calibration = None, index.calibration_source
@@ -219,7 +221,7 @@ def cellular_map(
         )
     adata.obs[f"{key_added}_distance"] = transfer.mean_distance.astype(np.float32)
     adata.obs[f"{key_added}_distance_pvalue"] = transfer.distance_pvalue.astype(np.float32)
-    adata.obsm[f"{key_added}_neighbor_indices"] = transfer.indices
+    adata.obsm[f"{key_added}_neighbor_indices"] = _rows_of(requested_index, index, transfer.indices)
     adata.obsm[f"{key_added}_neighbor_distances"] = transfer.distances
     if reference_distances is None:
         reference_distances = index.reference_mean_distances(k)
@@ -235,6 +237,7 @@ def cellular_map(
             "metric": index.metric,
             "backend": index.backend,
             "n_reference_cells": int(index.n_cells),
+            "index_fingerprint": index.model_fingerprint,
             "distance_calibration": distance_calibration,
             "vote_temperatures": dict(vote_temperatures or {}),
             "gene_classifier_weight": float(next(iter(evidence.values())).weight) if evidence else 0.0,
@@ -251,6 +254,19 @@ def cellular_map(
         ),
     }
     return adata if copy else None
+
+
+def _rows_of(requested: ReferenceIndex, served: ReferenceIndex, rows: np.ndarray) -> np.ndarray:
+    """Rows of the ``served`` index as rows of the ``requested`` one.
+
+    A refitted model's index holds the requested index's cells, less any without counts over the query's genes.
+    """
+    if served is requested:
+        return rows
+    positions = pd.Index(np.asarray(requested.cell_names, dtype=str)).get_indexer(
+        np.asarray(served.cell_names, dtype=str)
+    )
+    return positions[rows]
 
 
 def _requested_weight(model: CELLULAR | None, weight: float | None) -> float:
@@ -395,6 +411,17 @@ def join_reference_query(
         )
     if adata.obsm[embedding_key].shape[1] != index.n_latent:
         raise ValueError(f"adata.obsm[{embedding_key!r}] does not match the index's {index.n_latent} dimensions.")
+    mapped_onto = record["params"].get("index_fingerprint")
+    if mapped_onto is not None and index.model_fingerprint is not None and mapped_onto != index.model_fingerprint:
+        if record["params"].get("panel_path") == "refit":
+            why = "the query lacks some of the model's genes and was mapped by a model refitted on its genes"
+            how = " (model.restrict_to_genes(adata).reference_index_)"
+        else:
+            why, how = "it was mapped onto an index built with another model", ""
+        raise ValueError(
+            f"adata.obsm[{embedding_key!r}] is not in this index's embedding: {why}. Join it with the index it was "
+            f"mapped onto{how}, or map it again onto this index."
+        )
     reference_rows = np.arange(index.n_cells)
     if max_reference_cells is not None and max_reference_cells < index.n_cells:
         rng = np.random.default_rng(seed)
