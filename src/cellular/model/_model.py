@@ -360,8 +360,9 @@ class CELLULAR(
         if not adata.obs_names.is_unique:
             duplicated = adata.obs_names[adata.obs_names.duplicated()].unique()
             raise ValueError(
-                f"adata.obs_names holds {len(duplicated)} duplicated cell names (e.g. {list(duplicated[:3])}); the model "
-                "names the cells it indexes and calibrates on. Make them unique first: adata.obs_names_make_unique()."
+                f"adata.obs_names holds {len(duplicated)} duplicated cell names (e.g. {list(duplicated[:3])}); the "
+                "model names the cells it indexes and calibrates on. Make them unique first: "
+                "adata.obs_names_make_unique()."
             )
         labels_key, label_hierarchy, label_levels = _label_levels(
             adata, labels_key, label_hierarchy, label_levels, str(unlabeled_category)
