@@ -96,7 +96,8 @@ def test_every_tl_function_gives_the_same_result_on_a_backed_query(models, files
         cellular.tl.cellular_annotate(query, model, panel=panel)
         cellular.tl.novel_types(query, model, key_added="novel", panel=panel)
         cellular.tl.cellular_map(query, model, index, key_added="mapped", panel=panel)
-        joined = cellular.tl.join_reference_query(query, index, key_added="mapped")
+        served = model.restrict_to_genes(query).reference_index_ if panel == "refit" else index
+        joined = cellular.tl.join_reference_query(query, served, key_added="mapped")
         results[mode] = (query.obs.copy(), {k: np.asarray(v) for k, v in query.obsm.items()}, joined)
     assert _digest(files[name]) == digest
     if panel == "refit":
@@ -108,6 +109,23 @@ def test_every_tl_function_gives_the_same_result_on_a_backed_query(models, files
         np.testing.assert_array_equal(obsm_m[key], obsm_b[key], err_msg=key)
     np.testing.assert_array_equal(joined_m.obsm["X_mapped"], joined_b.obsm["X_mapped"])
     model.reference_index_ = None
+
+
+def test_a_backed_reference_refits_without_its_cells_lacking_counts(models, files):
+    """The refit leaves out reference cells without counts over the query's genes; a backed reference is read into
+    memory for it (its subset cannot be copied without a file)."""
+    model = models["backed"]
+    train = ad.read_h5ad(files["train"])
+    counts = train[:, model.genes].X
+    genes = [g for g, value in zip(model.genes, np.asarray(counts[0].todense()).ravel(), strict=True) if value == 0]
+    empty = np.asarray(train[:, genes].X.sum(axis=1)).ravel() == 0
+    assert empty[0] and not empty.all()
+    query = _query(files, "memory")[:, genes].copy()
+    query = query[np.asarray(query.X.sum(axis=1)).ravel() > 0].copy()
+    cellular.tl.cellular_map(query, model, cellular.ReferenceIndex.build(model, model.adata), panel="refit")
+    params = query.uns["cellular"]["cellular_map"]["params"]
+    assert params["panel_path"] == "refit" and params["n_reference_cells"] == train.n_obs - int(empty.sum())
+    assert model.adata.isbacked
 
 
 def test_cli_reads_backed_files(models, files, tmp_path):

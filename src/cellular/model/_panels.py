@@ -349,7 +349,9 @@ class PanelMixin:
             measured.size,
             len(genes),
         )
-        reference = self.adata[measured].copy()
+        # A backed file's subset cannot be copied without a new file; its cells are read into memory instead.
+        subset = self.adata[measured]
+        reference = subset.to_memory() if self.adata.isbacked else subset.copy()
         type(self).setup_anndata(reference, **setup)
         return reference
 
