@@ -3,6 +3,7 @@
 import builtins
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1090,6 +1091,16 @@ def case_collection_no_shared_genes(ctx):
     renamed = ad.read_h5ad(second)
     renamed.var_names = [f"other-{name}" for name in renamed.var_names]
     renamed.write_h5ad(second)
+    cellular.data.read_collection([first, second])
+
+
+def case_collection_duplicate_genes(ctx):
+    first, second = _query_files(ctx)
+    renamed = ad.read_h5ad(second)
+    renamed.var_names = [*renamed.var_names[:-1], renamed.var_names[0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata warns about the duplicated names it writes
+        renamed.write_h5ad(second)
     cellular.data.read_collection([first, second])
 
 

@@ -126,6 +126,14 @@ def _members(files) -> list[_Member]:
         members.append(_Member(path, obs, var, obs.shape[0]))
     if not members:
         raise ValueError("read_collection needs at least one h5ad file.")
+    for member in members:
+        if member.var.index.has_duplicates:
+            duplicated = member.var.index[member.var.index.duplicated()].unique()[:5].tolist()
+            raise ValueError(
+                f"File {str(member.path)!r} of the collection has duplicated gene names (e.g. {duplicated}); make them "
+                "unique in that file (anndata.AnnData.var_names_make_unique, then write it again) before reading the "
+                "files together."
+            )
     return members
 
 
