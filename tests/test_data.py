@@ -126,3 +126,38 @@ def test_synthetic_counts_shape_types_and_sparsity():
     assert np.array_equal(values, np.round(values)) and values.min() > 0
     same = synthetic_counts(3000, 500, n_types=5, n_batches=3, seed=1)
     assert (same.X != adata.X).nnz == 0
+
+
+@pytest.mark.parametrize("order", ["model", "reversed"])
+def test_a_gene_stored_as_several_entries_reads_as_their_sum(symphony, order):
+    """A CSR matrix with duplicate entries (each count split in two) reads like its canonical form, in either gene
+    order, and stays as the user stored it."""
+    cells = symphony[:200]
+    canonical = sp.csr_matrix(cells.X, dtype=np.float32)
+    halves = np.floor(canonical.data / 2)
+    rows = np.repeat(np.arange(canonical.shape[0]), np.diff(canonical.indptr))
+    split = sp.coo_matrix(
+        (np.concatenate([halves, canonical.data - halves]), (np.tile(rows, 2), np.tile(canonical.indices, 2))),
+        shape=canonical.shape,
+    )
+    order_of_entries = np.lexsort((split.col, split.row))
+    duplicated = sp.csr_matrix(
+        (
+            split.data[order_of_entries],
+            split.col[order_of_entries],
+            np.r_[0, np.cumsum(np.bincount(split.row, minlength=canonical.shape[0]))],
+        ),
+        shape=canonical.shape,
+    )
+    assert not duplicated.has_canonical_format and np.array_equal(duplicated.toarray(), canonical.toarray())
+    stored = duplicated.data.copy()
+    genes = list(cells.var_names)
+    genes = genes if order == "model" else genes[::-1]
+    read = {}
+    for name, matrix in (("canonical", canonical), ("duplicated", duplicated)):
+        adata = AnnData(matrix)
+        adata.var_names = cells.var_names
+        expression, _ = read_expression(adata, genes, layer=None, log_normalized=False, target_sum=1e4)
+        read[name] = expression.rows(np.arange(adata.n_obs))
+    np.testing.assert_allclose(read["duplicated"], read["canonical"], rtol=1e-6)
+    assert np.array_equal(duplicated.data, stored) and not duplicated.has_canonical_format

@@ -349,6 +349,10 @@ def select_columns(matrix, alignment: GeneAlignment) -> sp.csr_matrix | BackedCo
     """Cells x model genes CSR matrix: reordered columns, zeros for missing genes (lazy for a backed matrix)."""
     if is_backed(matrix):
         return BackedColumns(matrix, alignment)
+    if sp.issparse(matrix) and matrix.format in ("csr", "csc") and not matrix.has_canonical_format:
+        # A gene stored as several entries of one cell is their sum (normalising entry by entry would not be).
+        matrix = matrix.copy()
+        matrix.sum_duplicates()
     n_source = matrix.shape[1]
     if n_source == alignment.n_genes and np.array_equal(alignment.source_index, np.arange(n_source)):
         if sp.isspmatrix_csr(matrix) and matrix.dtype == np.float32:
