@@ -161,3 +161,18 @@ def test_a_gene_stored_as_several_entries_reads_as_their_sum(symphony, order):
         read[name] = expression.rows(np.arange(adata.n_obs))
     np.testing.assert_allclose(read["duplicated"], read["canonical"], rtol=1e-6)
     assert np.array_equal(duplicated.data, stored) and not duplicated.has_canonical_format
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [([30, 28_000], [30, 1_970]), ([10_000, 10_000], [1_000, 1_000]), ([500] * 20, [200] * 20), ([1_500], [1_500])],
+)
+def test_a_shared_sample_gives_each_group_its_share(sizes, expected):
+    from cellular.data import shared_sample
+
+    codes = np.repeat(np.arange(len(sizes)), sizes)
+    codes = np.concatenate([codes, np.full(50, -1)])  # cells left out
+    rows = shared_sample(np.random.default_rng(0).permutation(codes), 2_000, 200)
+    assert np.all(np.diff(rows) > 0)
+    shuffled = np.random.default_rng(0).permutation(codes)
+    np.testing.assert_array_equal(np.bincount(shuffled[rows], minlength=len(sizes)), expected)

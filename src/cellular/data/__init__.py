@@ -26,6 +26,7 @@ from ._sampling import (
     n_epoch_minibatches,
     rows_per_group,
     sequential_minibatches,
+    shared_sample,
     stratified_split,
 )
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
@@ -61,6 +62,7 @@ __all__ = [
     "read_shared_dataset",
     "rows_per_group",
     "sequential_minibatches",
+    "shared_sample",
     "stratified_split",
     "synthetic_counts",
     "synthetic_embedding",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._sampling import rows_per_group, sequential_minibatches
+from ._sampling import sequential_minibatches, shared_sample
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ MIN_BATCH_CELLS = 30
 # Rounds of re-estimating a query batch's composition from the model's predictions, and the cells they classify.
 COMPOSITION_ROUNDS = 4
 COMPOSITION_SAMPLE_CELLS = 2_000
+# Cells of each query group in that sample at least (all of a smaller group), however many groups share it.
+MIN_COMPOSITION_CELLS = 200
 # A candidate map is plausible for a batch when the reference explains (does not flag) at most this share of its cells
 # fewer than under the best candidate; a batch is read with the mean of its plausible maps.
 PLAUSIBLE_SHARE_GAP = 0.2
@@ -199,9 +201,10 @@ class BatchMoments:
         Cells of a training batch (by name) use that batch's stored moments and composition, so training cells are
         embedded as in training whatever else is embedded with them. Every other batch is matched with the moments
         of its own cells (one extra pass over the data). Without ``classify`` it is matched to the pooled reference
-        moments. With ``classify``, candidate maps are scored on a sample of up to
-        :data:`COMPOSITION_SAMPLE_CELLS` cells by the share of the batch's cells the reference explains (not
-        flagged novel): the batch left unmatched, matched to the pooled moments, then :data:`COMPOSITION_ROUNDS`
+        moments. With ``classify``, candidate maps are scored on a sample of about
+        :data:`COMPOSITION_SAMPLE_CELLS` cells shared fairly among the new batches (all of a batch smaller than its
+        share, at least :data:`MIN_COMPOSITION_CELLS` of each) by the share of the batch's cells the reference
+        explains (not flagged novel): the batch left unmatched, matched to the pooled moments, then :data:`COMPOSITION_ROUNDS`
         times matched to the reference moments of the composition its cells are predicted to have (with the
         batch's own moments taken over its cells of known types only; each round predicts under the map that so
         far explains the most cells). Each batch is read with the mean of the unmatched, pooled and final
@@ -262,8 +265,8 @@ class BatchMoments:
         scale, offset = self._affine_for(means, stds, compositions, present)
         if not n_groups or classify is None:
             return BatchStandardization(codes, scale, offset)
-        # Each query group is sampled on its own: a small batch beside a large one keeps its cells in the sample.
-        rows = rows_per_group(np.where(codes >= n_stored, codes, -1), COMPOSITION_SAMPLE_CELLS)
+        # The sample is shared among the query groups: a small batch beside a large one keeps its cells in it.
+        rows = shared_sample(np.where(codes >= n_stored, codes, -1), COMPOSITION_SAMPLE_CELLS, MIN_COMPOSITION_CELLS)
         sample = expression.subset(rows)
         groups = codes[rows] - n_stored
 

@@ -101,3 +101,31 @@ def rows_per_group(codes: np.ndarray, per_group: int, seed: int = 0) -> np.ndarr
             continue
         chosen.append(members if members.size <= per_group else rng.choice(members, per_group, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def shared_sample(codes: np.ndarray, total: int, min_per_group: int, seed: int = 0) -> np.ndarray:
+    """Sorted rows of a sample of about ``total`` cells shared fairly among groups.
+
+    Each group gets an equal share, a group smaller than its share all of its cells and its leftover going to the
+    others; every group gets at least ``min_per_group`` cells (or all it has), so the sample grows past ``total`` only
+    with the number of groups. ``codes`` gives each cell's group; cells with a negative code are left out.
+    """
+    codes = np.asarray(codes)
+    order = np.argsort(codes, kind="stable")
+    groups, starts = np.unique(codes[order], return_index=True)
+    members = [rows for group, rows in zip(groups, np.split(order, starts[1:]), strict=True) if group >= 0]
+    if not members:
+        return np.zeros(0, dtype=np.int64)
+    sizes = np.array([rows.size for rows in members])
+    quotas = np.zeros(sizes.size, dtype=np.int64)
+    budget, remaining = max(total, min_per_group * sizes.size), sizes.size
+    for group in np.argsort(sizes, kind="stable"):
+        quotas[group] = min(sizes[group], budget // remaining)
+        budget -= quotas[group]
+        remaining -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rows if rows.size <= quota else rng.choice(rows, quota, replace=False)
+        for rows, quota in zip(members, quotas, strict=True)
+    ]
+    return np.sort(np.concatenate(chosen))
