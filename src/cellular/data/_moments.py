@@ -204,8 +204,8 @@ class BatchMoments:
         moments. With ``classify``, candidate maps are scored on a sample of about
         :data:`COMPOSITION_SAMPLE_CELLS` cells shared fairly among the new batches (all of a batch smaller than its
         share, at least :data:`MIN_COMPOSITION_CELLS` of each) by the share of the batch's cells the reference
-        explains (not flagged novel): the batch left unmatched, matched to the pooled moments, then :data:`COMPOSITION_ROUNDS`
-        times matched to the reference moments of the composition its cells are predicted to have (with the
+        explains (not flagged novel): the batch left unmatched, matched to the pooled moments, then
+        :data:`COMPOSITION_ROUNDS` times matched to the reference moments of the composition its cells are predicted to have (with the
         batch's own moments taken over its cells of known types only; each round predicts under the map that so
         far explains the most cells). Each batch is read with the mean of the unmatched, pooled and final
         composition maps that explain nearly as many of its cells as the best of the three (within
