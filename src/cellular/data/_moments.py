@@ -199,19 +199,18 @@ class BatchMoments:
         """How to match the cells of ``expression`` to the reference.
 
         Cells of a training batch (by name) use that batch's stored moments and composition, so training cells are
-        embedded as in training whatever else is embedded with them. Every other batch is matched with the moments
-        of its own cells (one extra pass over the data). Without ``classify`` it is matched to the pooled reference
-        moments. With ``classify``, candidate maps are scored on a sample of about
-        :data:`COMPOSITION_SAMPLE_CELLS` cells shared fairly among the new batches (all of a batch smaller than its
-        share, at least :data:`MIN_COMPOSITION_CELLS` of each) by the share of the batch's cells the reference
-        explains (not flagged novel): the batch left unmatched, matched to the pooled moments, then
-        :data:`COMPOSITION_ROUNDS` times matched to the reference moments of the composition its cells are predicted to have (with the
-        batch's own moments taken over its cells of known types only; each round predicts under the map that so
-        far explains the most cells). Each batch is read with the mean of the unmatched, pooled and final
-        composition maps that explain nearly as many of its cells as the best of the three (within
-        :data:`PLAUSIBLE_SHARE_GAP`), so a batch of a few types, far from the reference's composition, is not
-        pushed off every type by the pooled map. Batches of fewer than :data:`MIN_BATCH_CELLS` cells
-        are matched together, and left as they are when all of them together are fewer.
+        embedded as in training whatever else is embedded with them. Every other batch is matched with the moments of
+        its own cells (one extra pass over the data). Without ``classify`` it is matched to the pooled reference
+        moments. With ``classify``, candidate maps are scored on a sample of about :data:`COMPOSITION_SAMPLE_CELLS`
+        cells shared fairly among the new batches (all of a batch smaller than its share, at least
+        :data:`MIN_COMPOSITION_CELLS` of each) by the share of the batch's cells the reference explains (not flagged
+        novel): the batch left unmatched, matched to the pooled moments, then :data:`COMPOSITION_ROUNDS` times matched
+        to the reference moments of the composition its cells are predicted to have (with the batch's own moments taken
+        over its cells of known types only; each round predicts under the map that so far explains the most cells). Each
+        batch is read with the mean of the unmatched, pooled and final composition maps that explain nearly as many of
+        its cells as the best of the three (within :data:`PLAUSIBLE_SHARE_GAP`), so a batch of a few types, far from the
+        reference's composition, is not pushed off every type by the pooled map. Batches of fewer than
+        :data:`MIN_BATCH_CELLS` cells are matched together, and left as they are when all of them together are fewer.
 
         Parameters
         ----------
