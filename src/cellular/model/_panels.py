@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -349,9 +353,14 @@ class PanelMixin:
             measured.size,
             len(genes),
         )
-        # A backed file's subset cannot be copied without a new file; its cells are read into memory instead.
         subset = self.adata[measured]
-        reference = subset.to_memory() if self.adata.isbacked else subset.copy()
+        if self.adata.isbacked:
+            # A backed reference stays on disk: its subset is written to a temporary file, removed with the subset.
+            folder = Path(tempfile.mkdtemp(prefix="cellular-refit-"))
+            reference = subset.copy(filename=folder / "reference.h5ad")
+            weakref.finalize(reference, shutil.rmtree, folder, ignore_errors=True)
+        else:
+            reference = subset.copy()
         type(self).setup_anndata(reference, **setup)
         return reference
 
