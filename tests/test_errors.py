@@ -578,13 +578,21 @@ def case_foreign_index(ctx):
     CELLULAR.load(path)
 
 
-def case_index_arrays(ctx):
-    path = _saved_index(ctx)
+def _unchecked_index(path, edit=None):
+    """The index saved in ``path`` relabelled as format 1 (written before checksums: only the index's own checks
+    stand guard), its metadata changed by ``edit``."""
     metadata = json.loads((path / "index.json").read_text())
     metadata["format_version"] = 1
     for key in ("files", "arrays", "metadata_sha256"):
         del metadata[key]
+    if edit is not None:
+        edit(metadata)
     (path / "index.json").write_text(json.dumps(metadata))
+    return path
+
+
+def case_index_arrays(ctx):
+    path = _unchecked_index(_saved_index(ctx))
     with np.load(path / "arrays.npz") as stored:
         arrays = {name: stored[name] for name in stored.files}
     arrays["label_codes_0"][0] = 99
@@ -593,14 +601,9 @@ def case_index_arrays(ctx):
 
 
 def case_index_level_names(ctx):
-    path = _saved_index(ctx)
-    metadata = json.loads((path / "index.json").read_text())
-    metadata["format_version"] = 1
-    for key in ("files", "arrays", "metadata_sha256"):
-        del metadata[key]
-    metadata["level_names"] = ["cell_type", "cell_type"]
-    (path / "index.json").write_text(json.dumps(metadata))
-    cellular.ReferenceIndex.load(path)
+    cellular.ReferenceIndex.load(
+        _unchecked_index(_saved_index(ctx), lambda metadata: metadata.update(level_names=["cell_type"] * 2))
+    )
 
 
 def case_join_other_index(ctx):
@@ -656,14 +659,7 @@ def case_hierarchical_f1_shapes(ctx):
 
 
 def case_invalid_index(ctx):
-    path = _saved_index(ctx)
-    metadata = json.loads((path / "index.json").read_text())
-    metadata["format_version"] = 1  # written before checksums: only the index's own checks stand guard
-    for key in ("files", "arrays", "metadata_sha256"):
-        del metadata[key]
-    metadata["n_neighbors"] = 0
-    (path / "index.json").write_text(json.dumps(metadata))
-    cellular.ReferenceIndex.load(path)
+    cellular.ReferenceIndex.load(_unchecked_index(_saved_index(ctx), lambda metadata: metadata.update(n_neighbors=0)))
 
 
 def case_hierarchy_cycle(ctx):
@@ -722,11 +718,7 @@ def case_legacy_index_in_model_folder(ctx):
     path = _saved_copy(ctx, "with_index")
     index_path = path / "reference_index"
     cellular.ReferenceIndex.build(ctx.model, _counts(ctx.symphony)).save(index_path, overwrite=True)
-    metadata = json.loads((index_path / "index.json").read_text())
-    metadata["format_version"] = 1
-    for key in ("files", "arrays", "metadata_sha256"):
-        del metadata[key]
-    (index_path / "index.json").write_text(json.dumps(metadata))
+    _unchecked_index(index_path)
     CELLULAR.load(path)
 
 
