@@ -91,16 +91,8 @@ def rows_per_group(codes: np.ndarray, per_group: int, seed: int = 0) -> np.ndarr
 
     ``codes`` gives each cell's group; cells with a negative code are left out.
     """
-    codes = np.asarray(codes)
-    rng = np.random.default_rng(seed)
-    order = np.argsort(codes, kind="stable")
-    groups, starts = np.unique(codes[order], return_index=True)
-    chosen = []
-    for group, members in zip(groups, np.split(order, starts[1:]), strict=True):
-        if group < 0:
-            continue
-        chosen.append(members if members.size <= per_group else rng.choice(members, per_group, replace=False))
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    members = _group_rows(codes)
+    return _draw_rows(members, [per_group] * len(members), seed)
 
 
 def shared_sample(codes: np.ndarray, total: int, min_per_group: int, seed: int = 0) -> np.ndarray:
@@ -110,22 +102,30 @@ def shared_sample(codes: np.ndarray, total: int, min_per_group: int, seed: int =
     others; every group gets at least ``min_per_group`` cells (or all it has), so the sample grows past ``total`` only
     with the number of groups. ``codes`` gives each cell's group; cells with a negative code are left out.
     """
-    codes = np.asarray(codes)
-    order = np.argsort(codes, kind="stable")
-    groups, starts = np.unique(codes[order], return_index=True)
-    members = [rows for group, rows in zip(groups, np.split(order, starts[1:]), strict=True) if group >= 0]
-    if not members:
-        return np.zeros(0, dtype=np.int64)
-    sizes = np.array([rows.size for rows in members])
+    members = _group_rows(codes)
+    sizes = np.array([rows.size for rows in members], dtype=np.int64)
     quotas = np.zeros(sizes.size, dtype=np.int64)
     budget, remaining = max(total, min_per_group * sizes.size), sizes.size
     for group in np.argsort(sizes, kind="stable"):
         quotas[group] = min(sizes[group], budget // remaining)
         budget -= quotas[group]
         remaining -= 1
+    return _draw_rows(members, quotas, seed)
+
+
+def _group_rows(codes: np.ndarray) -> list[np.ndarray]:
+    """The rows of each group (ascending), groups in code order; negative codes are left out."""
+    codes = np.asarray(codes)
+    order = np.argsort(codes, kind="stable")
+    groups, starts = np.unique(codes[order], return_index=True)
+    return [rows for group, rows in zip(groups, np.split(order, starts[1:]), strict=True) if group >= 0]
+
+
+def _draw_rows(members: list[np.ndarray], quotas, seed: int) -> np.ndarray:
+    """Sorted rows: each group's rows, or ``quota`` of them drawn at random where it has more."""
     rng = np.random.default_rng(seed)
     chosen = [
         rows if rows.size <= quota else rng.choice(rows, quota, replace=False)
         for rows, quota in zip(members, quotas, strict=True)
     ]
-    return np.sort(np.concatenate(chosen))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)

@@ -92,7 +92,7 @@ _SCHEMA = {
 }
 
 
-def level_order(metadata: dict, path: Path) -> list[str]:
+def _level_order(metadata: dict, path: Path) -> list[str]:
     """The label levels in the order their codes were saved.
 
     That is ``level_names`` when recorded; files written before it existed keep the order of ``levels`` as written.
@@ -209,7 +209,7 @@ class ReferenceIndexIOMixin:
             unchecked_versions=(_UNCHECKED_VERSION,),
         )
         arrays = _read_arrays(dir_path / _ARRAYS_FILE, metadata["arrays"] if checked else None)
-        levels = level_order(metadata, metadata_path)
+        levels = _level_order(metadata, metadata_path)
         _check_arrays(arrays, metadata, levels, dir_path / _ARRAYS_FILE)
         labels = {
             name: pd.Categorical.from_codes(arrays[f"label_codes_{position}"], categories=metadata["levels"][name])

@@ -225,13 +225,10 @@ class CellSentenceEncoder:
         Mean loss per epoch.
         """
         sentences = _obs_sentences(adata, sentence_key)
-        ignored = ("groups_key", groups_key, "the PCA variant (without labels_key)")
-        if labels_key is None:
-            ignored = ("batch_key", batch_key, "the supervised variant (with labels_key)")
-        if ignored[1] is not None:
-            raise ValueError(
-                f"{ignored[0]}={ignored[1]!r} applies to {ignored[2]} only; drop it, or choose that variant."
-            )
+        if labels_key is None and batch_key is not None:
+            _raise_other_variant("batch_key", batch_key, "the supervised variant (with labels_key)")
+        if labels_key is not None and groups_key is not None:
+            _raise_other_variant("groups_key", groups_key, "the PCA variant (without labels_key)")
         if labels_key is not None:
             for key in (labels_key, batch_key):
                 if key is not None and key not in adata.obs:
@@ -443,3 +440,7 @@ def _epoch_batches(n_pairs: int, batch_size: int, *, shuffle_pairs: bool, rng: n
         return [order[start : start + batch_size] for start in range(0, n_pairs, batch_size)]
     starts = rng.permutation(np.arange(0, n_pairs, batch_size))
     return [np.arange(start, min(start + batch_size, n_pairs)) for start in starts]
+
+
+def _raise_other_variant(name: str, value, variant: str):
+    raise ValueError(f"{name}={value!r} applies to {variant} only; drop it, or choose that variant.")
