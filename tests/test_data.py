@@ -168,7 +168,7 @@ def test_a_gene_stored_as_several_entries_reads_as_their_sum(symphony, order):
     [([30, 28_000], [30, 1_970]), ([10_000, 10_000], [1_000, 1_000]), ([500] * 20, [200] * 20), ([1_500], [1_500])],
 )
 def test_a_shared_sample_gives_each_group_its_share(sizes, expected):
-    from cellular.data import shared_sample
+    from cellular.data._sampling import shared_sample
 
     codes = np.repeat(np.arange(len(sizes)), sizes)
     codes = np.concatenate([codes, np.full(50, -1)])  # cells left out

@@ -6,7 +6,6 @@ from ._expression import (
     NormalizedExpression,
     align_genes,
     check_expression_values,
-    mean_count_shares,
     read_expression,
 )
 from ._features import GeneFeatures
@@ -21,14 +20,7 @@ from ._hierarchies import (
 )
 from ._layout import GENE_LAYOUTS, gene_grid_layout, grid_neighbour_correlation, grid_side
 from ._moments import BatchMoments, BatchStandardization
-from ._sampling import (
-    epoch_minibatches,
-    n_epoch_minibatches,
-    rows_per_group,
-    sequential_minibatches,
-    shared_sample,
-    stratified_split,
-)
+from ._sampling import epoch_minibatches, n_epoch_minibatches, sequential_minibatches, stratified_split
 from ._synthetic import synthetic_counts, synthetic_embedding, write_synthetic_h5ad
 
 __all__ = [
@@ -54,15 +46,12 @@ __all__ = [
     "grid_neighbour_correlation",
     "grid_side",
     "lineage_map",
-    "mean_count_shares",
     "n_epoch_minibatches",
     "pbmc68k_reduced_lognorm",
     "read_collection",
     "read_expression",
     "read_shared_dataset",
-    "rows_per_group",
     "sequential_minibatches",
-    "shared_sample",
     "stratified_split",
     "synthetic_counts",
     "synthetic_embedding",

@@ -13,8 +13,8 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from cellular.data import LabelHierarchy, mean_count_shares, read_expression
-from cellular.data._expression import get_matrix
+from cellular.data import LabelHierarchy, read_expression
+from cellular.data._expression import get_matrix, mean_count_shares
 from cellular.data._layout import GENE_LAYOUTS, LAYOUT_SAMPLE_CELLS, gene_grid_layout
 from cellular.data._moments import BatchMoments
 from cellular.index import ReferenceIndex

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from cellular.data import read_expression, rows_per_group
+from cellular.data import read_expression
+from cellular.data._sampling import rows_per_group
 from cellular.metrics import benjamini_hochberg
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
