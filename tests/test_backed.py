@@ -260,3 +260,34 @@ def test_backed_training_reads_windows_of_minibatches(files, monkeypatch):
     print(f"{len(reads)} reads of {sum(reads)} rows for {n_minibatches} training minibatches (+ validation)")
     assert 0 < len(reads) <= 2 * 3  # one training and one validation window per epoch
     np.testing.assert_array_equal(embeddings["memory"], embeddings["backed"])
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_backed_subset_is_written_chunk_by_chunk(tmp_path, monkeypatch, dense):
+    """The refit's subset of a backed reference: the same cells and slots as anndata's subset, written with memory
+    bound by the chunk rather than the subset."""
+    from cellular.data._backed import write_rows_backed
+
+    monkeypatch.setattr("cellular.data._backed.ROW_CHUNK", 4_000)
+    adata = cellular.data.synthetic_counts(30_000, 400, n_types=5, n_batches=2, seed=1)
+    if dense:
+        adata.X = adata.X.toarray()
+    adata.obsm["X_pca"] = np.random.default_rng(0).random((adata.n_obs, 3))
+    adata.uns["note"] = "kept"
+    adata.write_h5ad(tmp_path / "full.h5ad")
+    backed = ad.read_h5ad(tmp_path / "full.h5ad", backed="r")
+    rows = np.random.default_rng(1).random(adata.n_obs) < 0.9
+    tracemalloc.start()
+    subset = write_rows_backed(backed, rows, tmp_path / "subset.h5ad")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert subset.isbacked
+    expected = adata[rows].copy()
+    written = subset.to_memory()
+    pd.testing.assert_frame_equal(written.obs, expected.obs)
+    np.testing.assert_array_equal(written.obsm["X_pca"], expected.obsm["X_pca"])
+    assert written.uns["note"] == "kept"
+    difference = written.X - expected.X
+    assert not (difference.nnz if sp.issparse(difference) else np.count_nonzero(difference))
+    matrix_bytes = expected.X.data.nbytes + expected.X.indices.nbytes if not dense else expected.X.nbytes
+    assert peak < 0.5 * matrix_bytes, (peak, matrix_bytes)

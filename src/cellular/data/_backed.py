@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import anndata
 import h5py
 import numpy as np
 import scipy.sparse as sp
@@ -53,6 +55,49 @@ def read_rows(matrix, index: np.ndarray) -> sp.csr_matrix | np.ndarray:
     distinct, inverse = np.unique(index, return_inverse=True)
     rows = _in_memory(matrix[distinct])
     return rows if distinct.size == index.size and np.array_equal(distinct, index) else rows[inverse]
+
+
+def write_rows_backed(adata: anndata.AnnData, rows: np.ndarray, path: str | Path) -> anndata.AnnData:
+    """The cells ``rows`` (a boolean mask) of a backed ``adata`` written to ``path`` and opened backed.
+
+    ``X`` is copied :data:`ROW_CHUNK` cells at a time, so memory stays at one chunk (anndata's
+    ``copy(filename=...)`` holds the whole subset while writing); every other slot is subset as anndata does.
+    """
+    rows = np.asarray(rows, dtype=bool)
+    view = adata[rows]
+    shell = anndata.AnnData(
+        obs=view.obs,
+        var=view.var,
+        uns=dict(view.uns),
+        obsm=dict(view.obsm),
+        varm=dict(view.varm),
+        layers=dict(view.layers),
+        obsp=dict(view.obsp),
+        varp=dict(view.varp),
+    )
+    shell.write_h5ad(path)
+    matrix = adata.X
+    if matrix is None:
+        return anndata.read_h5ad(path, backed="r")
+    n_rows, n_genes = int(rows.sum()), matrix.shape[1]
+    with h5py.File(path, "r+") as file:
+        if isinstance(matrix, h5py.Dataset):
+            target = file.create_dataset("X", shape=(n_rows, n_genes), dtype=matrix.dtype)
+            target.attrs["encoding-type"], target.attrs["encoding-version"] = "array", "0.2.0"
+        else:
+            from anndata.io import sparse_dataset, write_elem
+
+            write_elem(file, "X", sp.csr_matrix((0, n_genes), dtype=matrix.dtype))
+            target = sparse_dataset(file["X"])
+        written = 0
+        for start, stop, block in row_chunks(matrix):
+            block = block[rows[start:stop]]
+            if isinstance(matrix, h5py.Dataset):
+                target[written : written + block.shape[0]] = block
+            elif block.shape[0]:
+                target.append(sp.csr_matrix(block))
+            written += block.shape[0]
+    return anndata.read_h5ad(path, backed="r")
 
 
 def _in_memory(block) -> sp.csr_matrix | np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from anndata import AnnData
 
 from cellular.data import align_genes
-from cellular.data._backed import read_rows
+from cellular.data._backed import read_rows, write_rows_backed
 from cellular.data._expression import get_matrix, library_sizes, select_columns
 from cellular.index import smoothed_vote_logits
 from cellular.metrics import expected_calibration_error
@@ -353,14 +353,13 @@ class PanelMixin:
             measured.size,
             len(genes),
         )
-        subset = self.adata[measured]
         if self.adata.isbacked:
             # A backed reference stays on disk: its subset is written to a temporary file, removed with the subset.
             folder = Path(tempfile.mkdtemp(prefix="cellular-refit-"))
-            reference = subset.copy(filename=folder / "reference.h5ad")
+            reference = write_rows_backed(self.adata, measured, folder / "reference.h5ad")
             weakref.finalize(reference, shutil.rmtree, folder, ignore_errors=True)
         else:
-            reference = subset.copy()
+            reference = self.adata[measured].copy()
         type(self).setup_anndata(reference, **setup)
         return reference
 
