@@ -1,5 +1,7 @@
 """Helpers shared by the test modules (importable because pytest puts ``tests/`` on the path)."""
 
+import json
+
 import anndata as ad
 import numpy as np
 from sklearn.decomposition import PCA
@@ -62,3 +64,17 @@ def normalized_expression(model, adata):
         gene_count_fractions=model.gene_count_fractions,
     )
     return expression
+
+
+def reseal_tree_annotator(folder, edit=None):
+    """A saved TreeAnnotator's manifest edited by ``edit`` with its checksums recomputed (a deliberate forgery), so
+    the checks behind the checksums are reached."""
+    from cellular._files import file_record, seal
+
+    path = folder / "tree_annotator.json"
+    manifest = json.loads(path.read_text())
+    if edit is not None:
+        edit(manifest)
+    manifest["files"] = {"estimator.skops": file_record(folder / "estimator.skops")}
+    manifest.pop("metadata_sha256")
+    path.write_text(json.dumps(seal(manifest)))

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from helpers import reseal_tree_annotator
 
 import cellular
 from cellular import CELLULAR, NotTrainedError
@@ -870,6 +871,7 @@ def case_tree_untrusted_types(ctx):
     path = ctx.tmp_path / "trees"
     TreeAnnotator(n_estimators=5, n_top_genes=100).fit(_counts(ctx.symphony), "cell_type").save(path, overwrite=True)
     skops.io.dump(FunctionTransformer(os.system), path / "estimator.skops")
+    reseal_tree_annotator(path)
     TreeAnnotator.load(path)
 
 
@@ -878,10 +880,11 @@ def case_tree_count_shares(ctx):
 
     path = ctx.tmp_path / "trees"
     TreeAnnotator(n_estimators=5, n_top_genes=100).fit(_counts(ctx.symphony), "cell_type").save(path, overwrite=True)
-    manifest_path = next(path.glob("*.json"))
-    manifest = json.loads(manifest_path.read_text())
-    manifest["features"]["gene_count_fractions"] = manifest["features"]["gene_count_fractions"][:-1]
-    manifest_path.write_text(json.dumps(manifest))
+
+    def drop_one_share(manifest):
+        manifest["features"]["gene_count_fractions"] = manifest["features"]["gene_count_fractions"][:-1]
+
+    reseal_tree_annotator(path, drop_one_share)
     TreeAnnotator.load(path)
 
 

@@ -1,12 +1,13 @@
 """Tree-model annotation and per-type marker importances (CellClassifier) on real data."""
 
+import json
 import os
 import pickle
 
 import numpy as np
 import pytest
 from conftest import read_dataset
-from helpers import SYMPHONY_HELD_OUT
+from helpers import SYMPHONY_HELD_OUT, reseal_tree_annotator
 from sklearn.metrics import f1_score
 
 import cellular
@@ -128,8 +129,38 @@ def test_load_refuses_types_the_package_never_writes(split, tmp_path, forest):
 
     forest.save(tmp_path / "trees")
     skops.io.dump(FunctionTransformer(os.system), tmp_path / "trees" / "estimator.skops")
+    with pytest.raises(ValueError, match="does not match the size and SHA-256"):
+        TreeAnnotator.load(tmp_path / "trees")
+    reseal_tree_annotator(tmp_path / "trees")  # even with checksums that agree, the types are refused
     with pytest.raises(ValueError, match="never writes"):
         TreeAnnotator.load(tmp_path / "trees")
+
+
+def test_load_verifies_the_manifest(tmp_path, forest, caplog):
+    """An edited, invalid or truncated manifest is refused with the file named; version 1 (no checksums) loads."""
+    folder = tmp_path / "trees"
+    forest.save(folder)
+    path = folder / "tree_annotator.json"
+    saved = path.read_text()
+    manifest = json.loads(saved)
+    manifest["classes"] = list(reversed(manifest["classes"]))
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="tree_annotator.json: the content does not match its recorded SHA-256"):
+        TreeAnnotator.load(folder)
+    reseal_tree_annotator(folder, lambda m: m["settings"].update(n_estimators="many"))
+    with pytest.raises(ValueError, match="field 'settings/n_estimators' is invalid"):
+        TreeAnnotator.load(folder)
+    path.write_text(saved[: len(saved) // 2])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TreeAnnotator.load(folder)
+    legacy = json.loads(saved)
+    for key in ("files", "metadata_sha256"):
+        legacy.pop(key)
+    legacy["format_version"] = 1
+    path.write_text(json.dumps(legacy))
+    with caplog.at_level("WARNING"):
+        loaded = TreeAnnotator.load(folder)
+    assert "without checksums" in caplog.text and loaded.classes_ == forest.classes_
 
 
 def test_annotator_errors(split):

@@ -10,12 +10,25 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from cellular._files import (
+    FILE_RECORD,
+    SHA256,
+    STRINGS,
+    damaged,
+    file_record,
+    read_metadata,
+    seal,
+    verify_metadata,
+)
 from cellular.data import GeneFeatures
 
 METHODS = ("random_forest", "hist_gradient_boosting")
 CALIBRATIONS = ("temperature", "sigmoid", "isotonic", None)
 _FORMAT = "cellular-sc-tree-annotator"
-_FORMAT_VERSION = 1
+# Version 2 records the SHA-256 of the trees' file and of the manifest itself; version 1 loads with a warning.
+_FORMAT_VERSION = 2
+_UNCHECKED_VERSIONS = (1,)
+_FIX = "Save the annotator again from an intact copy, or fit it again."
 _MANIFEST = "tree_annotator.json"
 _ESTIMATOR = "estimator.skops"
 # Types a saved annotator may hold beyond those skops trusts by default; anything else is refused on load.
@@ -29,6 +42,45 @@ _TRUSTED_TYPES = (
     "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
     "sklearn.model_selection._split.StratifiedKFold",
 )
+
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_SCHEMA = {
+    "type": "object",
+    "required": ["format", "format_version", "settings", "features", "classes", "files", "metadata_sha256"],
+    "properties": {
+        "settings": {
+            "type": "object",
+            "required": ["method", "n_top_genes", "calibration", "n_estimators", "seed"],
+            "properties": {
+                "method": {"enum": list(METHODS)},
+                "n_top_genes": {"type": ["integer", "null"], "minimum": 1},
+                "calibration": {"enum": list(CALIBRATIONS)},
+                "n_estimators": {"type": "integer", "minimum": 1},
+                "seed": {"type": "integer"},
+            },
+            "additionalProperties": False,
+        },
+        "features": {
+            "type": "object",
+            "required": ["genes", "target_sum", "layer", "gene_count_fractions"],
+            "properties": {
+                "genes": {**STRINGS, "minItems": 1},
+                "target_sum": _NUMBER_OR_NULL,
+                "layer": {"type": ["string", "null"]},
+                "gene_count_fractions": {"type": ["array", "null"], "items": {"type": "number"}},
+            },
+        },
+        "classes": {**STRINGS, "minItems": 1},
+        "labels_key": {"type": ["string", "null"]},
+        "files": {
+            "type": "object",
+            "required": [_ESTIMATOR],
+            "properties": {_ESTIMATOR: FILE_RECORD},
+            "additionalProperties": False,
+        },
+        "metadata_sha256": SHA256,
+    },
+}
 
 
 class TreeAnnotator:
@@ -205,7 +257,11 @@ class TreeAnnotator:
 
     # --------------------------------------------------------------------- I/O
     def save(self, dir_path: str | Path, overwrite: bool = False) -> None:
-        """Write ``tree_annotator.json`` (settings, genes, classes) and ``estimator.skops`` (the trees, no pickle)."""
+        """Write ``tree_annotator.json`` (settings, genes, classes) and ``estimator.skops`` (the trees, no pickle).
+
+        The manifest records the SHA-256 and size of ``estimator.skops`` and a SHA-256 of its own content, which
+        :meth:`load` verifies.
+        """
         import skops.io
 
         self._require_fitted()
@@ -228,15 +284,17 @@ class TreeAnnotator:
             "features": self.features_.to_dict(),
             "classes": self.classes_,
             "labels_key": self.labels_key_,
+            "files": {_ESTIMATOR: file_record(dir_path / _ESTIMATOR)},
         }
-        (dir_path / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (dir_path / _MANIFEST).write_text(json.dumps(seal(manifest), indent=1))
 
     @classmethod
     def load(cls, dir_path: str | Path) -> TreeAnnotator:
         """Load a saved annotator, validated, without pickle.
 
-        The manifest is checked and the trees are read by skops, trusting only the scikit-learn tree and calibration
-        types this package writes.
+        The manifest is checked against its schema and its own SHA-256, the trees' file against the SHA-256 recorded
+        when it was saved, and the trees are read by skops, trusting only the scikit-learn tree and calibration types
+        this package writes. Files of format version 1 (saved without checksums) load with a warning.
         """
         import skops.io
 
@@ -244,9 +302,22 @@ class TreeAnnotator:
         manifest_path = dir_path / _MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{dir_path} holds no saved TreeAnnotator ({_MANIFEST} is missing).")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != _FORMAT or manifest.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{manifest_path} is not a TreeAnnotator file of format version {_FORMAT_VERSION}.")
+        manifest = read_metadata(manifest_path, _FIX)
+        readable = (*_UNCHECKED_VERSIONS, _FORMAT_VERSION)
+        if manifest.get("format") != _FORMAT or manifest.get("format_version") not in readable:
+            raise ValueError(f"{manifest_path} is not a TreeAnnotator file of format versions {list(readable)}.")
+        checked = verify_metadata(
+            manifest,
+            schema=_SCHEMA,
+            path=manifest_path,
+            folder=dir_path,
+            fix=_FIX,
+            unchecked_versions=_UNCHECKED_VERSIONS,
+        )
+        if not checked:
+            missing = [key for key in ("settings", "features", "classes") if key not in manifest]
+            if missing:
+                raise damaged(manifest_path, f"lacks the field(s) {missing}", _FIX)
         estimator_path = dir_path / _ESTIMATOR
         untrusted = skops.io.get_untrusted_types(file=estimator_path)
         refused = sorted(set(untrusted) - set(_TRUSTED_TYPES))
