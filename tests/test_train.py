@@ -89,6 +89,7 @@ def test_early_stopping_restores_the_best_epoch(symphony):
     summary = model.training_summary_
     assert summary["epochs_run"] == len(validation) < 40
     assert summary["best_epoch"] == int(validation.idxmin()) < summary["epochs_run"] - 1
+    assert summary["best_validation_loss"] == pytest.approx(validation.iloc[summary["best_epoch"]])
 
     expression = normalized_expression(model, small)
     names = np.asarray(model.batches, dtype=object)[model.registered_batches()]
@@ -107,6 +108,12 @@ def test_early_stopping_restores_the_best_epoch(symphony):
     assert restored == pytest.approx(float(validation.min()), rel=1e-4)
     assert restored < float(validation.iloc[-1])
 
+    # Without early stopping the last epoch's weights are kept, and the summary names that epoch.
+    model.train(max_epochs=8, lr=0.03, warmup_epochs=0, early_stopping=False, progress_bar=False, classifier=False)
+    validation = model.history["validation_loss"]["validation_loss"]
+    summary = model.training_summary_
+    assert summary["best_epoch"] == 7 and summary["best_validation_loss"] == pytest.approx(validation.iloc[7])
+
 
 def test_early_stopping_ignores_tiny_improvements_and_stops_sooner_at_the_same_quality(symphony_split, symphony_model):
     """On a small reference the validation loss creeps down by thousandths long after the embedding has settled;
@@ -119,6 +126,9 @@ def test_early_stopping_ignores_tiny_improvements_and_stops_sooner_at_the_same_q
     patient = CELLULAR(train)
     patient.train(progress_bar=False, classifier=False, early_stopping_min_delta=0.0)
     default_epochs = symphony_model.training_summary_["epochs_run"]
+    # The summary reports the epoch whose weights were kept and that epoch's loss, not the lowest loss seen.
+    best, validation = symphony_model.training_summary_["best_epoch"], symphony_model.history["validation_loss"]
+    assert symphony_model.training_summary_["best_validation_loss"] == pytest.approx(validation.iloc[best, 0])
     assert default_epochs < symphony_model.training_summary_["max_epochs"]
     assert default_epochs <= patient.training_summary_["epochs_run"] - 15
     default_f1 = model_knn_macro_f1(symphony_model, train, test)

@@ -98,7 +98,8 @@ class CELLULAR(
     batch_temperature
         Temperature of the batch term.
     use_class_weights
-        Weight the supervised term by inverse type frequency and the batch term by inverse batch frequency.
+        Weight the supervised term by inverse type frequency and the batch term by inverse batch frequency; with
+        ``False`` every type (batch) weighs alike, the weights again summing to one so the terms keep their scale.
     panel_masking
         Share of training cells shown only a random gene panel (a random subset or block of the genes, keeping
         between ``min_panel_fraction`` and all of them), with the encoder told which genes are absent. A model trained

@@ -220,13 +220,12 @@ class TrainingMixin:
         epochs_run = len(history["train_loss"]) if "train_loss" in history else 0
         validation = history["validation_loss"]["validation_loss"] if "validation_loss" in history else None
         has_validation = validation is not None and len(validation) > 0
+        # The epoch whose weights the model keeps: the one restored by early stopping, else the last one.
         if best_weights.best_epoch >= 0:
-            best_epoch = best_weights.best_epoch
-        elif has_validation:
-            best_epoch = int(validation.idxmin())
+            best_epoch, best_loss = best_weights.best_epoch, best_weights.best_value
         else:
             best_epoch = epochs_run - 1
-        best_loss = float(validation.min()) if has_validation else None
+            best_loss = float(validation.iloc[-1]) if has_validation else None
         self.training_summary_ = {
             "epochs_run": epochs_run,
             "max_epochs": max_epochs,

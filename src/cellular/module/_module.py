@@ -114,8 +114,8 @@ class CellularModule(BaseModuleClass):
             check_grid_positions(positions, n_input)
             self.encoder.grid_positions.copy_(positions)
         self.temperature = nn.Parameter(torch.tensor(float(temperature_init)))
-        self.register_buffer("class_weights", _or_ones(class_weights, n_labels))
-        self.register_buffer("batch_weights", _or_ones(batch_weights, n_batch))
+        self.register_buffer("class_weights", _or_uniform(class_weights, n_labels))
+        self.register_buffer("batch_weights", _or_uniform(batch_weights, n_batch))
         self.register_buffer(
             "centroid_targets",
             centroid_targets.to(torch.float32) if centroid_targets is not None else torch.zeros(n_labels, n_labels),
@@ -191,5 +191,6 @@ class CellularModule(BaseModuleClass):
         raise NotImplementedError("CELLULAR learns an embedding only and cannot sample expression.")
 
 
-def _or_ones(weights: Tensor | None, n: int) -> Tensor:
-    return torch.ones(n) if weights is None else weights.to(torch.float32)
+def _or_uniform(weights: Tensor | None, n: int) -> Tensor:
+    """``weights``, or equal weights summing to one (as inverse-frequency weights do, so the terms keep their scale)."""
+    return torch.full((n,), 1.0 / max(n, 1)) if weights is None else weights.to(torch.float32)

@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 class RestoreBestWeights(Callback):
     """Keep the weights of the epoch with the lowest monitored validation metric and restore them after training.
 
+    An epoch counts as the new best only when it improves on the best by more than ``min_delta`` (the rule early
+    stopping counts improvements by), so a later epoch lower by less than that does not replace it.
+
     Pairs with early stopping (which decides when to stop; this callback decides which weights to keep). Under
     distributed training the monitored metric is synchronised, so every rank restores the same epoch.
 
