@@ -190,3 +190,63 @@ def test_label_transfer_votes_are_distance_weighted(symphony_model, symphony_spl
     uniform = index.transfer_labels(query, k=15, weighting="uniform").probabilities["cell_type"]
     assert np.abs(uniform - naive).max() > 0.05
     pd.testing.assert_index_equal(pd.Index(classes), pd.Index(index.labels["cell_type"].categories.astype(str)))
+
+
+def test_centroid_targets_are_centroids_of_the_values_the_encoder_reads(reference):
+    """Each (batch, type) target centroid is the mean PCA score of the group's cells as the encoder reads them:
+    matched to the reference's moments, the PCA fitted on the labelled cells."""
+    from sklearn.decomposition import PCA
+
+    from cellular.data import read_expression
+    from cellular.model._targets import pca_centroids
+
+    model = _model(reference)
+    labels, batches = model.registered_labels(), model.registered_batches()
+    expression, _ = read_expression(
+        model.adata,
+        model.genes,
+        layer=None,
+        log_normalized=False,
+        target_sum=model.target_sum,
+        gene_count_fractions=model.gene_count_fractions,
+    )
+    names = np.asarray(model.batches, dtype=object)[batches]
+    expression.standardization = model.batch_moments_.standardization_for(expression, names)
+    n_types, n_batches = len(model.cell_types), model.n_batches
+    centroids, present = pca_centroids(expression, labels, batches, n_types, n_batches, 50, 0)
+
+    values = expression.rows(np.arange(expression.n_cells))
+    scores = PCA(n_components=centroids.shape[2], random_state=0).fit(values[labels >= 0]).transform(values)
+    for batch in range(n_batches):
+        for cell_type in range(n_types):
+            members = (batches == batch) & (labels == cell_type)
+            assert present[batch, cell_type] == members.any()
+            if members.any():
+                np.testing.assert_allclose(centroids[batch, cell_type], scores[members].mean(0), atol=1e-3)
+
+
+def test_learning_rate_decays_to_zero_over_the_steps_the_sampler_gives(reference):
+    """The cosine schedule is planned over the minibatches actually drawn (a small last one is dropped), so the
+    learning rate ends near zero and the warm-up lasts the epochs asked for."""
+    rates = []
+
+    class _Rates(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    # 1,080 training cells at 256 a batch: 4 full minibatches and a last one of 56, which the sampler drops.
+    model = _model(reference)
+    model.train(
+        max_epochs=12,
+        batch_size=256,
+        warmup_epochs=2,
+        early_stopping=False,
+        classifier=False,
+        progress_bar=False,
+        callbacks=[_Rates()],
+    )
+    steps_per_epoch = len(rates) // 12
+    assert len(rates) == 12 * steps_per_epoch
+    peak = max(rates)
+    assert rates.index(peak) == 2 * steps_per_epoch - 1  # the rate of the warm-up's last step is the peak
+    assert rates[-1] < 0.02 * peak

@@ -6,9 +6,11 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from cellular.data import NormalizedExpression
+from cellular.data import NormalizedExpression, sequential_minibatches
 
 MAX_PCA_CELLS = 20_000
+# Cells read densely at a time when the groups' mean expression is accumulated.
+TARGET_CHUNK_CELLS = 2048
 
 
 def pca_centroids(
@@ -23,8 +25,9 @@ def pca_centroids(
     """Centroid of every (batch, cell type) group in the PCA space of the labelled cells.
 
     PCA is linear, so the centroid of a group's PCA scores is the projection of the group's mean expression: the
-    means are accumulated over chunks of cells of the sparse matrix (streamed from disk when backed) and only they
-    are projected. The principal axes are fitted on at most 20,000 labelled cells drawn at random.
+    means are accumulated over chunks of cells (streamed from disk when backed), read as the encoder reads them
+    (matched to the reference's moments when the model matches batches), and only they are projected. The principal
+    axes are fitted on at most 20,000 labelled cells drawn at random.
 
     Parameters
     ----------
@@ -62,8 +65,9 @@ def pca_centroids(
     )
     counts = np.asarray(indicator.sum(axis=1)).reshape(-1)
     sums = np.zeros((n_batches * n_types, n_genes))
-    for start, stop, block in expression.normalized_chunks():
-        sums += (indicator[:, start:stop] @ block).toarray()
+    # The values the PCA was fitted on: matched to the reference's moments when the model matches batches.
+    for index in sequential_minibatches(expression.n_cells, TARGET_CHUNK_CELLS):
+        sums += indicator[:, index[0] : index[-1] + 1] @ expression.rows(index)
     means = sums / np.maximum(counts, 1.0)[:, None]
     centroids = pca.transform(means).astype(np.float32)
     return centroids.reshape(n_batches, n_types, -1), (counts > 0).reshape(n_batches, n_types)

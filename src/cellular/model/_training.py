@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from scvi.train import TrainRunner
 
-from cellular.data import read_expression
+from cellular.data import n_epoch_minibatches, read_expression
 from cellular.dataloaders import CellularDataModule
 from cellular.train import CellularTrainingPlan, EpochProgressBar, RestoreBestWeights, quiet_lightning
 
@@ -28,7 +28,7 @@ MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS = 30, 400
 
 def default_max_epochs(n_train_cells: int, batch_size: int, steps: int = DEFAULT_TRAINING_STEPS) -> int:
     """Epochs that give about ``steps`` optimiser steps over ``n_train_cells`` cells, within the default bounds."""
-    steps_per_epoch = max(1, math.ceil(n_train_cells / batch_size))
+    steps_per_epoch = max(1, n_epoch_minibatches(n_train_cells, batch_size))
     return int(np.clip(math.ceil(steps / steps_per_epoch), MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS))
 
 
@@ -156,7 +156,8 @@ class TrainingMixin:
             logger.warning("No validation cells (train_size=%s): early stopping is off.", train_size)
             early_stopping = False
 
-        steps_per_epoch = max(1, math.ceil(data_module.n_train / batch_size))
+        # As many steps as the sampler gives (it drops a last minibatch of fewer than half a batch).
+        steps_per_epoch = max(1, n_epoch_minibatches(data_module.n_train, batch_size))
         if max_epochs is None:
             max_epochs = default_max_epochs(data_module.n_train, batch_size)
         total_steps = max_epochs * steps_per_epoch
