@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_dataset
 
 import cellular
 from cellular import CELLULAR
@@ -148,6 +149,28 @@ def test_predictions_follow_one_path_and_back_off_to_the_parent(ambiguous):
     record = query.uns["cellular"]["cellular_label"]
     assert record["hierarchy"]["levels"] == hierarchy.level_names
     assert record["params"]["hierarchy_threshold"] == 0.7
+
+
+def test_min_confidence_reads_the_confidence_of_the_path_type(ambiguous):
+    """With a hierarchy the confidence written is the path's type's probability, which can be below the largest
+    (another lab's cells: Kang onto the Symphony model); min_confidence applies to that confidence, and the counts
+    count the path's types."""
+    model, _, _ = ambiguous
+    query = read_dataset("pbmc_kang2018_ifnb_subset")
+    cellular.tl.cellular_annotate(query, model, novel_as_unknown=False)
+    probabilities = query.obsm["cellular_label_probabilities"]
+    confidence = query.obs["cellular_label_confidence"].to_numpy()
+    off_path = confidence < probabilities.max(axis=1) - 1e-6
+    assert off_path.sum() >= 5
+    threshold = float(np.median((confidence[off_path] + probabilities.max(axis=1)[off_path]) / 2))
+    strict = query.copy()
+    cellular.tl.cellular_annotate(strict, model, novel_as_unknown=False, min_confidence=threshold)
+    labelled = strict.obs["cellular_label"].astype(str).to_numpy() != "Unknown"
+    np.testing.assert_array_equal(labelled, strict.obs["cellular_label_confidence"].to_numpy() >= threshold)
+    counts = strict.uns["cellular"]["cellular_label"]["counts"]
+    path_types = query.obs["cellular_label_level_2"].astype(str)  # without min_confidence: no cell unknown
+    expected = [int((path_types == cell_type).sum()) for cell_type in model.cell_types]
+    assert counts.loc[model.cell_types, "n_likeliest"].tolist() == expected
 
 
 def test_map_backs_off_like_annotation(ambiguous):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from anndata import AnnData
 
 from cellular.index import ClassEvidence
@@ -96,12 +97,14 @@ def cellular_annotate(
     ``adata.obs[key_added]``
         Categorical label over the model's types plus ``unknown_label``.
     ``adata.obs[key_added + '_confidence']``
-        Calibrated probability of the most probable type (also for cells labelled ``unknown_label``).
+        Calibrated probability of the cell's type: the most probable type, or with a label hierarchy the type its
+        top-down path ends at (also for cells labelled ``unknown_label``); ``min_confidence`` applies to it.
     ``adata.obsm[key_added + '_probabilities']``
         ``(n_cells, n_types)`` calibrated probabilities (the average above); column order in ``uns``.
     ``adata.uns['cellular'][key_added]``
         ``params`` (with ``gene_classifier_weight``, the weight used), ``classes`` (the probability columns) and
-        ``counts`` (DataFrame per label: ``n_cells`` labelled so, ``n_likeliest`` whose likeliest type it is,
+        ``counts`` (DataFrame per label: ``n_cells`` labelled so, ``n_likeliest`` whose type it is before cells are
+        labelled ``unknown_label`` (the likeliest type; with a hierarchy, the path's type),
         ``n_unknown`` of those labelled ``unknown_label``; a warning names the types that lose most of their cells
         so); with a hierarchy also ``hierarchy`` (its ``levels`` and ``parents``).
 
@@ -150,7 +153,11 @@ def cellular_annotate(
     if gene_classifier_weight > 0:  # a refit on the query's genes keeps the model's gene classifier settings
         genes = ClassEvidence(served.gene_classifier_probabilities(), classes, gene_classifier_weight)
         probabilities = genes.blended(head, classes)
-    unknown = probabilities.max(axis=1) < min_confidence
+    hierarchy = model.label_hierarchy
+    prediction = None if hierarchy is None else hierarchy.predict(probabilities, hierarchy_threshold)
+    # The confidence written: of the likeliest type, or with a hierarchy of the type its top-down path ends at.
+    predicted = probabilities.argmax(axis=1) if prediction is None else prediction.finest
+    unknown = probabilities[np.arange(len(predicted)), predicted] < min_confidence
     if novel_as_unknown:
         # The novelty score's uncertainty part is the head's: its p-values were calibrated on the head's.
         _, flags = novelty_flags(served, adata.obs_names, head, alpha, fdr)
@@ -166,12 +173,10 @@ def cellular_annotate(
         **served.record,
         "model": model_record(model),
     }
-    hierarchy = model.label_hierarchy
     if hierarchy is None:
         write_annotation(adata, key_added, probabilities, unknown, classes, unknown_label, params)
         return adata if copy else None
     params["hierarchy_threshold"] = float(hierarchy_threshold)
-    prediction = hierarchy.predict(probabilities, hierarchy_threshold)
     record = write_hierarchy_levels(adata, key_added, hierarchy, prediction, unknown, unknown_label)
     write_annotation(
         adata, key_added, probabilities, unknown, classes, unknown_label, params, predicted=prediction.finest
