@@ -132,6 +132,10 @@ def case_batch_key(ctx):
     CELLULAR.setup_anndata(_counts(ctx.symphony), labels_key="cell_type", batch_key="donor")
 
 
+def case_gene_id_key(ctx):
+    cellular.tl.cellular_embed(_counts(ctx.symphony), labels_key="cell_type", gene_id_key="ids", max_epochs=1)
+
+
 def case_missing_labels(ctx):
     adata = _counts(ctx.symphony)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(np.arange(adata.n_obs) > 2)

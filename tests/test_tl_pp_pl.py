@@ -56,6 +56,22 @@ def test_cellular_embed_trains_when_no_model_given(small):
     assert list(data.obs.columns) == columns_before  # no _scvi_* columns added to the user's data
     assert data.uns["cellular"]["params"]["trained_here"] is True
 
+    # Trained to match genes on an id column: the model records the ids and the cells are embedded by them.
+    data = small.copy()
+    data.var["gene_ids"] = [f"ENSG{i:05d}" for i in range(data.n_vars)]
+    model = cellular.tl.cellular_embed(
+        data,
+        labels_key="cell_type",
+        gene_id_key="gene_ids",
+        max_epochs=2,
+        model_kwargs={"n_latent": 8, "n_top_genes": 200},
+        train_kwargs={"progress_bar": False},
+    )
+    assert model.gene_ids == list(data.var.loc[model.genes, "gene_ids"])
+    assert data.uns["cellular"]["params"]["n_genes_matched"] == 200
+    with pytest.raises(KeyError, match="gene_id_key='ids' is not a column of adata.var"):
+        cellular.tl.cellular_embed(data, labels_key="cell_type", gene_id_key="ids", max_epochs=1)
+
 
 def test_cellular_embed_trains_on_a_layer_and_embeds_that_layer(small):
     data = small.copy()

@@ -83,7 +83,7 @@ def cellular_embed(
             raise ValueError("Pass a trained `model`, or `labels_key` (and optionally `batch_key`) to train one.")
         log_normalized = bool(log_normalized)
         model = _train_model(
-            adata, labels_key, batch_key, layer, log_normalized, max_epochs, model_kwargs, train_kwargs
+            adata, labels_key, batch_key, layer, log_normalized, gene_id_key, max_epochs, model_kwargs, train_kwargs
         )
     elif labels_key is not None or batch_key is not None or max_epochs is not None:
         raise ValueError("labels_key, batch_key and max_epochs only apply when training a new model (model=None).")
@@ -127,14 +127,23 @@ def cellular_embed(
     return adata if copy else None
 
 
-def _train_model(adata, labels_key, batch_key, layer, log_normalized, max_epochs, model_kwargs, train_kwargs):
+def _train_model(
+    adata, labels_key, batch_key, layer, log_normalized, gene_id_key, max_epochs, model_kwargs, train_kwargs
+):
     columns = [key for key in (labels_key, batch_key) if key is not None]
     missing = [key for key in columns if key not in adata.obs]
     if missing:
         raise KeyError(f"{missing} not found in adata.obs (columns: {list(adata.obs.columns)}).")
     matrix = get_matrix(adata, layer)
-    view = ad.AnnData(X=matrix, obs=adata.obs[columns].copy(), var=adata.var[[]].copy())
-    CELLULAR.setup_anndata(view, labels_key=labels_key, batch_key=batch_key, log_normalized=log_normalized)
+    if gene_id_key is not None and gene_id_key not in adata.var:
+        columns = list(adata.var.columns)
+        raise KeyError(f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: {columns}).")
+    # The model records the genes' ids when the cells are to be matched on them.
+    var = adata.var[[] if gene_id_key is None else [gene_id_key]].copy()
+    view = ad.AnnData(X=matrix, obs=adata.obs[columns].copy(), var=var)
+    CELLULAR.setup_anndata(
+        view, labels_key=labels_key, batch_key=batch_key, log_normalized=log_normalized, gene_id_key=gene_id_key
+    )
     model = CELLULAR(view, **(model_kwargs or {}))
     model.train(max_epochs=max_epochs, **(train_kwargs or {}))
     return model
