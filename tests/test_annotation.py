@@ -283,6 +283,35 @@ def test_flagged_cells_are_grouped_with_markers(cellbench_model, cellbench_split
     assert (np.asarray(detected[in_group].mean(0)) > np.asarray(detected[known].mean(0))).all()
 
 
+def test_a_query_of_one_flagged_group_gets_no_markers_and_fdr_thresholds_agree(cellbench_model, cellbench_split):
+    """A query whose every cell is flagged and forms one group has no other cells to rank markers against: its
+    markers stay empty (scanpy would return the first genes, at score 0). With FDR control the recorded score
+    threshold flags exactly the flagged cells, also when none is."""
+    _, test = cellbench_split
+    from cellular.model import SAME_AS_TRAINING
+    from cellular.tl._novel import _candidate_groups
+
+    novel = test[(test.obs["cell_type"] == CELLBENCH_NOVEL_LINE).to_numpy()].copy()
+    frame = cellbench_model.get_novelty_scores(novel)
+    z = cellbench_model.get_latent_representation(novel)
+    every_cell = np.ones(novel.n_obs, dtype=bool)
+    groups, summary = _candidate_groups(
+        novel, cellbench_model, z, every_cell, frame, 1.0, 10_000, 5, SAME_AS_TRAINING, None
+    )
+    (group,) = summary.values()
+    assert group["n_cells"] == novel.n_obs and list(group["markers"]) == []
+
+    known = test[(test.obs["cell_type"] != CELLBENCH_NOVEL_LINE).to_numpy()].copy()
+    for query in (known, test.copy()):
+        cellular.tl.novel_types(query, cellbench_model, fdr=True)
+        threshold = query.uns["cellular"]["cellular_novel"]["summary"]["score_threshold"]
+        flagged = query.obs["cellular_novel"].to_numpy()
+        np.testing.assert_array_equal(query.obs["cellular_novel_score"].to_numpy() >= threshold, flagged)
+    assert not known.obs["cellular_novel"].any() and np.isinf(
+        known.uns["cellular"]["cellular_novel"]["summary"]["score_threshold"]
+    )
+
+
 def test_annotate_writes_documented_slots_only(symphony_model, symphony_split):
     _, test = symphony_split
     before = test.copy()
@@ -516,6 +545,24 @@ def test_bad_query_values_and_arguments_are_refused(symphony_model, symphony_spl
         cellular.tl.cellular_annotate(test.copy(), symphony_model, min_confidence=1.5)
     with pytest.raises(ValueError, match="unknown_label"):
         cellular.tl.cellular_annotate(test.copy(), symphony_model, unknown_label="B cell")
+    # Counts and labels of the wrong kind are refused before any cell is embedded.
+    bad_arguments = [
+        (cellular.tl.cellular_annotate, {"unknown_label": None}, "unknown_label must be a non-empty string"),
+        (cellular.tl.cellular_annotate, {"batch_size": 0}, "batch_size must be a positive integer"),
+        (cellular.tl.cellular_map, {"batch_size": 0}, "batch_size must be a positive integer"),
+        (cellular.tl.cellular_map, {"unknown_label": ""}, "unknown_label must be a non-empty string"),
+        (cellular.tl.novel_types, {"n_markers": -1}, "n_markers must be a positive integer"),
+        (cellular.tl.novel_types, {"min_group_size": 0}, "min_group_size must be a positive integer"),
+        (cellular.tl.cellular_embed, {"batch_size": 2.5}, "batch_size must be a positive integer"),
+        (
+            cellular.tl.cell_type_representations,
+            {"labels_key": "cell_type", "max_medoid_cells": 0},
+            "max_medoid_cells must be a positive integer",
+        ),
+    ]
+    for call, kwargs, match in bad_arguments:
+        with pytest.raises(ValueError, match=match):
+            call(test.copy(), symphony_model, **kwargs)
     with pytest.raises(ValueError, match=r"gene_classifier_weight must be a number in \[0, 1\]"):
         cellular.tl.cellular_annotate(test.copy(), symphony_model, gene_classifier_weight=1.5)
     with pytest.raises(ValueError, match="gene_classifier_weight must be a number"):

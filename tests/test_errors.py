@@ -136,6 +136,22 @@ def case_gene_id_key(ctx):
     cellular.tl.cellular_embed(_counts(ctx.symphony), labels_key="cell_type", gene_id_key="ids", max_epochs=1)
 
 
+def case_positive_int(ctx):
+    cellular.tl.novel_types(_counts(ctx.symphony), ctx.model, n_markers=-1)
+
+
+def case_unknown_label_type(ctx):
+    cellular.tl.cellular_annotate(_counts(ctx.symphony), ctx.model, unknown_label=None)
+
+
+def case_ece_labels(ctx):
+    cellular.metrics.expected_calibration_error(np.full((4, 4), 0.25), np.array([1, 2, 3, 4]))
+
+
+def case_conformal_nan(ctx):
+    cellular.metrics.conformal_pvalues([1.0, 2.0], [np.nan, 1.0])
+
+
 def case_missing_labels(ctx):
     adata = _counts(ctx.symphony)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(np.arange(adata.n_obs) > 2)

@@ -45,6 +45,14 @@ def test_ece_matches_naive_loop():
     assert expected_calibration_error(one_hot, labels) == 0.0
     with pytest.raises(ValueError, match="n_cells"):
         expected_calibration_error(probabilities, labels[:10])
+    # Labels that are not column indices, and bin counts that are not positive integers, are refused.
+    names = np.asarray(["a", "b", "c", "d"])[labels]
+    for bad, match in ((names, "integer type codes"), (labels + 1, "column indices"), (labels[:, None], "1-D")):
+        with pytest.raises(ValueError, match=match):
+            expected_calibration_error(probabilities, bad)
+    for n_bins in (0, 2.5):
+        with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+            expected_calibration_error(probabilities, labels, n_bins)
 
 
 def test_conformal_pvalues_match_counting_and_are_valid():
@@ -59,6 +67,11 @@ def test_conformal_pvalues_match_counting_and_are_valid():
         assert alpha - 0.01 < np.mean(rates) <= alpha + 0.005
     with pytest.raises(ValueError, match="calibration"):
         conformal_pvalues([], scores)
+    # A NaN has no rank: it would get the smallest p-value as a score, and count as the largest in calibration.
+    with pytest.raises(ValueError, match="scores hold 1 NaN"):
+        conformal_pvalues(calibration, [np.nan, 1.0])
+    with pytest.raises(ValueError, match="calibration_scores hold 1 NaN"):
+        conformal_pvalues([1.0, np.nan], scores)
 
 
 def test_benjamini_hochberg_matches_naive():
@@ -66,6 +79,9 @@ def test_benjamini_hochberg_matches_naive():
     pvalues = np.concatenate([rng.uniform(size=40), rng.uniform(0, 0.01, size=10)])
     np.testing.assert_allclose(benjamini_hochberg(pvalues), naive_bh(list(pvalues)))
     assert benjamini_hochberg(np.array([])).size == 0
+    for bad in (np.nan, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"pvalues must lie in \[0, 1\]"):
+            benjamini_hochberg(np.array([0.01, bad, 0.5]))
 
 
 def test_score_threshold_agrees_with_pvalues():

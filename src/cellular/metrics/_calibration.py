@@ -33,6 +33,19 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_
         )
     if probabilities.shape[0] == 0:
         raise ValueError("expected_calibration_error needs at least one cell.")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be a 1-D array of integer type codes (column indices of probabilities), got dtype "
+            f"{labels.dtype} and shape {labels.shape}; convert names with e.g. pd.Categorical(names, categories=types)"
+            ".codes."
+        )
+    if labels.min() < 0 or labels.max() >= probabilities.shape[1]:
+        raise ValueError(
+            f"labels must be column indices of probabilities, 0 to {probabilities.shape[1] - 1}; got values from "
+            f"{labels.min()} to {labels.max()}. Leave out cells whose type is not a column."
+        )
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
     confidence = probabilities.max(axis=1)
     correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)

@@ -27,6 +27,12 @@ def conformal_pvalues(calibration_scores: np.ndarray, scores: np.ndarray) -> np.
     if calibration.size == 0:
         raise ValueError("conformal_pvalues needs at least one calibration score.")
     scores = np.asarray(scores, dtype=np.float64)
+    for name, values in (("calibration_scores", calibration), ("scores", scores)):
+        if not np.isfinite(values).all():
+            raise ValueError(
+                f"{name} hold {int((~np.isfinite(values)).sum())} NaN or infinite values, which have no rank among "
+                "the scores; remove those cells or compute their scores again."
+            )
     at_least = calibration.size - np.searchsorted(calibration, scores, side="left")
     return (1.0 + at_least) / (calibration.size + 1.0)
 
@@ -44,6 +50,8 @@ def benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
     Adjusted p-values, same shape, each ``>=`` its p-value and ``<= 1``.
     """
     pvalues = np.asarray(pvalues, dtype=np.float64)
+    if not ((pvalues >= 0.0) & (pvalues <= 1.0)).all():
+        raise ValueError("pvalues must lie in [0, 1] (NaN included among the values that do not); remove those cells.")
     flat = pvalues.ravel()
     n = flat.size
     if n == 0:

@@ -11,6 +11,8 @@ from cellular.model import CELLULAR, SAME_AS_TRAINING
 from ._common import (
     check_alpha,
     check_model,
+    check_positive_int,
+    check_unknown_label,
     model_record,
     package_uns,
     requested_gene_classifier_weight,
@@ -126,6 +128,8 @@ def cellular_annotate(
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}.")
     check_model(model, classifier=True)
+    batch_size = check_positive_int("batch_size", batch_size)
+    unknown_label = check_unknown_label(unknown_label)
     gene_classifier_weight = requested_gene_classifier_weight(model, gene_classifier_weight)
     classes = list(model.cell_types)
     if unknown_label in classes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -292,6 +293,20 @@ def check_alpha(alpha: float) -> float:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie strictly between 0 and 1 (e.g. 0.05), got {alpha}.")
     return alpha
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int, or a clear error when it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def check_unknown_label(unknown_label) -> str:
+    """``unknown_label``, or a clear error when it is not a non-empty string."""
+    if not isinstance(unknown_label, str) or not unknown_label:
+        raise ValueError(f"unknown_label must be a non-empty string (e.g. 'Unknown'), got {unknown_label!r}.")
+    return unknown_label
 
 
 def package_uns(adata: AnnData) -> dict:

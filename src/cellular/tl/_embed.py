@@ -10,6 +10,8 @@ from anndata import AnnData
 from cellular.data._expression import get_matrix
 from cellular.model import CELLULAR
 
+from ._common import check_positive_int
+
 
 def cellular_embed(
     adata: AnnData,
@@ -75,6 +77,7 @@ def cellular_embed(
         ``key_added``, the model summary (latent size, genes, cell types, batches, setup, training), the genes
         used and how many of them were found in ``adata``.
     """
+    batch_size = check_positive_int("batch_size", batch_size)  # before a model is trained here
     if copy:
         adata = adata.copy()
     trained_here = model is None

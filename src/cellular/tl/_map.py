@@ -15,6 +15,8 @@ from cellular.model import CELLULAR, SAME_AS_TRAINING
 from ._common import (
     ServedQuery,
     check_model,
+    check_positive_int,
+    check_unknown_label,
     model_record,
     package_uns,
     requested_gene_classifier_weight,
@@ -148,6 +150,8 @@ def cellular_map(
     """
     if not 0.0 <= hierarchy_threshold <= 1.0:
         raise ValueError(f"hierarchy_threshold must lie in [0, 1], got {hierarchy_threshold}.")
+    batch_size = check_positive_int("batch_size", batch_size)
+    unknown_label = check_unknown_label(unknown_label)
     gene_classifier_weight = _requested_weight(model, gene_classifier_weight)
     if model is None:
         index = _check_embedding_index(adata, index, use_rep)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -12,7 +14,17 @@ from cellular.data._sampling import rows_per_group
 from cellular.metrics import benjamini_hochberg
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 
-from ._common import ServedQuery, check_alpha, check_model, model_record, package_uns, serve_query
+from ._common import (
+    ServedQuery,
+    check_alpha,
+    check_model,
+    check_positive_int,
+    model_record,
+    package_uns,
+    serve_query,
+)
+
+logger = logging.getLogger(__name__)
 
 # The original CELLULAR package called a dataset "likely to hold a novel type" below this value.
 CELLULAR_RULE_THRESHOLD = 0.25
@@ -119,6 +131,9 @@ def novel_types(
     """
     alpha = check_alpha(alpha)
     check_model(model, classifier=True)
+    batch_size = check_positive_int("batch_size", batch_size)
+    n_markers = check_positive_int("n_markers", n_markers)
+    min_group_size = check_positive_int("min_group_size", min_group_size)
     if copy:
         adata = adata.copy()
     served = serve_query(
@@ -147,7 +162,10 @@ def novel_types(
     n_types = probabilities.shape[1]
     rescaled = (probabilities.max(axis=1) - 1.0 / n_types) / (1.0 - 1.0 / n_types)
     smallest = float(rescaled.min()) if rescaled.size else float("nan")
-    threshold = float(frame["score"][flags].min()) if fdr and flags.any() else reference.score_threshold(alpha)
+    if fdr:  # the smallest flagged score; none is flagged above an infinite one
+        threshold = float(frame["score"][flags].min()) if flags.any() else float("inf")
+    else:
+        threshold = reference.score_threshold(alpha)
     nearest_flagged = frame["nearest_type"][flags].value_counts()
     summary = {
         "n_cells": int(adata.n_obs),
@@ -229,6 +247,13 @@ def _candidate_groups(adata, model, z, flags, frame, resolution, min_group_size,
     markers_data.var_names = genes
     reference = "known" if (~flags).any() else "rest"
     testable = [c for c in categories if (labels == c).sum() >= 2]
+    if reference == "rest" and len(categories) < 2:
+        # Every cell flagged and one group: there is nothing to compare it with, so it gets no markers.
+        logger.warning(
+            "Every cell is flagged as novel and forms one group, so it has no other cells to rank marker genes "
+            "against; its markers are left empty. Annotate it together with cells of known types to get markers."
+        )
+        testable = []
     summary = {}
     if testable:
         sc.tl.rank_genes_groups(markers_data, "group", groups=testable, reference=reference, method="wilcoxon")

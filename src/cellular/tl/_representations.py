@@ -9,7 +9,7 @@ from anndata import AnnData
 from cellular.model import CELLULAR, SAME_AS_TRAINING
 from cellular.model import cell_type_representations as _representations
 
-from ._common import check_model, model_record, package_uns, serve_query
+from ._common import check_model, check_positive_int, model_record, package_uns, serve_query
 
 DISTANCE_METRICS = ("cosine", "euclidean")
 
@@ -77,6 +77,8 @@ def cell_type_representations(
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric must be one of {DISTANCE_METRICS}, got {metric!r}.")
     check_model(model, classifier=False)
+    batch_size = check_positive_int("batch_size", batch_size)
+    max_medoid_cells = check_positive_int("max_medoid_cells", max_medoid_cells)
     labels = model.representation_labels(adata, labels_key)
     if copy:
         adata = adata.copy()

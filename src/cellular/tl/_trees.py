@@ -9,7 +9,7 @@ from anndata import AnnData
 from cellular.data import GeneFeatures
 from cellular.trees import NEGATIVES, TreeAnnotator, one_vs_rest_markers
 
-from ._common import package_uns, write_annotation
+from ._common import check_unknown_label, package_uns, write_annotation
 
 
 def tree_annotate(
@@ -60,6 +60,7 @@ def tree_annotate(
         raise TypeError(f"annotator must be a cellular.trees.TreeAnnotator, got {type(annotator).__name__}.")
     if not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
+    unknown_label = check_unknown_label(unknown_label)
     probabilities = annotator.predict_proba(adata, min_gene_overlap=min_gene_overlap)
     classes = list(annotator.classes_)
     if unknown_label in classes:
