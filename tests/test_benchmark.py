@@ -85,6 +85,27 @@ def test_rerun_skips_finished_work_and_regenerates_the_same_report(smoke_run, ca
     assert summary.read_text() == before
 
 
+def test_an_integration_only_rerun_keeps_the_lobo_scores(smoke_run, tmp_path):
+    """Rerunning the integration task alone writes its own shard; its timings are the integration task's, so the
+    lobo scores of the same methods in the lobo+integration shard survive."""
+    import shutil
+
+    out, args, _ = smoke_run
+    copy = tmp_path / "field"
+    shutil.copytree(out, copy)
+    threads, data_dir = args[args.index("--threads") + 1], args[args.index("--data-dir") + 1]
+    rerun = [
+        "--tasks", "integration", "--methods", "pca_knn", "--datasets", "pbmc_symphony_3tech",
+        "--max-epochs", "3", "--max-folds", "1", "--threads", threads,
+        "--data-dir", data_dir, "--out", str(copy), "--overwrite", "--no-figures",
+    ]  # fmt: skip
+    run.main(rerun)
+    results = pd.read_csv(copy / "results.csv")
+    lobo = results[(results["task"] == "lobo") & (results["method"] == "pca_knn")]
+    assert "macro_f1" in set(lobo["metric"])
+    assert not results.duplicated(["task", "dataset", "fold", "seed", "method", "metric"]).any()
+
+
 def test_mean_over_folds_then_mean_and_sd_over_seeds():
     rows = [
         # seed 0: folds 0.6 and 0.8 -> 0.7; seed 1: folds 0.9 and 0.7 -> 0.8
