@@ -83,7 +83,13 @@ def test_early_stopping_restores_the_best_epoch(symphony):
     # loss rises after its minimum within 40 epochs (the default (256, 128) keeps improving that long).
     model = CELLULAR(small, n_latent=16, n_top_genes=300, hidden_sizes="paper")
     model.train(
-        max_epochs=40, lr=0.03, warmup_epochs=0, early_stopping_patience=5, progress_bar=False, classifier=False
+        max_epochs=40,
+        lr=0.03,
+        warmup_epochs=0,
+        early_stopping_patience=5,
+        early_stopping_min_delta=0.0,  # every decrease counts: the kept epoch is the lowest
+        progress_bar=False,
+        classifier=False,
     )
     validation = model.history["validation_loss"]["validation_loss"]
     summary = model.training_summary_
