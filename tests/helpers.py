@@ -76,5 +76,4 @@ def reseal_tree_annotator(folder, edit=None):
     if edit is not None:
         edit(manifest)
     manifest["files"] = {"estimator.skops": file_record(folder / "estimator.skops")}
-    manifest.pop("metadata_sha256")
     path.write_text(json.dumps(seal(manifest)))

@@ -41,15 +41,21 @@ def test_cellular_embed_copy(small, small_model):
     assert "X_cellular" in result.obsm and "X_cellular" not in query.obsm
 
 
+# A small model trained in seconds when cellular_embed is given no model.
+QUICK_TRAINING = {
+    "max_epochs": 2,
+    "model_kwargs": {"n_latent": 8, "n_top_genes": 200},
+    "train_kwargs": {"progress_bar": False},
+}
+
+
 def test_cellular_embed_trains_when_no_model_given(small):
     data = small.copy()
     columns_before = list(data.obs.columns)
     model = cellular.tl.cellular_embed(
         data,
         labels_key="cell_type",
-        max_epochs=2,
-        model_kwargs={"n_latent": 8, "n_top_genes": 200},
-        train_kwargs={"progress_bar": False},
+        **QUICK_TRAINING,
     )
     assert isinstance(model, CELLULAR) and model.is_trained
     assert data.obsm["X_cellular"].shape == (data.n_obs, 8)
@@ -63,9 +69,7 @@ def test_cellular_embed_trains_when_no_model_given(small):
         data,
         labels_key="cell_type",
         gene_id_key="gene_ids",
-        max_epochs=2,
-        model_kwargs={"n_latent": 8, "n_top_genes": 200},
-        train_kwargs={"progress_bar": False},
+        **QUICK_TRAINING,
     )
     assert model.gene_ids == list(data.var.loc[model.genes, "gene_ids"])
     assert data.uns["cellular"]["params"]["n_genes_matched"] == 200
@@ -81,9 +85,7 @@ def test_cellular_embed_trains_on_a_layer_and_embeds_that_layer(small):
         data,
         labels_key="cell_type",
         layer="counts",
-        max_epochs=2,
-        model_kwargs={"n_latent": 8, "n_top_genes": 200},
-        train_kwargs={"progress_bar": False},
+        **QUICK_TRAINING,
     )
     counts_only = small.copy()
     np.testing.assert_allclose(data.obsm["X_cellular"], model.get_latent_representation(counts_only), atol=1e-5)

@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from cellular._files import (
     FILE_RECORD,
+    METADATA_CHECKSUM,
     SHA256,
     STRINGS,
     damaged,
@@ -46,7 +47,7 @@ _TRUSTED_TYPES = (
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _SCHEMA = {
     "type": "object",
-    "required": ["format", "format_version", "settings", "features", "classes", "files", "metadata_sha256"],
+    "required": ["format", "format_version", "settings", "features", "classes", "files", METADATA_CHECKSUM],
     "properties": {
         "settings": {
             "type": "object",
@@ -78,7 +79,7 @@ _SCHEMA = {
             "properties": {_ESTIMATOR: FILE_RECORD},
             "additionalProperties": False,
         },
-        "metadata_sha256": SHA256,
+        METADATA_CHECKSUM: SHA256,
     },
 }
 
